@@ -1,0 +1,31 @@
+# make test   creates .venv, installs the package with its test extras, runs the tests
+# make lint   ruff lint and format check
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch used as the reference in parity tests. Override TORCH
+# to use another build (e.g. TORCH="torch==2.11.0").
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint format install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,hf]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

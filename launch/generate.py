@@ -1,0 +1,90 @@
+"""Generate completions from a model directory.
+
+  python -m launch.generate --model_dir=DIR --prompt="Once upon a time" \
+      --max_new_tokens=64 --temperature=0
+  python -m launch.generate --model_dir=DIR --prompt_file=few_shot.txt --max_new_tokens=32
+
+--prompt may be repeated; a --prompt_file holds one prompt (e.g. a few-shot prompt) as
+plain text. Completions are printed one per prompt, in order.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Hugging Face model directory (config.json, safetensors, tokenizer).",
+    required=True,
+)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
+_PROMPT_FILE = flags.DEFINE_string(
+    "prompt_file", None, "A plain-text file holding one prompt (e.g. few-shot examples)."
+)
+_MAX_NEW = flags.DEFINE_integer(
+    "max_new_tokens", 64, "Tokens to generate per prompt.", lower_bound=1
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 0, "Sample from the k most likely tokens (0: off).", lower_bound=0
+)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Compute and parameter dtype."
+)
+_ADD_BOS = flags.DEFINE_bool(
+    "add_bos", None, "Start each prompt with BOS (default: as the tokenizer config says)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    prompts = list(_PROMPT.value)
+    if _PROMPT_FILE.value:
+        if not os.path.isfile(_PROMPT_FILE.value):
+            raise app.UsageError(f"--prompt_file={_PROMPT_FILE.value} does not exist")
+        with open(_PROMPT_FILE.value, encoding="utf-8") as f:
+            prompts.append(f.read())
+    if not prompts:
+        raise app.UsageError("give at least one --prompt or a --prompt_file")
+    if not 0.0 < _TOP_P.value <= 1.0:
+        raise app.UsageError(f"--top_p={_TOP_P.value} must be in (0, 1]")
+
+    import jax.numpy as jnp
+
+    from llama_jax import generate as gen
+    from llama_jax.hf import load_hf
+    from llama_jax.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(_MODEL_DIR.value)
+    model, config = load_hf(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise app.UsageError(
+            f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's {config.vocab_size}"
+        )
+    ids = tokenizer.encode_batch(prompts, add_bos=_ADD_BOS.value)
+    eos_ids = tokenizer.eos_ids or config.eos_token_ids
+    outputs = gen.generate(
+        model,
+        ids,
+        max_new_tokens=_MAX_NEW.value,
+        sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        eos_ids=eos_ids,
+        pad_id=tokenizer.pad_id,
+        seed=_SEED.value,
+    )
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"=== completion {i}")
+        # A model's vocabulary may be padded past the tokenizer's; such ids have no text.
+        text = tokenizer.decode([t for t in out if t < tokenizer.vocab_size])
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,154 @@
+"""Leaf NNX modules: Embed, RMSNorm, Dense (with a `dot_general` hook) and RoPE.
+
+Parameters carry logical axis names (`out_sharding` metadata); `sharding.py`
+maps them to mesh axes. Nothing here names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax.config import LlamaConfig
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def _param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+    # eager_sharding=False: shardings are applied by `jax.jit(out_shardings=...)`
+    # when a model is materialised on a mesh, not at construction.
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class Embed(nnx.Module):
+    """Token embedding `embedding[V, D]`; `attend` is the tied LM head."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        *,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        init_std: float,
+        rngs: nnx.Rngs,
+    ):
+        init = jax.nn.initializers.normal(init_std)
+        self.embedding = _param(
+            init(rngs.params(), (vocab_size, embed_dim), param_dtype), ("vocab", "embed")
+        )
+        self.dtype = dtype
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        """int[B, T] -> dtype[B, T, D]."""
+        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        """dtype[B, T, D] -> dtype[B, T, V] against the embedding matrix."""
+        return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, normalised in float32 as transformers does, then cast back."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.scale = _param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """dtype[..., D] -> dtype[..., D]."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """Contracts the last `len(in_shape)` axes of x with `kernel[*in_shape, *out_shape]`.
+
+    The contraction goes through `dot_general` (default `jax.lax.dot_general`), the
+    hook quantization replaces. A floating kernel is cast to the compute dtype before
+    the hook; any other kernel (int8) reaches the hook as stored.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        in_names: Sequence[str | None],
+        out_names: Sequence[str | None],
+        use_bias: bool = False,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dot_general: DotGeneral = jax.lax.dot_general,
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        init = jax.nn.initializers.normal(init_std)
+        self.kernel = _param(
+            init(rngs.params(), in_shape + out_shape, param_dtype), (*in_names, *out_names)
+        )
+        self.bias = _param(jnp.zeros(out_shape, param_dtype), out_names) if use_bias else None
+        self.num_in = len(in_shape)
+        self.dtype = dtype
+        self.dot_general = dot_general
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """dtype[..., *in_shape] -> dtype[..., *out_shape]."""
+        kernel = self.kernel[...]
+        if jnp.issubdtype(kernel.dtype, jnp.floating):
+            kernel = kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
+        y = self.dot_general(x, kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y.astype(self.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """float32[H/2] inverse frequencies, with linear or llama3 scaling applied.
+
+    Follows transformers' `modeling_rope_utils` (computed in float64, rounded once).
+    """
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    s = config.rope_scaling
+    if s is None:
+        pass
+    elif s.rope_type == "linear":
+        inv_freq = inv_freq / s.factor
+    elif s.rope_type == "llama3":
+        old_len = s.original_max_position_embeddings
+        low_freq_wavelen = old_len / s.low_freq_factor
+        high_freq_wavelen = old_len / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    else:
+        raise ValueError(f"rope_type={s.rope_type!r} is not supported")
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BTnH: jax.Array, positions_BT: jax.Array, inv_freq: Sequence[float]) -> jax.Array:
+    """Rotates halves (x1, x2) of the head dim by angle position * inv_freq.
+
+    x: dtype[B, T, n, H] (n = N or K); positions: int[B, T]. The rotation runs in
+    float32 and the result is cast back to x's dtype.
+    """
+    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * np.asarray(inv_freq, np.float32)
+    cos = jnp.cos(angle_BTh)[:, :, None, :]
+    sin = jnp.sin(angle_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTnH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTnH.dtype)

@@ -1,0 +1,80 @@
+"""Logit parity in float32 with transformers' LlamaForCausalLM across architectures."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from hf_models import make_hf_model, rewrite_config
+
+from llama_jax.hf import load_hf
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+CASES = {
+    "mha": dict(num_attention_heads=5, num_key_value_heads=5),
+    "gqa_g2": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3),
+    "gqa_g3": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2),
+    "heads_not_pow2": dict(hidden_size=42, num_attention_heads=7, num_key_value_heads=7),
+    "tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "head_dim_not_d_over_n": dict(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=10
+    ),
+    "llama3_rope": dict(num_attention_heads=5, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE),
+    "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    "biases": dict(attention_bias=True, mlp_bias=True, rope_theta=500000.0),
+}
+
+
+def _compare(hf_model, hf_dir, seq=37, **load_kwargs):
+    tokens = np.random.RandomState(0).randint(0, hf_model.config.vocab_size, (2, seq))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.float().numpy()
+    model, _ = load_hf(hf_dir, **load_kwargs)
+    out = np.asarray(model(tokens))
+    assert out.shape == ref.shape
+    assert np.abs(ref).max() > 0.5, "logits too small for the comparison to mean anything"
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logit_parity(case, tmp_path):
+    hf_model = make_hf_model(tmp_path, **CASES[case])
+    _compare(hf_model, tmp_path)
+
+
+def test_parity_with_transformers_4x_config_layout(tmp_path):
+    hf_model = make_hf_model(
+        tmp_path, num_key_value_heads=1, rope_theta=20000.0, rope_scaling=LLAMA3_ROPE
+    )
+
+    def to_4x(d):
+        params = d.pop("rope_parameters")
+        assert params["rope_type"] == "llama3"
+        d["rope_theta"] = params.pop("rope_theta")
+        params["type"] = params.pop("rope_type")  # the oldest spelling of the key
+        d["rope_scaling"] = params
+        return d
+
+    rewrite_config(tmp_path, to_4x)
+    _compare(hf_model, tmp_path)
+
+
+def test_parity_with_sharded_safetensors(tmp_path):
+    hf_model = make_hf_model(tmp_path, num_key_value_heads=1, max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 2
+    _compare(hf_model, tmp_path)
+
+
+def test_parity_unrolled_and_remat(tmp_path):
+    hf_model = make_hf_model(tmp_path, num_key_value_heads=1)
+    _compare(hf_model, tmp_path, scan_layers=False, remat_policy="full")
