@@ -1,0 +1,200 @@
+"""Device meshes and the one table that maps logical axis names to mesh axes.
+
+Mesh axes, outermost first: `dcn` (data parallel across slices, over the data-centre
+network), `data` (data parallel), `fsdp` (data parallel with parameters and optimizer
+state sharded), `tensor` (tensor parallel: heads, MLP hidden and vocabulary split).
+
+Layers name their dimensions logically (`embed`, `heads`, ...); `DEFAULT_RULES` says
+which mesh axes each name is split over. A dimension that its mesh axes do not divide
+is replicated on them instead, and this is logged once per (name, size).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("dcn", "data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+class MeshError(ValueError):
+    """A mesh shape that does not fit the devices, or a bad rules table."""
+
+
+def mesh_shape(
+    num_devices: int, *, data: int = 1, fsdp: int = -1, tensor: int = 1, dcn: int = 1
+) -> dict[str, int]:
+    """Resolves one -1 entry so the ICI axes multiply to num_devices / dcn."""
+    sizes = {"dcn": dcn, "data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh axis {name}={size}; expected a positive size or -1")
+    if dcn == -1:
+        raise MeshError("mesh axis dcn=-1 is not allowed; give the number of slices")
+    if num_devices % dcn:
+        raise MeshError(f"{num_devices} devices do not split into dcn={dcn} slices")
+    free = [n for n, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1, got {free}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % known:
+            raise MeshError(
+                f"mesh {sizes}: the fixed axes ({known} devices) do not divide "
+                f"the {num_devices} devices"
+            )
+        sizes[free[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices; "
+            f"expected the {num_devices} available"
+        )
+    return sizes
+
+
+def create_mesh(
+    *,
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    dcn: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh with axes MESH_AXES. With dcn > 1 the devices are grouped by slice
+    (hybrid ICI/DCN mesh), so only the dcn axis crosses slices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(len(devices), data=data, fsdp=fsdp, tensor=tensor, dcn=dcn)
+    ici = [sizes["data"], sizes["fsdp"], sizes["tensor"]]
+    if dcn > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [1, *ici], [dcn, 1, 1, 1], devices=devices, allow_split_physical_axes=True
+        )
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh([1, *ici], devices=devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            # Topologies the helper cannot tile (e.g. fake CPU devices): plain order.
+            grid = np.asarray(devices).reshape([1, *ici])
+    return Mesh(grid, MESH_AXES)
+
+
+def _rules_table(rules: Rules) -> dict[str, tuple[str, ...]]:
+    table = {}
+    for name, axes in rules:
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise MeshError(
+                f"rule {name!r} -> {axes} names unknown mesh axes {unknown}; "
+                f"expected some of {MESH_AXES}"
+            )
+        table[name] = tuple(axes)
+    return table
+
+
+_logged: set[tuple] = set()
+
+
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions have these logical names.
+
+    A mesh axis is used at most once per array (first dimension wins); a dimension its
+    mesh axes do not divide is replicated, logged once.
+    """
+    table = _rules_table(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise MeshError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
+        axes = tuple(a for a in table[name] if a not in used and mesh.shape[a] > 1)
+        split = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % split:
+            key = (name, size, axes)
+            if key not in _logged:
+                _logged.add(key)
+                logging.info(
+                    "logical axis %r of size %d is not divisible by mesh axes %s (%d); "
+                    "replicating it there",
+                    name,
+                    size,
+                    axes,
+                    split,
+                )
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for every Variable of an (abstract) NNX state, from its logical
+    `out_sharding` names. Variables without names are replicated."""
+
+    def one(var):
+        value = var.get_value()
+        names = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(
+    make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> nnx.Module:
+    """Builds a module with every parameter created directly in its shards: the
+    structure comes from `nnx.eval_shape`, the values from a jit with out_shardings, so
+    no host ever holds a full copy."""
+    abstract = nnx.eval_shape(make)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
+
+    def init():
+        return nnx.split(make())[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def rules_from_config(overrides: Mapping[str, str | Sequence[str] | None] | None) -> Rules:
+    """DEFAULT_RULES with some logical names remapped (e.g. from a config file)."""
+    table = dict(DEFAULT_RULES)
+    for name, axes in (overrides or {}).items():
+        if name not in table:
+            raise MeshError(
+                f"rule override for unknown logical axis {name!r}; known {sorted(table)}"
+            )
+        table[name] = axes
+    rules = tuple(table.items())
+    _rules_table(rules)
+    return rules
