@@ -90,25 +90,15 @@ def _cudnn_fits(q_BTNH, k_BSKH) -> bool:
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, packed):
-    """cuDNN flash attention. Unpacked rows use its causal mode and padding lengths (the
-    mask is never built); packed rows pass the segment mask."""
+    """cuDNN flash attention. Unpacked rows use its causal mode (no mask is built);
+    packed rows pass the segment mask."""
     if packed:
         mask = attention_mask(q_segment_BT, kv_segment_BS)[:, None]
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=mask, scale=scale, implementation="cudnn"
         )
-    # Unpacked: segment ids are 1 for real tokens and 0 for right padding.
-    q_len = jnp.sum(q_segment_BT != 0, axis=1).astype(jnp.int32)
-    kv_len = jnp.sum(kv_segment_BS != 0, axis=1).astype(jnp.int32)
     return jax.nn.dot_product_attention(
-        q_BTNH,
-        k_BSKH,
-        v_BSKH,
-        scale=scale,
-        is_causal=True,
-        query_seq_lengths=q_len,
-        key_value_seq_lengths=kv_len,
-        implementation="cudnn",
+        q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, implementation="cudnn"
     )
 
 
@@ -189,8 +179,8 @@ def attend(
     """Grouped-query attention (N a multiple of K). Returns q.dtype[B, T, N, H].
 
     q_offset: slot of the first query in the kv sequence; None means the queries are
-    the kv sequence itself (no cache). packed=False promises segment ids are 1 for
-    tokens and 0 for right padding only, which lets cuDNN skip the mask.
+    the kv sequence itself (no cache). packed=False promises every segment id is 1
+    (no packing, no padding), which lets cuDNN use its causal mode without a mask.
     """
     scale = q_BTNH.shape[-1] ** -0.5
     impl = resolve_implementation(impl)

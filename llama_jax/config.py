@@ -176,7 +176,8 @@ class LlamaConfig:
             head_dim = d // n
 
         theta, scaling = _read_hf_rope(hf)
-        eos = hf.get("eos_token_id")
+        # transformers' LlamaConfig defaults: bos 1, eos 2 when the keys are absent.
+        eos = hf.get("eos_token_id", 2)
         eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
         return cls(
             vocab_size=int(hf["vocab_size"]),
@@ -194,7 +195,7 @@ class LlamaConfig:
             attention_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             initializer_range=float(hf.get("initializer_range", 0.02)),
-            bos_token_id=hf.get("bos_token_id"),
+            bos_token_id=hf.get("bos_token_id", 1),
             eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id"),
         )

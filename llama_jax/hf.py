@@ -40,6 +40,7 @@ SAFETENSORS_DTYPES = {
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
+FLOAT_DTYPES = tuple(SAFETENSORS_DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -72,16 +73,17 @@ class SafetensorsFile:
         self._data_start = 8 + n
         data_len = size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        regions = []
         for name, entry in header.items():
             try:
-                dtype_name, shape, (begin, end) = (
-                    entry["dtype"],
-                    entry["shape"],
-                    entry["data_offsets"],
-                )
+                dtype_name, shape = entry["dtype"], entry["shape"]
+                begin, end = entry["data_offsets"]
+                if not all(isinstance(x, int) and x >= 0 for x in [*shape, begin, end]):
+                    raise ValueError(entry)
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has a malformed header entry"
+                    f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}; "
+                    "expected dtype, shape and data_offsets of non-negative integers"
                 ) from e
             if dtype_name not in SAFETENSORS_DTYPES:
                 raise CheckpointError(
@@ -101,6 +103,13 @@ class SafetensorsFile:
                     f"{self._data_start + end}, file has {size}"
                 )
             self._entries[name] = (dtype, tuple(shape), begin)
+            regions.append((begin, end, name))
+        regions.sort()
+        for (_, end_a, a), (begin_b, _, b) in zip(regions, regions[1:], strict=False):
+            if begin_b < end_a:
+                raise CheckpointError(
+                    f"{self.path}: corrupt header: tensors {a!r} and {b!r} overlap"
+                )
         self._mmap: np.memmap | None = None
 
     def keys(self) -> list[str]:
@@ -108,6 +117,9 @@ class SafetensorsFile:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
         """A read-only, memory-mapped view of one tensor."""
@@ -156,6 +168,13 @@ def open_safetensors_dir(directory: str) -> dict[str, SafetensorsFile]:
                     f"{index_path} places tensor {name!r} in {shard}, which lacks it"
                 )
             tensors[name] = files[shard]
+        for shard, f in files.items():
+            unlisted = [n for n in f.keys() if weight_map.get(n) != shard]
+            if unlisted:
+                raise CheckpointError(
+                    f"{os.path.join(directory, shard)} holds tensors the index does not place "
+                    f"there, e.g. {unlisted[:3]}; the index and shards disagree"
+                )
         return tensors
     if os.path.exists(single_path):
         f = SafetensorsFile(single_path)
@@ -260,6 +279,12 @@ def load_hf(
                     f"{hf_dir}: tensor {name!r} is missing (expected shape {list(want)})"
                 )
             got = tensors[name].shape(name)
+            got_dtype = tensors[name].dtype(name)
+            if got_dtype not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{tensors[name].path}: tensor {name!r} has dtype {got_dtype}; expected a "
+                    "floating-point weight (F32, F16 or BF16)"
+                )
             if got != want:
                 raise CheckpointError(
                     f"{tensors[name].path}: tensor {name!r} has shape {list(got)}; expected "

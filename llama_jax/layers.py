@@ -116,28 +116,37 @@ class Dense(nnx.Module):
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     """float32[H/2] inverse frequencies, with linear or llama3 scaling applied.
 
-    Follows transformers' `modeling_rope_utils` (computed in float64, rounded once).
+    Computed in float32 with the operations in the order transformers'
+    `modeling_rope_utils` uses, on the CPU backend, so the values are bit-identical to
+    its `inv_freq`: a one-ulp difference grows into visible logit error at long positions.
     """
-    h = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    # The power runs in jnp on the CPU, whose float32 pow matches torch's bit for bit
+    # (numpy's does not); models are often built under tracing, hence compile-time eval.
+    # The rest is numpy float32, whose arithmetic XLA cannot rewrite (x / c -> x * 1/c).
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+        h = config.head_dim
+        exponent = jnp.arange(0, h, 2).astype(jnp.float32) / h
+        inv_freq = np.asarray(1.0 / (jnp.float32(config.rope_theta) ** exponent), np.float32)
+    f32 = np.float32
     s = config.rope_scaling
     if s is None:
-        pass
-    elif s.rope_type == "linear":
-        inv_freq = inv_freq / s.factor
-    elif s.rope_type == "llama3":
-        old_len = s.original_max_position_embeddings
-        low_freq_wavelen = old_len / s.low_freq_factor
-        high_freq_wavelen = old_len / s.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-        smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        inv_freq = np.where(medium, smoothed, scaled)
-    else:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / f32(s.factor)
+    if s.rope_type != "llama3":
         raise ValueError(f"rope_type={s.rope_type!r} is not supported")
-    return inv_freq.astype(np.float32)
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    # torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar; so do we.
+    wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / f32(s.factor), inv_freq)
+    smooth = ((f32(1) / wavelen) * f32(old_len) - f32(s.low_freq_factor)) / f32(
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (f32(1) - smooth) * scaled / f32(s.factor) + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def apply_rope(x_BTnH: jax.Array, positions_BT: jax.Array, inv_freq: Sequence[float]) -> jax.Array:

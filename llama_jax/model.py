@@ -251,9 +251,16 @@ class Llama(nnx.Module):
           never crosses documents. Default: all ones.
         positions: int[B, T] rotary positions. Default: restart at 0 in each segment,
           or continue from `cache.end` when decoding.
-        cache: a KVCache; this call's tokens are written at slots [end, end + T).
+        cache: a KVCache; this call's tokens are written at slots [end, end + T). A
+          call that would write past the last slot returns NaN hidden states.
         """
+        if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens must be int[B, T]; got {tokens_BT.dtype}{list(tokens_BT.shape)}"
+            )
         b, t = tokens_BT.shape
+        if cache is not None and t > cache.max_len:
+            raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
         packed = segment_ids_BT is not None
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
@@ -295,6 +302,10 @@ class Llama(nnx.Module):
         h_BTD = self.final_norm(x_BTD)
         if cache is None:
             return h_BTD, None
+        # Writing past the last slot would clamp silently and give wrong results; the
+        # end is traced, so the overflow cannot raise here and poisons the output.
+        overflow = cache.end + t > cache.max_len
+        h_BTD = jnp.where(overflow, jnp.nan, h_BTD).astype(h_BTD.dtype)
         k, v = kv_out
         return h_BTD, KVCache(k=k, v=v, segment_ids=kv_segment_BS, end=cache.end + t)
 

@@ -115,3 +115,58 @@ def test_missing_config(hf_dir):
     os.remove(hf_dir / "config.json")
     with pytest.raises(CheckpointError, match="config.json"):
         load_hf(hf_dir)
+
+
+def test_integer_weights_are_refused(hf_dir):
+    def to_int(t):
+        t["model.norm.weight"] = t["model.norm.weight"].astype(np.int8)
+
+    _edit_tensors(hf_dir, to_int)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*int8.*floating"):
+        load_hf(hf_dir)
+
+
+def _rewrite_header(path, fn):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header = fn(json.loads(data[8 : 8 + n]))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda e: e | {"shape": [-4, -10]}, "malformed header entry"),
+        (lambda e: e | {"data_offsets": [0.5, 3]}, "malformed header entry"),
+        (
+            lambda e: e | {"data_offsets": [0, e["data_offsets"][1] - e["data_offsets"][0]]},
+            "overlap",
+        ),
+    ],
+)
+def test_malformed_header_entries(hf_dir, change, match):
+    name = "model.layers.1.input_layernorm.weight"
+
+    def edit(header):
+        header[name] = change(header[name])
+        return header
+
+    _rewrite_header(hf_dir / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_hf(hf_dir)
+
+
+def test_index_and_shards_disagree(tmp_path):
+    make_hf_model(tmp_path, num_key_value_heads=1, max_shard_size="20KB")
+    path = tmp_path / "model.safetensors.index.json"
+    with open(path) as f:
+        index = json.load(f)
+    index["weight_map"].pop("model.norm.weight")
+    with open(path, "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*disagree"):
+        load_hf(tmp_path)

@@ -142,3 +142,21 @@ def test_unknown_attention_implementation_and_remat_policy():
         _model(attention_impl="flash9")
     with pytest.raises(ValueError, match="everything"):
         _model(remat_policy="everything")
+
+
+def test_cache_overflow_is_loud():
+    model = _model()
+    cache = model.init_cache(1, 8)
+    with pytest.raises(ValueError, match="do not fit a KV cache of 8"):
+        model(_tokens(1, 9), cache=cache)
+    _, cache = _cached(model, _tokens(1, 6), cache)
+    logits, _ = _cached(model, _tokens(1, 4), cache)  # slots 6..9 of 8
+    assert np.isnan(np.asarray(logits)).all()
+
+
+def test_tokens_must_be_integer_batches():
+    model = _model()
+    with pytest.raises(ValueError, match=r"int\[B, T\].*\[7\]"):
+        model(jnp.arange(7))
+    with pytest.raises(ValueError, match="float32"):
+        model(jnp.ones((1, 7)))

@@ -78,3 +78,46 @@ def test_parity_with_sharded_safetensors(tmp_path):
 def test_parity_unrolled_and_remat(tmp_path):
     hf_model = make_hf_model(tmp_path, num_key_value_heads=1)
     _compare(hf_model, tmp_path, scan_layers=False, remat_policy="full")
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [None, {"rope_type": "linear", "factor": 3.0}, LLAMA3_ROPE | {"factor": 32.0}],
+)
+def test_rope_inverse_frequencies_are_bit_identical(rope, tmp_path):
+    from llama_jax.config import LlamaConfig
+    from llama_jax.layers import rope_inv_freq
+
+    hf_model = make_hf_model(
+        tmp_path,
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_theta=500000.0,
+        rope_scaling=rope,
+        num_hidden_layers=1,
+    )
+    ours = rope_inv_freq(LlamaConfig.from_hf(hf_model.config.to_dict()))
+    np.testing.assert_array_equal(ours, hf_model.model.rotary_emb.inv_freq.numpy())
+
+
+def test_parity_at_long_positions(tmp_path):
+    import jax.numpy as jnp
+
+    hf_model = make_hf_model(
+        tmp_path,
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_ROPE | {"original_max_position_embeddings": 8192},
+        max_position_embeddings=131072,
+    )
+    tokens = np.random.RandomState(0).randint(0, 131, (1, 16))
+    positions = np.arange(100_000, 100_016)[None]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens), position_ids=torch.tensor(positions)).logits.numpy()
+    model, _ = load_hf(tmp_path)
+    out = np.asarray(model(jnp.asarray(tokens), positions_BT=jnp.asarray(positions)))
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
