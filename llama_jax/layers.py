@@ -116,13 +116,12 @@ class Dense(nnx.Module):
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     """float32[H/2] inverse frequencies, with linear or llama3 scaling applied.
 
-    Computed in float32 with the operations in the order transformers'
-    `modeling_rope_utils` uses, on the CPU backend, so the values are bit-identical to
-    its `inv_freq`: a one-ulp difference grows into visible logit error at long positions.
+    Bit-identical to transformers' `inv_freq` (float32, its order of operations): a
+    one-ulp difference grows into visible logit error at long positions.
     """
-    # The power runs in jnp on the CPU, whose float32 pow matches torch's bit for bit
-    # (numpy's does not); models are often built under tracing, hence compile-time eval.
-    # The rest is numpy float32, whose arithmetic XLA cannot rewrite (x / c -> x * 1/c).
+    # jnp's float32 pow on the CPU matches torch's (numpy's does not); compile-time eval
+    # because models are often built under tracing. The rest is numpy float32, which XLA
+    # cannot rewrite (x / c -> x * 1/c) away from torch's rounding.
     with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
         h = config.head_dim
         exponent = jnp.arange(0, h, 2).astype(jnp.float32) / h
