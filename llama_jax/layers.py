@@ -122,7 +122,7 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     # jnp's float32 pow on the CPU matches torch's (numpy's does not); compile-time eval
     # because models are often built under tracing. The rest is numpy float32, which XLA
     # cannot rewrite (x / c -> x * 1/c) away from torch's rounding.
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
+    with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
         h = config.head_dim
         exponent = jnp.arange(0, h, 2).astype(jnp.float32) / h
         inv_freq = np.asarray(1.0 / (jnp.float32(config.rope_theta) ** exponent), np.float32)

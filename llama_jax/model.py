@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax import attention as attn_lib
+from llama_jax import sharding
 from llama_jax.attention import KVCache
 from llama_jax.config import LlamaConfig
 from llama_jax.layers import Dense, DotGeneral, Embed, RMSNorm, apply_rope, rope_inv_freq
@@ -64,6 +65,9 @@ class Attention(nnx.Module):
         q_BTNH = apply_rope(self.q_proj(x_BTD), positions_BT, self.inv_freq)
         k_BTKH = apply_rope(self.k_proj(x_BTD), positions_BT, self.inv_freq)
         v_BTKH = self.v_proj(x_BTD)
+        q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
+        v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         if kv_cache is None:
             out = attn_lib.attend(
                 q_BTNH,
@@ -102,7 +106,8 @@ class MLP(nnx.Module):
         self.down_proj = Dense((f,), (d,), in_names=("mlp",), out_names=("embed",), **common)
 
     def __call__(self, x_BTD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        h_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        return self.down_proj(sharding.constrain(h_BTF, ("batch", "length", "mlp")))
 
 
 class Block(nnx.Module):
@@ -128,7 +133,7 @@ class Block(nnx.Module):
         )
         x_BTD = x_BTD + attn_out
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return x_BTD, kv
+        return sharding.constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -269,7 +274,7 @@ class Llama(nnx.Module):
                 positions_BT = segment_positions(segment_ids_BT)
             else:
                 positions_BT = jnp.broadcast_to(cache.end + jnp.arange(t, dtype=jnp.int32), (b, t))
-        x_BTD = self.embed(tokens_BT)
+        x_BTD = sharding.constrain(self.embed(tokens_BT), ("batch", "length", "embed"))
 
         graphdef, params = nnx.split(self.layers)
         kv_segment_BS = None

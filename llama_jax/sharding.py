@@ -11,6 +11,8 @@ is replicated on them instead, and this is logged once per (name, size).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -198,3 +200,28 @@ def rules_from_config(overrides: Mapping[str, str | Sequence[str] | None] | None
     rules = tuple(table.items())
     _rules_table(rules)
     return rules
+
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "llama_jax_activation_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Within this context (while tracing), `constrain` pins activations to the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint from logical names; a no-op outside `activation_sharding`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

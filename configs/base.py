@@ -1,0 +1,61 @@
+"""Defaults shared by every training config; each config edits a copy."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(
+        dict(
+            preset="tiny",  # a llama_jax.config preset name, used when model_dir is empty
+            model_dir="",  # a Hugging Face directory to start from instead of random weights
+            dtype="bfloat16",  # compute dtype
+            param_dtype="float32",  # master weights
+            scan_layers=True,
+            remat_policy="none",
+            attention_impl="auto",
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            dcn=1,
+            data=1,
+            fsdp=-1,
+            tensor=1,
+            # Logical-axis overrides, e.g. "vocab=fsdp,mlp=tensor,embed=" ("" replicates).
+            rules="",
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            path="",
+            format="text",  # text | jsonl | tokens
+            field="text",
+            tokenizer="",  # a tokenizer file or a model directory holding one
+            seq_len=2048,
+            global_batch=8,
+            seed=0,
+            add_bos=True,
+            add_eos=True,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            learning_rate=3e-4,
+            warmup_steps=100,
+            decay="cosine",
+            end_lr_ratio=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_norm=1.0,
+            grad_accum=1,
+            loss_chunk=1024,
+            log_every=10,
+            seed=0,
+        )
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, async_save=True))
+    return c

@@ -1,0 +1,465 @@
+"""Training: the optimizer, a jitted and sharded train step, and the loop.
+
+State is plain pytrees: `params` (the model's parameters as a nested dict, float32
+master weights), `opt_state` (optax) and `step`. The step runs under `jax.jit` with
+explicit shardings and a donated state; its loss is the float32 chunked cross-entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import sharding
+from llama_jax.losses import chunked_cross_entropy
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run, found before any compilation."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN or Inf; the run stops without saving."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[]
+    params: Any  # nested dict of arrays, the model's parameters
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"  # "cosine", "linear" or "constant" after warmup
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise TrainConfigError(
+                f"lr decay={self.decay!r}; expected 'cosine', 'linear' or 'constant'"
+            )
+        if not self.learning_rate > 0:
+            raise TrainConfigError(f"learning_rate={self.learning_rate} must be > 0")
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise TrainConfigError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and "
+                f"total_steps={self.total_steps} >= 1"
+            )
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine or linear decay to lr * end_lr_ratio."""
+    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_ratio
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.decay == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        after = optax.constant_schedule(peak)
+    warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1))
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def decay_mask(params) -> Any:
+    """True for weights that take weight decay: not norm scales, not biases."""
+
+    def keep(path, _):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        return not (any("norm" in k for k in keys) or keys[-1] == "bias")
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (decay masked off norms and biases)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def batch_sharding(mesh, rules=sharding.DEFAULT_RULES, shape=None) -> NamedSharding:
+    """Sharding of an int[B, T] batch: B over the batch axes, T whole."""
+    names = ("batch", "length")
+    if shape is None:
+        axes = dict(rules)["batch"]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        return NamedSharding(mesh, PartitionSpec(axes or None, None))
+    return NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh, rules))
+
+
+def batch_shards(mesh, rules=sharding.DEFAULT_RULES) -> int:
+    """How many ways the batch dimension is split on this mesh."""
+    spec = batch_sharding(mesh, rules).spec[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def check_batch(global_batch: int, grad_accum: int, mesh, rules=sharding.DEFAULT_RULES):
+    """Raises unless every microbatch splits evenly over the batch mesh axes."""
+    shards = batch_shards(mesh, rules)
+    if grad_accum < 1 or global_batch % grad_accum:
+        raise TrainConfigError(
+            f"global_batch={global_batch} is not divisible by grad_accum={grad_accum}"
+        )
+    micro = global_batch // grad_accum
+    if micro % shards:
+        raise TrainConfigError(
+            f"microbatch of {micro} rows (global_batch={global_batch} / grad_accum="
+            f"{grad_accum}) is not divisible by the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)}"
+        )
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum: int = 1,
+    loss_chunk: int = 512,
+):
+    """Returns step(state, batch) -> (state, metrics), not yet jitted.
+
+    batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`. The
+    loss is the mean over the batch's counted tokens, also under accumulation (the
+    microbatches' summed losses and counts are added before dividing). A step with a
+    non-finite loss or gradient leaves params and optimizer state unchanged and
+    reports `finite=False`.
+    """
+
+    def loss_sum(params, micro):
+        model = nnx.merge(graphdef, params)
+        h, _ = model.hidden_states(micro["tokens"], segment_ids_BT=micro["segment_ids"])
+        return chunked_cross_entropy(
+            h, model.unembed, micro["targets"], micro["loss_mask"], chunk=loss_chunk
+        )
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        if grad_accum == 1:
+            (total, count), grads = grad_fn(state.params, batch)
+        else:
+            # Microbatch a takes rows a, a + A, a + 2A, ...: each stays spread over all
+            # batch shards instead of living on a slice of the devices.
+            def split(x):
+                b = x.shape[0]
+                x = x.reshape(b // grad_accum, grad_accum, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            micro = jax.tree.map(split, dict(batch))
+
+            def body(carry, mb):
+                mb = {k: sharding.constrain(v, ("batch", "length")) for k, v in mb.items()}
+                (t, c), g = grad_fn(state.params, mb)
+                acc_t, acc_c, acc_g = carry
+                return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (total, count, grads), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "tokens": count,
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def state_shardings(params, tx, mesh) -> TrainState:
+    """Shardings of a TrainState: optimizer moments follow their parameters, counters
+    are replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract_opt,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def init_state(params, tx, mesh) -> tuple[TrainState, TrainState]:
+    """A TrainState at step 0 created in its shardings, and those shardings."""
+    shardings = state_shardings(params, tx, mesh)
+
+    def init(p):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    state = jax.jit(init, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def jit_train_step(step_fn, shardings: TrainState, batch_sh: NamedSharding):
+    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def write_json(path: str, obj: Mapping[str, Any]) -> None:
+    """Writes JSON to a temporary name and renames it, so readers never see half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+    if not metrics["finite"]:
+        raise NonFiniteLossError(
+            f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not "
+            "finite; stopping without saving (the last checkpoint is intact). Lower the "
+            "learning rate, check the data, or use float32 compute to find the cause."
+        )
+
+
+def parse_rules(spec: str) -> dict[str, tuple[str, ...] | None]:
+    """'vocab=fsdp,mlp=tensor+fsdp,embed=' -> logical-axis overrides ('' replicates)."""
+    out: dict[str, tuple[str, ...] | None] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise TrainConfigError(f"mesh rule {item!r}; expected NAME=AXIS[+AXIS...]")
+        name, axes = (s.strip() for s in item.split("=", 1))
+        out[name] = tuple(a for a in axes.split("+") if a) or None
+    return out
+
+
+def build_model(model_cfg, mesh, rules, *, seed: int):
+    """A sharded Llama from a preset (random init) or a Hugging Face directory."""
+    from llama_jax.config import get_preset
+    from llama_jax.model import Llama
+
+    kwargs = dict(
+        dtype=jnp.dtype(model_cfg.dtype),
+        param_dtype=jnp.dtype(model_cfg.param_dtype),
+        scan_layers=model_cfg.scan_layers,
+        remat_policy=model_cfg.remat_policy,
+        attention_impl=model_cfg.attention_impl,
+    )
+    if model_cfg.model_dir:
+        from llama_jax.hf import load_hf
+
+        model, config = load_hf(model_cfg.model_dir, **kwargs)
+        graphdef, state = nnx.split(model)
+        shardings = sharding.state_shardings(state, mesh, rules)
+        return nnx.merge(graphdef, jax.device_put(state, shardings)), config
+    config = get_preset(model_cfg.preset)
+    model = sharding.create_sharded(
+        lambda: Llama(config, rngs=nnx.Rngs(seed), **kwargs), mesh, rules
+    )
+    return model, config
+
+
+def _from_section(cls, section, **extra):
+    """A config dataclass from the ConfigDict section fields of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(extra)
+    return cls(**{k: section[k] for k in names if k in section}, **extra)
+
+
+def _validate(cfg) -> None:
+    """Checks the parts of a run config that need no devices or files."""
+    if cfg.train.steps < 1:
+        raise TrainConfigError(f"train.steps={cfg.train.steps} must be >= 1")
+    if cfg.train.log_every < 1:
+        raise TrainConfigError(f"train.log_every={cfg.train.log_every} must be >= 1")
+    for name in ("dtype", "param_dtype"):
+        value = cfg.model[name]
+        if value not in ("float32", "bfloat16", "float16"):
+            raise TrainConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
+    if not cfg.model.model_dir:
+        from llama_jax.config import ConfigError, get_preset
+
+        try:
+            get_preset(cfg.model.preset)
+        except ConfigError as e:
+            raise TrainConfigError(f"model.preset: {e}") from e
+    if not cfg.data.path:
+        raise TrainConfigError("data.path is empty; give the training data file")
+
+
+def run(cfg, workdir: str) -> dict[str, float]:
+    """Trains per `cfg` (configs/base.py layout) in `workdir`, resuming from its latest
+    complete checkpoint. Returns the last logged metrics."""
+    from llama_jax import checkpoint, data, metrics
+    from llama_jax.tokenizer import Tokenizer
+
+    _validate(cfg)
+    mesh_cfg = cfg.mesh
+    mesh = sharding.create_mesh(
+        dcn=mesh_cfg.dcn, data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor
+    )
+    rules = sharding.rules_from_config(parse_rules(mesh_cfg.rules))
+    check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
+    opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
+    data_cfg = _from_section(data.DataConfig, cfg.data)
+    if not os.path.exists(cfg.data.path) and "://" not in cfg.data.path:
+        raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
+    tokenizer = None
+    if cfg.data.tokenizer:
+        tok_path = cfg.data.tokenizer
+        is_dir = os.path.isdir(tok_path)
+        tokenizer = Tokenizer.from_dir(tok_path) if is_dir else Tokenizer.from_file(tok_path)
+    elif cfg.data.format != "tokens":
+        raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
+
+    model, model_config = build_model(cfg.model, mesh, rules, seed=cfg.train.seed)
+    if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
+        raise TrainConfigError(
+            f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
+            f"{model_config.vocab_size}"
+        )
+    batch_sh = batch_sharding(mesh, rules, (cfg.data.global_batch, cfg.data.seq_len))
+    iterator = data.DataIterator(data_cfg, tokenizer, batch_sh, vocab_size=model_config.vocab_size)
+
+    graphdef, model_state = nnx.split(model)
+    del model
+    tx = make_optimizer(opt_cfg)
+    state, shardings = init_state(model_state.to_pure_dict(), tx, mesh)
+    del model_state
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        del state
+        step, state, meta = ckpt.restore(abstract)
+        iterator.restore(meta["data"])
+        log_info("resumed from step %d", step)
+    if jax.process_index() == 0:
+        write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    start = int(state.step)
+
+    step_fn = jit_train_step(
+        make_train_step(
+            graphdef,
+            tx,
+            learning_rate_schedule(opt_cfg),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+        ),
+        shardings,
+        batch_sh,
+    )
+    flops = metrics.train_flops_per_token(
+        model_config.num_params(),
+        model_config.num_layers,
+        model_config.num_heads,
+        model_config.head_dim,
+        cfg.data.seq_len,
+    )
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    total = cfg.train.steps
+    last: dict[str, float] = {}
+
+    def meta() -> dict[str, Any]:
+        return {"data": iterator.state(), "config": cfg.to_dict()}
+
+    # Leaving the block (also by an error) waits for an asynchronous save in flight, so
+    # the last good checkpoint is complete on disk.
+    with (
+        ckpt,
+        sharding.activation_sharding(mesh, rules),
+        metrics.MetricsWriter(workdir) as writer,
+        checkpoint.PreemptionWatch() as preemption,
+    ):
+        throughput = metrics.Throughput(flops, total_steps=total, start_step=start)
+        pending: list[tuple[int, dict]] = []
+        step = logged = start
+        while step < total:
+            state, m = step_fn(state, next(iterator))
+            step += 1
+            pending.append((step, m))
+            stop = preemption.should_stop(step)
+            boundary = step % cfg.train.log_every == 0 or step == total or stop
+            saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
+            if boundary or saving:
+                # Every step's finiteness is checked before anything is saved or logged.
+                for s, pm in pending:
+                    check_finite(s, host_metrics(pm))
+                last = host_metrics(pending[-1][1])
+                del last["finite"]
+                pending.clear()
+            if boundary:
+                rates = throughput.update(step, tokens_per_step * (step - logged))
+                logged = step
+                last |= {k: v for k, v in rates.items() if v is not None}
+                writer.write(step, last)
+                log_info("%s", metrics.progress_line(step, total, last))
+            if saving:
+                ckpt.save(step, state, meta(), force=True)
+            if stop:
+                log_info("preemption notice: saved step %d, stopping", step)
+                break
+    return last
+
+
+def log_info(msg: str, *args) -> None:
+    """Progress for people: stdout on process 0 (and the absl log)."""
+    if jax.process_index() == 0:
+        logging.info(msg, *args)
+        print(msg % args, flush=True)

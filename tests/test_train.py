@@ -1,0 +1,292 @@
+"""Training: the same losses on every mesh and across processes, exact resume after
+kill -9, restore onto another mesh, learning, and errors before compilation."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import tiny
+from llama_jax import sharding, train
+from llama_jax.config import get_preset
+from llama_jax.model import Llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = get_preset("tiny")
+
+
+def _batch(b=8, t=32):
+    rs = np.random.RandomState(0)
+    tokens = rs.randint(3, CFG.vocab_size, (b, t)).astype(np.int32)
+    seg = np.ones((b, t), np.int32)
+    seg[:, 20:] = 2
+    seg[0, 28:] = 0
+    mask = (seg > 0) & (np.roll(seg, -1, 1) == seg)
+    mask[:, -1] = False
+    return dict(
+        tokens=tokens,
+        segment_ids=seg,
+        targets=np.roll(tokens, -1, 1),
+        loss_mask=mask.astype(np.int32),
+    )
+
+
+def _losses(mesh_axes, devices=8, grad_accum=1, steps=3):
+    mesh = sharding.create_mesh(devices=jax.devices()[:devices], **mesh_axes)
+    opt = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    tx = train.make_optimizer(opt)
+    model = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+    state, shardings = train.init_state(state.to_pure_dict(), tx, mesh)
+    batch_sh = train.batch_sharding(mesh)
+    step_fn = train.make_train_step(
+        graphdef, tx, train.learning_rate_schedule(opt), grad_accum=grad_accum, loss_chunk=12
+    )
+    step = train.jit_train_step(step_fn, shardings, batch_sh)
+    batch = {k: jax.device_put(v, batch_sh) for k, v in _batch().items()}
+    losses = []
+    with sharding.activation_sharding(mesh):
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return np.asarray(losses), state
+
+
+@pytest.fixture(scope="module")
+def reference_losses():
+    return _losses(dict(fsdp=1), devices=1)[0]
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        dict(data=8, fsdp=1),
+        dict(fsdp=8),
+        dict(data=2, fsdp=1, tensor=4),
+        dict(data=2, fsdp=2, tensor=2),
+    ],
+)
+def test_same_losses_on_every_mesh(axes, reference_losses):
+    losses, state = _losses(axes)
+    assert reference_losses[-1] < reference_losses[0] - 0.1
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    # Optimizer moments live where their parameters do.
+    mu = state.opt_state[1][0].mu["layers"]["mlp"]["up_proj"]["kernel"]
+    kernel = state.params["layers"]["mlp"]["up_proj"]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec
+
+
+def test_gradient_accumulation_equals_one_big_batch(reference_losses):
+    losses, _ = _losses(dict(data=2, fsdp=2, tensor=2), grad_accum=2)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = {"a_norm": {"scale": 1}, "proj": {"kernel": 1, "bias": 1}, "embed": {"e": 1}}
+    assert train.decay_mask(params) == {
+        "a_norm": {"scale": False},
+        "proj": {"kernel": True, "bias": False},
+        "embed": {"e": True},
+    }
+
+
+def test_learning_rate_schedule():
+    sched = train.learning_rate_schedule(
+        train.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    )
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.55, abs=1e-3)
+    assert float(sched(110)) == pytest.approx(0.1)
+
+
+# --- end to end through launch.train ---------------------------------------
+
+
+def _cmd(workdir, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.data.global_batch=8",
+        "--config.data.seq_len=64",
+        "--config.train.log_every=1",
+        *overrides,
+    ]
+
+
+def _env(devices=8, **extra):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _run(workdir, *overrides, devices=8, timeout=300):
+    proc = subprocess.run(
+        _cmd(workdir, *overrides),
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _logged_losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _final_state(workdir, step):
+    return ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, "checkpoints", str(step), "state")
+    )
+
+
+def test_loss_falls_on_real_text(tmp_path):
+    out = _run(tmp_path, "--config.train.steps=60", "--config.train.log_every=20")
+    losses = _logged_losses(tmp_path)
+    assert losses[60] < losses[20] - 1.0, losses
+    assert "step 60/60" in out.stdout
+    assert os.path.exists(tmp_path / "config.json")
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_kill_minus_9_then_resume_is_bitwise_equal(tmp_path):
+    steps = ["--config.train.steps=30", "--config.checkpoint.save_every=10"]
+    _run(tmp_path / "straight", *steps)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(killed, *steps),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = killed / "checkpoints" / "10" / "commit_success.txt"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    assert not (killed / "checkpoints" / "30").exists()
+    _run(killed, *steps)
+    a, b = _final_state(tmp_path / "straight", 30), _final_state(killed, 30)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_on_another_mesh(tmp_path):
+    _run(tmp_path / "one", "--config.train.steps=6", "--config.mesh.fsdp=8")
+    two = tmp_path / "two"
+    _run(two, "--config.train.steps=3", "--config.mesh.fsdp=8")
+    _run(
+        two,
+        "--config.train.steps=6",
+        "--config.mesh.data=2",
+        "--config.mesh.tensor=2",
+        "--config.mesh.fsdp=-1",
+    )
+    a, b = _logged_losses(tmp_path / "one"), _logged_losses(two)
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_reproduce_single_process_losses(tmp_path):
+    steps = ["--config.train.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
+    _run(tmp_path / "single", *steps)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _cmd(
+                tmp_path / "multi",
+                *steps,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=REPO,
+            env=_env(devices=4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-4000:]
+    a, b = _logged_losses(tmp_path / "single"), _logged_losses(tmp_path / "multi")
+    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = subprocess.run(
+        _cmd(
+            tmp_path,
+            "--config.train.steps=20",
+            "--config.checkpoint.save_every=1",
+            "--config.train.learning_rate=1e30",
+            "--config.train.warmup_steps=0",
+            "--config.train.clip_norm=1e30",
+        ),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "NonFiniteLossError" in proc.stderr and "not finite" in proc.stderr
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved, "expected the good steps before the blow-up to be saved"
+    state = _final_state(tmp_path, saved[-1])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def _config(**changes):
+    cfg = tiny.get_config()
+    for key, value in changes.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(mesh__data=3, mesh__fsdp=1), "expected the 8 available"),
+        (dict(data__global_batch=12), "not divisible by the 8 batch shards"),
+        (dict(model__preset="llama9-1b"), "llama9-1b"),
+        (dict(data__path="/nonexistent/train.txt"), "/nonexistent/train.txt"),
+        (dict(train__grad_accum=3), "grad_accum=3"),
+        (dict(mesh__rules="vocab=model"), "model"),
+        (dict(model__dtype="float8"), "float8"),
+    ],
+)
+def test_bad_config_fails_before_compiling(tmp_path, changes, match):
+    start = time.time()
+    with pytest.raises(ValueError, match=match):
+        train.run(_config(**changes), str(tmp_path))
+    assert time.time() - start < 10
+    assert not os.path.exists(tmp_path / "checkpoints")
