@@ -1,4 +1,4 @@
-"""Generate completions from a model directory.
+r"""Generate completions from a model directory.
 
   python -m launch.generate --model_dir=DIR --prompt="Once upon a time" \
       --max_new_tokens=64 --temperature=0

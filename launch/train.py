@@ -1,4 +1,4 @@
-"""Train a LLaMA from a config file.
+r"""Train a LLaMA from a config file.
 
   python -m launch.train --config=configs/tiny.py --workdir=/tmp/tiny
   python -m launch.train --config=configs/llama3_2_1b.py:/data/train.jsonl \

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -252,10 +253,10 @@ def jit_train_step(step_fn, shardings: TrainState, batch_sh: NamedSharding):
 
 def write_json(path: str, obj: Mapping[str, Any]) -> None:
     """Writes JSON to a temporary name and renames it, so readers never see half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
 
 
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
@@ -350,12 +351,12 @@ def run(cfg, workdir: str) -> dict[str, float]:
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
     opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
     data_cfg = _from_section(data.DataConfig, cfg.data)
-    if not os.path.exists(cfg.data.path) and "://" not in cfg.data.path:
+    if not epath.Path(cfg.data.path).exists():
         raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
     if cfg.data.tokenizer:
         tok_path = cfg.data.tokenizer
-        is_dir = os.path.isdir(tok_path)
+        is_dir = epath.Path(tok_path).is_dir()
         tokenizer = Tokenizer.from_dir(tok_path) if is_dir else Tokenizer.from_file(tok_path)
     elif cfg.data.format != "tokens":
         raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
@@ -375,9 +376,10 @@ def run(cfg, workdir: str) -> dict[str, float]:
     state, shardings = init_state(model_state.to_pure_dict(), tx, mesh)
     del model_state
 
-    os.makedirs(workdir, exist_ok=True)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        workdir / "checkpoints",
         save_every=cfg.checkpoint.save_every,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
@@ -391,7 +393,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
         iterator.restore(meta["data"])
         log_info("resumed from step %d", step)
     if jax.process_index() == 0:
-        write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+        write_json(workdir / "config.json", cfg.to_dict())
     start = int(state.step)
 
     step_fn = jit_train_step(

@@ -290,3 +290,27 @@ def test_bad_config_fails_before_compiling(tmp_path, changes, match):
         train.run(_config(**changes), str(tmp_path))
     assert time.time() - start < 10
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path):
+    steps = ["--config.train.steps=400", "--config.checkpoint.save_every=1000"]
+    proc = subprocess.Popen(
+        _cmd(tmp_path, *steps),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption notice" in out
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert len(saved) == 1 and 0 < saved[0] < 400
+    resumed = _run(tmp_path, "--config.train.steps=" + str(saved[0] + 2))
+    assert f"resumed from step {saved[0]}" in resumed.stdout
