@@ -2,7 +2,7 @@
 
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="
     cd llama_jax && python -m launch.train --config=configs/llama3_8b_pod.py:gs://b/train.npy \
-      --workdir=gs://b/runs/8b --config.data.tokenizer=gs://b/Meta-Llama-3-8B"
+      --workdir=/gcs/b/runs/8b"
 
 The argument after ':' is a pre-tokenized 2-D .npy of [rows, 8192] token rows.
 """

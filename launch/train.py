@@ -6,7 +6,7 @@ r"""Train a LLaMA from a config file.
 
 Any config field can be overridden with --config.SECTION.FIELD=VALUE. Rerunning the
 same command resumes from the latest complete checkpoint in <workdir>/checkpoints.
-Multi-host: on TPU pods JAX finds its peers itself; elsewhere pass
+Multi-host: on TPU pods (and SLURM clusters) JAX finds its peers itself; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
 """
 
@@ -40,11 +40,14 @@ def main(argv):
                 "multi-host needs all of --coordinator_address, --num_processes, --process_id"
             )
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif jax.default_backend() == "tpu" and jax.process_count() == 1:
+    else:
+        # Must run before anything touches a backend. On TPU pods (and clusters JAX
+        # recognises, e.g. SLURM) this finds the peers; elsewhere it says there is no
+        # coordinator, and the run is a single process.
         try:
             jax.distributed.initialize()
-        except (RuntimeError, ValueError) as e:
-            logging.info("single-host TPU run (%s)", e)
+        except ValueError as e:
+            logging.info("single-process run (%s)", e)
 
     from llama_jax import train
 

@@ -14,12 +14,15 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from convert import hf_keymap
+from llama_jax import sharding
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.model import Llama
 
@@ -245,12 +248,16 @@ def load_hf(
     hf_dir: str,
     dtype=jnp.float32,
     param_dtype=None,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
     **model_kwargs,
 ) -> tuple[Llama, LlamaConfig]:
     """Loads a transformers `save_pretrained` LLaMA directory.
 
-    dtype: compute dtype; param_dtype: stored dtype (default: dtype). Other keyword
-    arguments go to `Llama` (scan_layers, remat_policy, attention_impl).
+    dtype: compute dtype; param_dtype: stored dtype (default: dtype). With a mesh, each
+    parameter is placed in its shards as the rules say (one parameter at a time is on
+    the host, and no device ever holds a whole model); without, on the default device.
+    Other keyword arguments go to `Llama` (scan_layers, remat_policy, attention_impl).
     Returns (model, config). Every tensor is checked for presence and shape before any
     is converted; unknown tensors are an error.
     """
@@ -305,5 +312,15 @@ def load_hf(
             for n in hf_tensor_names(path, config)
         ]
         array = np.stack(parts) if "{i}" in hf_name else parts[0]
-        var.set_value(jnp.asarray(array, dtype=var.get_value().dtype))
+        array = np.asarray(array, dtype=var.get_value().dtype)
+        if mesh is None:
+            var.set_value(jnp.asarray(array))
+        else:
+            names = var.get_metadata()["out_sharding"]
+            spec = sharding.logical_to_spec(names, array.shape, mesh, rules)
+            var.set_value(
+                jax.make_array_from_callback(
+                    array.shape, NamedSharding(mesh, spec), lambda idx, a=array: a[idx]
+                )
+            )
     return nnx.merge(graphdef, state), config

@@ -48,9 +48,15 @@ class Embed(nnx.Module):
         """int[B, T] -> dtype[B, T, D]."""
         return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        """dtype[B, T, D] -> dtype[B, T, V] against the embedding matrix."""
-        return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding[...].astype(self.dtype))
+    def attend(self, x_BTD: jax.Array, out_dtype=None) -> jax.Array:
+        """dtype[B, T, D] -> out_dtype (default dtype)[B, T, V] against the embedding
+        matrix; out_dtype=float32 keeps the accumulator's precision for losses."""
+        return jnp.einsum(
+            "BTD,VD->BTV",
+            x_BTD,
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=out_dtype or self.dtype,
+        )
 
 
 class RMSNorm(nnx.Module):
@@ -100,17 +106,18 @@ class Dense(nnx.Module):
         self.dtype = dtype
         self.dot_general = dot_general
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """dtype[..., *in_shape] -> dtype[..., *out_shape]."""
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """dtype[..., *in_shape] -> out_dtype (default dtype)[..., *out_shape]."""
         kernel = self.kernel[...]
         if jnp.issubdtype(kernel.dtype, jnp.floating):
             kernel = kernel.astype(self.dtype)
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-        y = self.dot_general(x, kernel, (contract, ((), ())))
+        out_dtype = out_dtype or self.dtype
+        y = self.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
-        return y.astype(self.dtype)
+        return y.astype(out_dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:

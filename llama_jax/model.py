@@ -236,11 +236,12 @@ class Llama(nnx.Module):
         logits = self.unembed(h_BTD)
         return logits if cache is None else (logits, cache)
 
-    def unembed(self, h_BTD: jax.Array) -> jax.Array:
-        """Final hidden states dtype[B, T, D] -> logits dtype[B, T, V]."""
+    def unembed(self, h_BTD: jax.Array, out_dtype=None) -> jax.Array:
+        """Final hidden states dtype[B, T, D] -> logits out_dtype (default dtype)[B, T, V].
+        Losses pass float32 so bf16 compute never rounds the logits."""
         if self.lm_head is None:
-            return self.embed.attend(h_BTD)
-        return self.lm_head(h_BTD)
+            return self.embed.attend(h_BTD, out_dtype)
+        return self.lm_head(h_BTD, out_dtype)
 
     def hidden_states(
         self,

@@ -119,6 +119,11 @@ def _rules_table(rules: Rules) -> dict[str, tuple[str, ...]]:
     return table
 
 
+def axis_size(mesh: Mesh, rules: Rules, name: str) -> int:
+    """How many ways the mesh splits a dimension with this logical name (at most)."""
+    return math.prod(mesh.shape[a] for a in _rules_table(rules).get(name, ()))
+
+
 _logged: set[tuple] = set()
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -61,11 +60,14 @@ class OptimizerConfig:
             )
         if not self.learning_rate > 0:
             raise TrainConfigError(f"learning_rate={self.learning_rate} must be > 0")
+        # warmup_steps > total_steps is allowed: short trial runs never reach the peak.
         if self.warmup_steps < 0 or self.total_steps < 1:
             raise TrainConfigError(
                 f"warmup_steps={self.warmup_steps} must be >= 0 and "
                 f"total_steps={self.total_steps} >= 1"
             )
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise TrainConfigError(f"end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -107,31 +109,20 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 
-def batch_sharding(mesh, rules=sharding.DEFAULT_RULES, shape=None) -> NamedSharding:
-    """Sharding of an int[B, T] batch: B over the batch axes, T whole."""
-    names = ("batch", "length")
-    if shape is None:
-        axes = dict(rules)["batch"]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        return NamedSharding(mesh, PartitionSpec(axes or None, None))
-    return NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh, rules))
+def batch_sharding(mesh, rules, shape: tuple[int, int]) -> NamedSharding:
+    """Sharding of an int[B, T] batch from the logical names ("batch", "length")."""
+    return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), shape, mesh, rules))
 
 
-def batch_shards(mesh, rules=sharding.DEFAULT_RULES) -> int:
-    """How many ways the batch dimension is split on this mesh."""
-    spec = batch_sharding(mesh, rules).spec[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
-def check_batch(global_batch: int, grad_accum: int, mesh, rules=sharding.DEFAULT_RULES):
-    """Raises unless every microbatch splits evenly over the batch mesh axes."""
-    shards = batch_shards(mesh, rules)
+def check_batch(global_batch: int, grad_accum: int, mesh, rules):
+    """Raises unless every microbatch splits evenly over the batch mesh axes (a batch
+    the axes do not divide would silently be replicated)."""
     if grad_accum < 1 or global_batch % grad_accum:
         raise TrainConfigError(
             f"global_batch={global_batch} is not divisible by grad_accum={grad_accum}"
         )
     micro = global_batch // grad_accum
+    shards = sharding.axis_size(mesh, rules, "batch")
     if micro % shards:
         raise TrainConfigError(
             f"microbatch of {micro} rows (global_batch={global_batch} / grad_accum="
@@ -152,16 +143,16 @@ def make_train_step(
 
     batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`. The
     loss is the mean over the batch's counted tokens, also under accumulation (the
-    microbatches' summed losses and counts are added before dividing). A step with a
-    non-finite loss or gradient leaves params and optimizer state unchanged and
-    reports `finite=False`.
+    microbatches' summed losses and counts are added before dividing). `finite` reports
+    whether the loss and gradient norm were finite; the loop stops on a False.
     """
 
     def loss_sum(params, micro):
         model = nnx.merge(graphdef, params)
         h, _ = model.hidden_states(micro["tokens"], segment_ids_BT=micro["segment_ids"])
+        logits_f32 = lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32)
         return chunked_cross_entropy(
-            h, model.unembed, micro["targets"], micro["loss_mask"], chunk=loss_chunk
+            h, logits_f32, micro["targets"], micro["loss_mask"], chunk=loss_chunk
         )
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -183,9 +174,10 @@ def make_train_step(
                 mb = {k: sharding.constrain(v, ("batch", "length")) for k, v in mb.items()}
                 (t, c), g = grad_fn(state.params, mb)
                 acc_t, acc_c, acc_g = carry
-                return (acc_t + t, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
+                acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+                return (acc_t + t, acc_c + c, acc_g), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
             (total, count, grads), _ = jax.lax.scan(body, init, micro)
         denom = jnp.maximum(count, 1.0)
@@ -195,12 +187,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-        )
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -214,8 +201,8 @@ def make_train_step(
 
 
 def state_shardings(params, tx, mesh) -> TrainState:
-    """Shardings of a TrainState: optimizer moments follow their parameters, counters
-    are replicated."""
+    """Shardings of a TrainState for params (arrays or ShapeDtypeStructs with shardings):
+    optimizer moments follow their parameters, counters are replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract_opt = jax.eval_shape(tx.init, params)
@@ -237,7 +224,7 @@ def init_state(params, tx, mesh) -> tuple[TrainState, TrainState]:
     def init(p):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
-    state = jax.jit(init, out_shardings=shardings)(params)
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
     return state, shardings
 
 
@@ -257,10 +244,6 @@ def write_json(path: str, obj: Mapping[str, Any]) -> None:
     tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     tmp.replace(path)
-
-
-def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -283,30 +266,26 @@ def parse_rules(spec: str) -> dict[str, tuple[str, ...] | None]:
     return out
 
 
-def build_model(model_cfg, mesh, rules, *, seed: int):
-    """A sharded Llama from a preset (random init) or a Hugging Face directory."""
-    from llama_jax.config import get_preset
-    from llama_jax.model import Llama
-
-    kwargs = dict(
+def _model_kwargs(model_cfg) -> dict[str, Any]:
+    return dict(
         dtype=jnp.dtype(model_cfg.dtype),
         param_dtype=jnp.dtype(model_cfg.param_dtype),
         scan_layers=model_cfg.scan_layers,
         remat_policy=model_cfg.remat_policy,
         attention_impl=model_cfg.attention_impl,
     )
+
+
+def _initial_params(model_cfg, make_model, mesh, rules):
+    """Parameters in their shardings: random (from `make_model`) or a Hugging Face
+    directory read straight into shards."""
     if model_cfg.model_dir:
         from llama_jax.hf import load_hf
 
-        model, config = load_hf(model_cfg.model_dir, **kwargs)
-        graphdef, state = nnx.split(model)
-        shardings = sharding.state_shardings(state, mesh, rules)
-        return nnx.merge(graphdef, jax.device_put(state, shardings)), config
-    config = get_preset(model_cfg.preset)
-    model = sharding.create_sharded(
-        lambda: Llama(config, rngs=nnx.Rngs(seed), **kwargs), mesh, rules
-    )
-    return model, config
+        model, _ = load_hf(model_cfg.model_dir, mesh=mesh, rules=rules, **_model_kwargs(model_cfg))
+    else:
+        model = sharding.create_sharded(make_model, mesh, rules)
+    return nnx.to_pure_dict(nnx.split(model)[1])
 
 
 def _from_section(cls, section, **extra):
@@ -325,32 +304,55 @@ def _validate(cfg) -> None:
         value = cfg.model[name]
         if value not in ("float32", "bfloat16", "float16"):
             raise TrainConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
-    if not cfg.model.model_dir:
-        from llama_jax.config import ConfigError, get_preset
-
-        try:
-            get_preset(cfg.model.preset)
-        except ConfigError as e:
-            raise TrainConfigError(f"model.preset: {e}") from e
     if not cfg.data.path:
         raise TrainConfigError("data.path is empty; give the training data file")
 
 
+def _model_config(model_cfg):
+    from llama_jax.config import ConfigError, get_preset
+    from llama_jax.hf import read_hf_config
+
+    if model_cfg.model_dir:
+        return read_hf_config(model_cfg.model_dir)
+    try:
+        return get_preset(model_cfg.preset)
+    except ConfigError as e:
+        raise TrainConfigError(f"model.preset: {e}") from e
+
+
+def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
+    """The data position only means the same batches if the data settings match."""
+    keys = ("path", "format", "field", "seq_len", "global_batch", "seed", "add_bos", "add_eos")
+    before, now = saved.get("data", {}), cfg.data
+    changed = [k for k in keys if k in before and before[k] != now[k]]
+    if changed:
+        diffs = ", ".join(f"data.{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise TrainConfigError(
+            f"the checkpoint was written with other data settings ({diffs}); resuming would "
+            "not see the batches the run would have. Use a new workdir or the old settings."
+        )
+
+
 def run(cfg, workdir: str) -> dict[str, float]:
     """Trains per `cfg` (configs/base.py layout) in `workdir`, resuming from its latest
-    complete checkpoint. Returns the last logged metrics."""
+    complete checkpoint. Returns the last logged metrics.
+
+    Everything that can be checked (config, mesh, batch split, model config, tokenizer,
+    data) is checked before anything is compiled or initialised.
+    """
     from llama_jax import checkpoint, data, metrics
+    from llama_jax.model import Llama
     from llama_jax.tokenizer import Tokenizer
 
     _validate(cfg)
-    mesh_cfg = cfg.mesh
     mesh = sharding.create_mesh(
-        dcn=mesh_cfg.dcn, data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor
+        dcn=cfg.mesh.dcn, data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor
     )
-    rules = sharding.rules_from_config(parse_rules(mesh_cfg.rules))
+    rules = sharding.rules_from_config(parse_rules(cfg.mesh.rules))
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
     opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
     data_cfg = _from_section(data.DataConfig, cfg.data)
+    model_config = _model_config(cfg.model)
     if not epath.Path(cfg.data.path).exists():
         raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
@@ -358,23 +360,28 @@ def run(cfg, workdir: str) -> dict[str, float]:
         tok_path = cfg.data.tokenizer
         is_dir = epath.Path(tok_path).is_dir()
         tokenizer = Tokenizer.from_dir(tok_path) if is_dir else Tokenizer.from_file(tok_path)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise TrainConfigError(
+                f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
+                f"{model_config.vocab_size}"
+            )
     elif cfg.data.format != "tokens":
         raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
-
-    model, model_config = build_model(cfg.model, mesh, rules, seed=cfg.train.seed)
-    if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
-        raise TrainConfigError(
-            f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
-            f"{model_config.vocab_size}"
-        )
     batch_sh = batch_sharding(mesh, rules, (cfg.data.global_batch, cfg.data.seq_len))
     iterator = data.DataIterator(data_cfg, tokenizer, batch_sh, vocab_size=model_config.vocab_size)
 
-    graphdef, model_state = nnx.split(model)
-    del model
+    def make_model():
+        return Llama(model_config, rngs=nnx.Rngs(cfg.train.seed), **_model_kwargs(cfg.model))
+
+    graphdef, abstract_model = nnx.split(nnx.eval_shape(make_model))
+    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_model, mesh, rules))
+    abstract_params = jax.tree.map(
+        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+        nnx.to_pure_dict(abstract_model),
+        param_sh,
+    )
     tx = make_optimizer(opt_cfg)
-    state, shardings = init_state(model_state.to_pure_dict(), tx, mesh)
-    del model_state
+    shardings = state_shardings(abstract_params, tx, mesh)
 
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -386,12 +393,19 @@ def run(cfg, workdir: str) -> dict[str, float]:
     )
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+            jax.eval_shape(
+                lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params
+            ),
+            shardings,
         )
-        del state
-        step, state, meta = ckpt.restore(abstract)
+        restored_step, state, meta = ckpt.restore(abstract)
+        _check_resumable(meta["config"], cfg)
         iterator.restore(meta["data"])
-        log_info("resumed from step %d", step)
+        log_info("resumed from step %d", restored_step)
+    else:
+        params = _initial_params(cfg.model, make_model, mesh, rules)
+        state, _ = init_state(params, tx, mesh)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.to_dict())
     start = int(state.step)
@@ -407,8 +421,12 @@ def run(cfg, workdir: str) -> dict[str, float]:
         shardings,
         batch_sh,
     )
+    # The input embedding is a lookup, not a matmul: its parameters cost no FLOPs.
+    matmul_params = model_config.num_params() - (
+        0 if model_config.tie_word_embeddings else model_config.vocab_size * model_config.embed_dim
+    )
     flops = metrics.train_flops_per_token(
-        model_config.num_params(),
+        matmul_params,
         model_config.num_layers,
         model_config.num_heads,
         model_config.head_dim,
@@ -427,33 +445,39 @@ def run(cfg, workdir: str) -> dict[str, float]:
         ckpt,
         sharding.activation_sharding(mesh, rules),
         metrics.MetricsWriter(workdir) as writer,
-        checkpoint.PreemptionWatch() as preemption,
+        checkpoint.PreemptionWatch(check_every=cfg.train.log_every) as preemption,
     ):
-        throughput = metrics.Throughput(flops, total_steps=total, start_step=start)
+        throughput = None
         pending: list[tuple[int, dict]] = []
         step = logged = start
         while step < total:
             state, m = step_fn(state, next(iterator))
             step += 1
             pending.append((step, m))
+            if throughput is None:
+                # Time from the end of the first (compiling) step.
+                jax.block_until_ready(m)
+                throughput = metrics.Throughput(flops, total_steps=total, start_step=step)
+                logged = step
             stop = preemption.should_stop(step)
             boundary = step % cfg.train.log_every == 0 or step == total or stop
             saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
             if boundary or saving:
                 # Every step's finiteness is checked before anything is saved or logged.
-                for s, pm in pending:
-                    check_finite(s, host_metrics(pm))
-                last = host_metrics(pending[-1][1])
-                del last["finite"]
+                fetched = jax.device_get([pm for _, pm in pending])
+                for (s, _), pm in zip(pending, fetched, strict=True):
+                    check_finite(s, pm)
+                last = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
                 pending.clear()
             if boundary:
-                rates = throughput.update(step, tokens_per_step * (step - logged))
-                logged = step
-                last |= {k: v for k, v in rates.items() if v is not None}
+                if step > logged:
+                    rates = throughput.update(step, tokens_per_step * (step - logged))
+                    logged = step
+                    last |= {k: v for k, v in rates.items() if v is not None}
                 writer.write(step, last)
                 log_info("%s", metrics.progress_line(step, total, last))
             if saving:
-                ckpt.save(step, state, meta(), force=True)
+                ckpt.save(step, state, meta(), force=step == total or stop)
             if stop:
                 log_info("preemption notice: saved step %d, stopping", step)
                 break

@@ -94,3 +94,20 @@ def test_rule_override_changes_placement():
     rules = sharding.rules_from_config({"vocab": "fsdp", "embed": None})
     spec = sharding.logical_to_spec(("vocab", "embed"), (263 * 2, 48), mesh, rules)
     assert spec == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_load_hf_straight_into_shards(tmp_path):
+    from hf_models import make_hf_model
+
+    from llama_jax.hf import load_hf
+
+    make_hf_model(tmp_path, hidden_size=48, num_attention_heads=6, num_key_value_heads=2)
+    mesh = sharding.create_mesh(data=1, fsdp=2, tensor=4)
+    sharded, _ = load_hf(tmp_path, mesh=mesh)
+    plain, _ = load_hf(tmp_path)
+    plain_flat = dict(nnx.to_flat_state(nnx.state(plain)))
+    for path, var in nnx.to_flat_state(nnx.state(sharded)):
+        array = var.get_value()
+        names = var.get_metadata()["out_sharding"]
+        assert array.sharding.spec == sharding.logical_to_spec(names, array.shape, mesh), path
+        np.testing.assert_array_equal(array, plain_flat[path].get_value())

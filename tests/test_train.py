@@ -46,8 +46,8 @@ def _losses(mesh_axes, devices=8, grad_accum=1, steps=3):
     tx = train.make_optimizer(opt)
     model = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), mesh)
     graphdef, state = nnx.split(model)
-    state, shardings = train.init_state(state.to_pure_dict(), tx, mesh)
-    batch_sh = train.batch_sharding(mesh)
+    state, shardings = train.init_state(nnx.to_pure_dict(state), tx, mesh)
+    batch_sh = train.batch_sharding(mesh, sharding.DEFAULT_RULES, (8, 32))
     step_fn = train.make_train_step(
         graphdef, tx, train.learning_rate_schedule(opt), grad_accum=grad_accum, loss_chunk=12
     )
@@ -314,3 +314,11 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path):
     assert len(saved) == 1 and 0 < saved[0] < 400
     resumed = _run(tmp_path, "--config.train.steps=" + str(saved[0] + 2))
     assert f"resumed from step {saved[0]}" in resumed.stdout
+
+
+def test_resume_with_other_data_settings_is_refused(tmp_path):
+    cfg = _config(train__steps=2, data__global_batch=8, data__seq_len=32)
+    train.run(cfg, str(tmp_path))
+    cfg = _config(train__steps=4, data__global_batch=8, data__seq_len=32, data__seed=7)
+    with pytest.raises(train.TrainConfigError, match=r"data\.seed: 0 -> 7"):
+        train.run(cfg, str(tmp_path))
