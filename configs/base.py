@@ -8,7 +8,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(
             preset="tiny",  # a llama_jax.config preset name, used when model_dir is empty
-            model_dir="",  # a Hugging Face directory to start from instead of random weights
+            # A model directory to start from instead of random weights: Hugging Face,
+            # converted (convert.hf_to_orbax) or another run's workdir.
+            model_dir="",
             dtype="bfloat16",  # compute dtype
             param_dtype="float32",  # master weights
             scan_layers=True,

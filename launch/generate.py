@@ -16,7 +16,7 @@ from absl import app, flags
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir",
     None,
-    "Hugging Face model directory (config.json, safetensors, tokenizer).",
+    "Model directory: converted (convert.hf_to_orbax), Hugging Face, or a training run.",
     required=True,
 )
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for a batch.")
@@ -34,6 +34,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1.0: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Compute and parameter dtype."
+)
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer directory or file (default: the model directory's own)."
 )
 _ADD_BOS = flags.DEFINE_bool(
     "add_bos", None, "Start each prompt with BOS (default: as the tokenizer config says)."
@@ -56,12 +59,13 @@ def main(argv):
 
     import jax.numpy as jnp
 
+    from launch import common
     from llama_jax import generate as gen
-    from llama_jax.hf import load_hf
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax import model_dir
 
-    tokenizer = Tokenizer.from_dir(_MODEL_DIR.value)
-    model, config = load_hf(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
+    with common.clear_errors():
+        tokenizer = model_dir.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
+        model, config = model_dir.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
     if tokenizer.vocab_size > config.vocab_size:
         raise app.UsageError(
             f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's {config.vocab_size}"

@@ -10,8 +10,10 @@ Multi-host: on TPU pods (and SLURM clusters) JAX finds its peers itself; elsewhe
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:arg].")
 _WORKDIR = flags.DEFINE_string(
@@ -20,11 +22,6 @@ _WORKDIR = flags.DEFINE_string(
     "Run directory: checkpoints, metrics.jsonl, TensorBoard events.",
     required=True,
 )
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs off TPU."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
@@ -32,22 +29,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+    common.init_distributed()
     import jax
-
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        if None in (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value):
-            raise app.UsageError(
-                "multi-host needs all of --coordinator_address, --num_processes, --process_id"
-            )
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    else:
-        # Must run before anything touches a backend. On TPU pods (and clusters JAX
-        # recognises, e.g. SLURM) this finds the peers; elsewhere it says there is no
-        # coordinator, and the run is a single process.
-        try:
-            jax.distributed.initialize()
-        except ValueError as e:
-            logging.info("single-process run (%s)", e)
 
     from llama_jax import train
 

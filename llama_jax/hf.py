@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,8 @@ SAFETENSORS_DTYPES = {
 }
 FLOAT_DTYPES = tuple(SAFETENSORS_DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Bytes of a source tensor copied at a time when converting (see HFReader.read).
+_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 class SafetensorsFile:
@@ -132,6 +135,30 @@ class SafetensorsFile:
         start = self._data_start + begin
         raw = self._mmap[start : start + math.prod(shape) * dtype.itemsize]
         return raw.view(dtype).reshape(shape)
+
+    def read_rows(self, name: str, lo: int, hi: int, buffer: bytearray) -> np.ndarray:
+        """Rows [lo, hi) of a tensor's leading axis, read from the file into `buffer`
+        (grown as needed and reused), not memory-mapped: streaming readers then hold
+        one block, not every page they have touched. The result is a view of `buffer`."""
+        dtype, shape, begin = self._entries[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        nbytes = (hi - lo) * row
+        if len(buffer) < nbytes:
+            buffer.extend(bytes(nbytes - len(buffer)))
+        view = memoryview(buffer)[:nbytes]
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin + lo * row)
+            got = f.readinto(view)
+        if got != nbytes:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is cut short (file changed while reading?)"
+            )
+        return np.frombuffer(view, dtype=dtype).reshape((hi - lo, *shape[1:]))
+
+    def close(self) -> None:
+        """Unmaps the file. The pages read so far count in this process's RSS until the
+        map is gone, so streaming readers close after each tensor they finish."""
+        self._mmap = None
 
 
 def _refuse_pickles(directory: str) -> None:
@@ -244,6 +271,136 @@ def read_hf_config(hf_dir: str) -> LlamaConfig:
         raise CheckpointError(str(e)) from e
 
 
+class HFReader:
+    """The parameters of a Hugging Face LLaMA directory in the project's layout, read a
+    slice at a time.
+
+    Every tensor is checked for presence, dtype and shape when the reader is created,
+    before anything is converted; unknown tensors are an error. `read(path, index)`
+    returns only the requested slice of a project parameter (layers stacked along L),
+    touching only the memory-mapped pages behind it.
+    """
+
+    def __init__(self, hf_dir: str, config: LlamaConfig | None = None):
+        self.hf_dir = os.fspath(hf_dir)
+        self.config = config or read_hf_config(self.hf_dir)
+        self.tensors = open_safetensors_dir(self.hf_dir)
+        self.dims = layout_dims(self.config)
+        self._checked: set[str] = set()
+        self._buffer = bytearray()
+
+    def check(self, paths: Iterable[str]) -> None:
+        """Checks the tensors behind the project parameter `paths` (all of a model's),
+        and that the directory holds nothing else."""
+        used: set[str] = set()
+        for path in paths:
+            if path not in hf_keymap.PARAMS:
+                raise CheckpointError(f"parameter {path} has no entry in convert/hf_keymap.py")
+            _, hf_layout, _ = hf_keymap.PARAMS[path]
+            want = hf_shape(hf_layout, self.dims)
+            for name in hf_tensor_names(path, self.config):
+                if name not in self.tensors:
+                    raise CheckpointError(
+                        f"{self.hf_dir}: tensor {name!r} is missing (expected shape {list(want)})"
+                    )
+                f = self.tensors[name]
+                if f.dtype(name) not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{f.path}: tensor {name!r} has dtype {f.dtype(name)}; expected a "
+                        "floating-point weight (F32, F16 or BF16)"
+                    )
+                if f.shape(name) != want:
+                    raise CheckpointError(
+                        f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}; expected "
+                        f"{list(want)} for layout {hf_layout} with {self.dims}"
+                    )
+                used.add(name)
+            self._checked.add(path)
+        extra = _expected_extra(sorted(set(self.tensors) - used), self.config)
+        if extra:
+            raise CheckpointError(
+                f"{self.hf_dir}: {len(extra)} unexpected tensor(s) for a LLaMA with this "
+                f"config.json, e.g. {extra[:5]}"
+            )
+
+    def dtype(self) -> np.dtype:
+        """The dtype most of the checkpoint's bytes are stored in."""
+        sizes: dict[np.dtype, int] = {}
+        for name, f in self.tensors.items():
+            dt = f.dtype(name)
+            sizes[dt] = sizes.get(dt, 0) + math.prod(f.shape(name)) * dt.itemsize
+        return max(sizes, key=sizes.get)
+
+    def nbytes(self, path: str) -> int:
+        """Bytes on disk behind one project parameter."""
+        return sum(
+            math.prod(self.tensors[n].shape(n)) * self.tensors[n].dtype(n).itemsize
+            for n in hf_tensor_names(path, self.config)
+        )
+
+    def read(self, path: str, index: tuple[slice, ...] | None, dtype) -> np.ndarray:
+        """The slice `index` of project parameter `path` (all of it for None), as a new
+        C-contiguous array of `dtype`."""
+        if path not in self._checked:
+            raise CheckpointError(f"parameter {path} was not checked before reading")
+        hf_name, hf_layout, proj_layout = hf_keymap.PARAMS[path]
+        names = hf_tensor_names(path, self.config)
+        index = tuple(index or ())
+
+        flat = [d for g in _groups(hf_layout) for d in g]
+        proj = proj_layout.split()
+        # The first dimension of the HF tensor's leading axis: a block of it is one run
+        # of whole rows on disk.
+        lead = flat[0]
+        axis = proj.index(lead)
+        lead_rows = math.prod(self.dims[d] for d in _groups(hf_layout)[0][1:])
+
+        def one(name, rest):
+            f = self.tensors[name]
+            shape = [self.dims[d] for d in flat]
+            rest = rest + (slice(None),) * (len(proj) - len(rest))
+            full = [self.dims[d] for d in proj]
+            start, stop, _ = rest[axis].indices(full[axis])
+            out_shape = [len(range(*r.indices(n))) for r, n in zip(rest, full, strict=True)]
+            out = np.empty(out_shape, dtype)
+            unit = math.prod(shape[1:]) * f.dtype(name).itemsize
+            step = max(1, _BLOCK_BYTES // unit)
+            for lo in range(start, stop, step):
+                hi = min(lo + step, stop)
+                rows = f.read_rows(name, lo * lead_rows, hi * lead_rows, self._buffer)
+                block = rows.reshape([hi - lo, *shape[1:]]).transpose([flat.index(d) for d in proj])
+                src = list(rest)
+                src[axis] = slice(None)
+                dst = [slice(None)] * len(proj)
+                dst[axis] = slice(lo - start, hi - start)
+                out[tuple(dst)] = block[tuple(src)]
+            return out
+
+        if "{i}" not in hf_name:
+            return one(names[0], index)
+        layers = index[0] if index else slice(None)
+        rest = index[1:]
+        picked = range(len(names))[layers]
+        out = None
+        for j, i in enumerate(picked):
+            part = one(names[i], rest)
+            if out is None:
+                out = np.empty((len(picked), *part.shape), dtype)
+            out[j] = part
+        return out
+
+    def release(self) -> None:
+        """Unmaps every file and frees the read buffer."""
+        for f in set(self.tensors.values()):
+            f.close()
+        self._buffer = bytearray()
+
+
+def param_paths(state) -> list[str]:
+    """Dotted parameter paths ('layers.attn.q_proj.kernel') of an NNX state."""
+    return [".".join(str(k) for k in key) for key, _ in nnx.to_flat_state(state)]
+
+
 def load_hf(
     hf_dir: str,
     dtype=jnp.float32,
@@ -255,14 +412,15 @@ def load_hf(
     """Loads a transformers `save_pretrained` LLaMA directory.
 
     dtype: compute dtype; param_dtype: stored dtype (default: dtype). With a mesh, each
-    parameter is placed in its shards as the rules say (one parameter at a time is on
-    the host, and no device ever holds a whole model); without, on the default device.
+    parameter is placed in its shards as the rules say, each device's slice read from
+    disk on its own (no host holds more than one parameter's local shards at a time, and
+    no device a whole model); without, on the default device.
     Other keyword arguments go to `Llama` (scan_layers, remat_policy, attention_impl).
     Returns (model, config). Every tensor is checked for presence and shape before any
     is converted; unknown tensors are an error.
     """
-    config = read_hf_config(hf_dir)
-    tensors = open_safetensors_dir(hf_dir)
+    reader = HFReader(hf_dir)
+    config = reader.config
     param_dtype = jnp.dtype(param_dtype or dtype)
     abstract = nnx.eval_shape(
         lambda: Llama(
@@ -271,56 +429,106 @@ def load_hf(
     )
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    dims = layout_dims(config)
-
-    paths = [".".join(str(k) for k in key) for key, _ in flat]
-    used: set[str] = set()
-    for path in paths:
-        if path not in hf_keymap.PARAMS:
-            raise CheckpointError(f"parameter {path} has no entry in convert/hf_keymap.py")
-        _, hf_layout, _ = hf_keymap.PARAMS[path]
-        want = hf_shape(hf_layout, dims)
-        for name in hf_tensor_names(path, config):
-            if name not in tensors:
-                raise CheckpointError(
-                    f"{hf_dir}: tensor {name!r} is missing (expected shape {list(want)})"
-                )
-            got = tensors[name].shape(name)
-            got_dtype = tensors[name].dtype(name)
-            if got_dtype not in FLOAT_DTYPES:
-                raise CheckpointError(
-                    f"{tensors[name].path}: tensor {name!r} has dtype {got_dtype}; expected a "
-                    "floating-point weight (F32, F16 or BF16)"
-                )
-            if got != want:
-                raise CheckpointError(
-                    f"{tensors[name].path}: tensor {name!r} has shape {list(got)}; expected "
-                    f"{list(want)} for config {hf_layout} with {dims}"
-                )
-            used.add(name)
-    extra = _expected_extra(sorted(set(tensors) - used), config)
-    if extra:
-        raise CheckpointError(
-            f"{hf_dir}: {len(extra)} unexpected tensor(s) for a LLaMA with this config.json, "
-            f"e.g. {extra[:5]}"
-        )
-
+    paths = param_paths(state)
+    reader.check(paths)
     for (_, var), path in zip(flat, paths, strict=True):
-        hf_name, hf_layout, proj_layout = hf_keymap.PARAMS[path]
-        parts = [
-            hf_to_project(tensors[n].get(n), hf_layout, proj_layout, dims)
-            for n in hf_tensor_names(path, config)
-        ]
-        array = np.stack(parts) if "{i}" in hf_name else parts[0]
-        array = np.asarray(array, dtype=var.get_value().dtype)
+        value = var.get_value()
         if mesh is None:
-            var.set_value(jnp.asarray(array))
+            var.set_value(jnp.asarray(reader.read(path, None, value.dtype)))
         else:
             names = var.get_metadata()["out_sharding"]
-            spec = sharding.logical_to_spec(names, array.shape, mesh, rules)
+            spec = sharding.logical_to_spec(names, value.shape, mesh, rules)
             var.set_value(
                 jax.make_array_from_callback(
-                    array.shape, NamedSharding(mesh, spec), lambda idx, a=array: a[idx]
+                    value.shape,
+                    NamedSharding(mesh, spec),
+                    lambda idx, p=path, dt=value.dtype: reader.read(p, idx, dt),
                 )
             )
+        reader.release()
     return nnx.merge(graphdef, state), config
+
+
+# --- writing -----------------------------------------------------------------
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in units:
+        raise ValueError(f"size {text!r}; expected a number with an optional unit like 5GB")
+    size = int(float(match.group(1)) * units[match.group(2).upper()])
+    if size < 1:
+        raise ValueError(f"size {text!r} must be at least one byte")
+    return size
+
+
+def write_safetensors(
+    directory: str,
+    entries: list[tuple[str, tuple[int, ...], np.dtype]],
+    arrays: Iterable[tuple[str, np.ndarray]],
+    max_shard_size: int,
+) -> list[str]:
+    """Streams tensors into safetensors files in `directory`, one tensor in memory at
+    a time, the way transformers shards them.
+
+    entries: (name, shape, dtype) of every tensor, in the order `arrays` yields them.
+    Tensors are packed in that order into files of at most `max_shard_size` bytes (a
+    larger tensor gets a file of its own): `model.safetensors` if one file is enough,
+    else `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`.
+    Returns the file names.
+    """
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * np.dtype(entry[2]).itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    n = len(shards)
+    names = (
+        [WEIGHTS_FILE]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    arrays = iter(arrays)
+    weight_map = {}
+    total = 0
+    for file_name, shard in zip(names, shards, strict=True):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in shard:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            header[name] = {
+                "dtype": _SAFETENSORS_NAMES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            weight_map[name] = file_name
+        total += offset
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(os.path.join(directory, file_name), "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for name, shape, dtype in shard:
+                got_name, array = next(arrays)
+                if got_name != name or array.shape != tuple(shape) or array.dtype != dtype:
+                    raise CheckpointError(
+                        f"expected tensor {name} {np.dtype(dtype)}{list(shape)} next, got "
+                        f"{got_name} {array.dtype}{list(array.shape)}"
+                    )
+                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    if n > 1:
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names

@@ -2,17 +2,22 @@
 
 The unembedding runs one chunk of positions at a time under `jax.checkpoint`, so
 neither the forward nor the backward pass ever holds the full float32 `[B, T, V]`
-logits: the loss memory is one chunk's `[B, C, V]`.
+logits: the loss memory is one chunk's `[B, C, V]`. This holds for the distillation
+loss too, where a student's and a teacher's logits are both needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from llama_jax import sharding
+
+DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def _chunks(x, chunk: int):
@@ -23,6 +28,44 @@ def _chunks(x, chunk: int):
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(b, (t + pad) // chunk, chunk, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
+
+
+def _masked_sums(per_token, arrays_BT, mask_BT, chunk: int):
+    """Sums per-token values over the tokens that count, one chunk of positions at a time.
+
+    per_token maps chunks `[B, C, ...]` of `arrays_BT` to a tuple of float32[B, C] values.
+    It runs under `jax.checkpoint`, so its `[B, C, V]` intermediates are recomputed in
+    the backward pass instead of being kept for every chunk. Positions past T (padding)
+    carry mask 0. Returns (tuple of float32[] weighted sums, float32[] sum of the mask).
+    """
+    if chunk < 1:
+        raise ValueError(f"loss chunk={chunk} must be >= 1")
+    chunk = min(chunk, mask_BT.shape[1])
+    mask = mask_BT.astype(jnp.float32)
+
+    @jax.checkpoint
+    def one(mask_BC, *xs):
+        # `where`, not only the product: a masked token contributes exactly 0 even if its
+        # value is not finite.
+        return tuple(jnp.sum(jnp.where(mask_BC != 0, v * mask_BC, 0.0)) for v in per_token(*xs))
+
+    def body(carry, xs):
+        return carry, one(*xs)
+
+    xs = (_chunks(mask, chunk), *(_chunks(a, chunk) for a in arrays_BT))
+    _, sums = jax.lax.scan(body, None, xs)
+    return tuple(jnp.sum(s) for s in sums), jnp.sum(mask)
+
+
+def _logits_f32(unembed, h_BCD):
+    logits = unembed(h_BCD).astype(jnp.float32)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
+def _token_cross_entropy(logits_BCV, targets_BC):
+    log_z = jax.nn.logsumexp(logits_BCV, axis=-1)
+    target_logit = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+    return log_z - target_logit
 
 
 def chunked_cross_entropy(
@@ -39,22 +82,183 @@ def chunked_cross_entropy(
     targets: int[B, T]; mask: [B, T], non-zero where a token counts.
     Returns (float32[] sum of -log p(target), float32[] count). Divide for the mean.
     """
-    if chunk < 1:
-        raise ValueError(f"loss chunk={chunk} must be >= 1")
-    chunk = min(chunk, h_BTD.shape[1])
 
-    @jax.checkpoint
-    def one(h_BCD, targets_BC, mask_BC):
-        logits = unembed(h_BCD).astype(jnp.float32)
-        logits = sharding.constrain(logits, ("batch", "length", "vocab"))
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
-        return jnp.sum((log_z - target_logit) * mask_BC)
+    def per_token(h_BCD, targets_BC):
+        return (_token_cross_entropy(_logits_f32(unembed, h_BCD), targets_BC),)
 
-    def body(total, xs):
-        return total + one(*xs), None
+    (total,), count = _masked_sums(per_token, (h_BTD, targets_BT), mask_BT, chunk)
+    return total, count
 
-    mask = mask_BT.astype(jnp.float32)
-    xs = (_chunks(h_BTD, chunk), _chunks(targets_BT, chunk), _chunks(mask, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total, jnp.sum(mask)
+
+@dataclasses.dataclass(frozen=True)
+class DistillLossConfig:
+    """How a student is trained against a teacher's token distributions.
+
+    kind: "forward_kl" KL(p || q), "reverse_kl" KL(q || p), or "jsd", the generalized
+      Jensen-Shannon divergence beta KL(p || m) + (1 - beta) KL(q || m) with
+      m = beta p + (1 - beta) q; p is the teacher's and q the student's softmax at
+      `temperature`.
+    temperature: > 0; the divergence is multiplied by temperature**2 so its gradient
+      keeps the same scale as the temperature changes.
+    alpha: in [0, 1], the weight of the divergence; 1 - alpha weights the student's
+      cross-entropy against the data targets (at temperature 1).
+    beta: in (0, 1), the mixing weight of "jsd".
+    top_k: 0 uses the teacher's full distribution; k > 0 keeps only the teacher's k most
+      likely tokens (see `chunked_distill_loss`).
+    """
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.kind not in DISTILL_KINDS:
+            raise ValueError(f"distill kind={self.kind!r}; expected one of {DISTILL_KINDS}")
+        _check_temperature(self.temperature)
+        _check_alpha(self.alpha)
+        if not (isinstance(self.beta, int | float) and 0 < self.beta < 1):
+            raise ValueError(f"distill beta={self.beta!r}; expected a number in (0, 1)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(
+                f"distill top_k={self.top_k!r}; expected an int >= 0 (0: the full distribution)"
+            )
+
+
+def _check_temperature(temperature):
+    if not (isinstance(temperature, int | float) and 0 < temperature < math.inf):
+        raise ValueError(f"distill temperature={temperature!r}; expected a finite number > 0")
+
+
+def _check_alpha(alpha):
+    if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
+        raise ValueError(f"distill alpha={alpha!r}; expected a number in [0, 1]")
+
+
+def _kl(log_a, log_b):
+    """sum_v a (log a - log b) over the last axis, with 0 log 0 = 0.
+
+    Where a is 0 both logs are replaced before subtracting, so that -inf there gives
+    neither a NaN value nor a NaN gradient.
+    """
+    a = jnp.exp(log_a)
+    live = a > 0
+    diff = jnp.where(live, log_a, 0.0) - jnp.where(live, log_b, 0.0)
+    return jnp.sum(jnp.where(live, a * diff, 0.0), axis=-1)
+
+
+def _divergence(cfg: DistillLossConfig, student_BCV, teacher_BCV, temperature):
+    """Per-token divergence float32[B, C] between float32[B, C, V] logits, not yet x T**2."""
+    student_BCV = student_BCV / temperature
+    teacher_BCV = teacher_BCV / temperature
+    if cfg.top_k:
+        # Working on the k kept tokens ([B, C, top_k]) renormalises over them directly,
+        # rather than masking the rest of a [B, C, V] array to probability 0.
+        teacher_top, top = jax.lax.top_k(teacher_BCV, cfg.top_k)
+        log_p = jax.nn.log_softmax(teacher_top, axis=-1)
+        if cfg.kind == "forward_kl":
+            log_q = jax.nn.log_softmax(student_BCV, axis=-1)
+            log_q = jnp.take_along_axis(log_q, top, axis=-1)
+        else:
+            student_top = jnp.take_along_axis(student_BCV, top, axis=-1)
+            log_q = jax.nn.log_softmax(student_top, axis=-1)
+    else:
+        log_p = jax.nn.log_softmax(teacher_BCV, axis=-1)
+        log_q = jax.nn.log_softmax(student_BCV, axis=-1)
+
+    if cfg.kind == "forward_kl":
+        d = _kl(log_p, log_q)
+    elif cfg.kind == "reverse_kl":
+        d = _kl(log_q, log_p)
+    else:
+        log_bp = log_p + math.log(cfg.beta)
+        log_bq = log_q + math.log1p(-cfg.beta)
+        # m is 0 only where p and q both are; keep those -inf out of logaddexp, whose
+        # gradient would be NaN there even though _kl ignores the token.
+        live = (log_bp > -jnp.inf) | (log_bq > -jnp.inf)
+        log_m = jnp.logaddexp(jnp.where(live, log_bp, 0.0), jnp.where(live, log_bq, 0.0))
+        log_m = jnp.where(live, log_m, -jnp.inf)
+        d = cfg.beta * _kl(log_p, log_m) + (1 - cfg.beta) * _kl(log_q, log_m)
+    # A divergence is >= 0; rounding can leave a tiny negative when p and q nearly agree.
+    return jnp.maximum(d, 0.0)
+
+
+def chunked_distill_loss(
+    h_student_BTD: jax.Array,
+    student_unembed: Callable[[jax.Array], jax.Array],
+    h_teacher_BTD: jax.Array,
+    teacher_unembed: Callable[[jax.Array], jax.Array],
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    cfg: DistillLossConfig,
+    *,
+    chunk: int = 512,
+    alpha: float | jax.Array | None = None,
+    temperature: float | jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Summed distillation and data losses of a student against a frozen teacher.
+
+    h_student, h_teacher: dtype[B, T, D] final hidden states, D each model's own width;
+    student_unembed, teacher_unembed: that model's [B, C, D] -> [B, C, V] logits, the
+    same V for both; targets: int[B, T]; mask: [B, T], non-zero where a token counts.
+
+    With p the teacher's and q the student's softmax of logits / temperature, the
+    per-token divergence (cfg.kind) is computed in float32, times temperature**2. No
+    gradient reaches the teacher. With cfg.top_k = k > 0 the teacher keeps its k most
+    likely tokens, renormalised; for "forward_kl" q stays the student's full
+    distribution (KL(p_k || q) sums over the k tokens), while for "reverse_kl" and
+    "jsd" q is also restricted to those k tokens and renormalised over them, since any
+    student mass outside the teacher's support would make KL(q || p) infinite.
+
+    alpha and temperature override cfg's and may be traced scalars (for schedules
+    without recompiling).
+
+    Returns float32[] sums over the counted tokens: "kd_sum" (divergence x T**2),
+    "ce_sum" (student cross-entropy against targets at temperature 1), "loss_sum"
+    (alpha kd_sum + (1 - alpha) ce_sum) and "count" (the mask's sum). Divide by
+    max(count, 1) for means.
+    """
+    if alpha is None:
+        alpha = cfg.alpha
+    elif isinstance(alpha, int | float):
+        _check_alpha(alpha)
+    if temperature is None:
+        temperature = cfg.temperature
+    elif isinstance(temperature, int | float):
+        _check_temperature(temperature)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+
+    if h_student_BTD.shape[:2] != h_teacher_BTD.shape[:2]:
+        raise ValueError(
+            f"student hidden states {h_student_BTD.shape} and teacher hidden states "
+            f"{h_teacher_BTD.shape} differ in [B, T]"
+        )
+    h_teacher_BTD = jax.lax.stop_gradient(h_teacher_BTD)
+
+    def per_token(h_student_BCD, h_teacher_BCD, targets_BC):
+        student_BCV = _logits_f32(student_unembed, h_student_BCD)
+        # The teacher's parameters may be closed over by its unembedding: cut them off too.
+        teacher_BCV = jax.lax.stop_gradient(_logits_f32(teacher_unembed, h_teacher_BCD))
+        v_student, v_teacher = student_BCV.shape[-1], teacher_BCV.shape[-1]
+        if v_student != v_teacher:
+            raise ValueError(
+                f"student vocabulary V={v_student} and teacher vocabulary V={v_teacher} "
+                "differ; distillation needs the same vocabulary"
+            )
+        if cfg.top_k > v_teacher:
+            raise ValueError(f"distill top_k={cfg.top_k} exceeds the vocabulary size V={v_teacher}")
+        kd = _divergence(cfg, student_BCV, teacher_BCV, temperature)
+        return kd, _token_cross_entropy(student_BCV, targets_BC)
+
+    (kd, ce), count = _masked_sums(
+        per_token, (h_student_BTD, h_teacher_BTD, targets_BT), mask_BT, chunk
+    )
+    kd = kd * temperature**2
+    return {
+        "kd_sum": kd,
+        "ce_sum": ce,
+        "loss_sum": alpha * kd + (1 - alpha) * ce,
+        "count": count,
+    }

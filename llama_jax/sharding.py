@@ -102,6 +102,33 @@ def create_mesh(
     return Mesh(grid, MESH_AXES)
 
 
+def parse_rules(spec: str) -> dict[str, tuple[str, ...] | None]:
+    """'vocab=fsdp,mlp=tensor+fsdp,embed=' -> logical-axis overrides ('' replicates)."""
+    out: dict[str, tuple[str, ...] | None] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise MeshError(f"mesh rule {item!r}; expected NAME=AXIS[+AXIS...]")
+        name, axes = (s.strip() for s in item.split("=", 1))
+        out[name] = tuple(a for a in axes.split("+") if a) or None
+    return out
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'fsdp=-1,tensor=2' -> create_mesh keyword arguments (axes not named keep their
+    defaults: dcn=1, data=1, fsdp=-1, tensor=1)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, size = item.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise MeshError(f"mesh axis {name!r} in {spec!r}; expected one of {MESH_AXES}")
+        try:
+            out[name] = int(size)
+        except ValueError:
+            raise MeshError(f"mesh size {item!r}; expected AXIS=INTEGER (-1: the rest)") from None
+    return out
+
+
 def _rules_table(rules: Rules) -> dict[str, tuple[str, ...]]:
     table = {}
     for name, axes in rules:

@@ -255,17 +255,6 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
         )
 
 
-def parse_rules(spec: str) -> dict[str, tuple[str, ...] | None]:
-    """'vocab=fsdp,mlp=tensor+fsdp,embed=' -> logical-axis overrides ('' replicates)."""
-    out: dict[str, tuple[str, ...] | None] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        if "=" not in item:
-            raise TrainConfigError(f"mesh rule {item!r}; expected NAME=AXIS[+AXIS...]")
-        name, axes = (s.strip() for s in item.split("=", 1))
-        out[name] = tuple(a for a in axes.split("+") if a) or None
-    return out
-
-
 def _model_kwargs(model_cfg) -> dict[str, Any]:
     return dict(
         dtype=jnp.dtype(model_cfg.dtype),
@@ -276,15 +265,15 @@ def _model_kwargs(model_cfg) -> dict[str, Any]:
     )
 
 
-def _initial_params(model_cfg, make_model, mesh, rules):
-    """Parameters in their shardings: random (from `make_model`) or a Hugging Face
-    directory read straight into shards."""
+def _initial_params(model_cfg, config, make_model, mesh, rules):
+    """Parameters in their shardings: random (from `make_model`), or read from a model
+    directory of any kind straight into their shards."""
     if model_cfg.model_dir:
-        from llama_jax.hf import load_hf
+        from llama_jax import model_dir
 
-        model, _ = load_hf(model_cfg.model_dir, mesh=mesh, rules=rules, **_model_kwargs(model_cfg))
-    else:
-        model = sharding.create_sharded(make_model, mesh, rules)
+        _, abstract = model_dir.abstract_params(config, mesh, rules, **_model_kwargs(model_cfg))
+        return model_dir.load_params(model_cfg.model_dir, config, abstract)
+    model = sharding.create_sharded(make_model, mesh, rules)
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
@@ -310,10 +299,11 @@ def _validate(cfg) -> None:
 
 def _model_config(model_cfg):
     from llama_jax.config import ConfigError, get_preset
-    from llama_jax.hf import read_hf_config
 
     if model_cfg.model_dir:
-        return read_hf_config(model_cfg.model_dir)
+        from llama_jax import model_dir
+
+        return model_dir.read_config(model_cfg.model_dir)
     try:
         return get_preset(model_cfg.preset)
     except ConfigError as e:
@@ -348,7 +338,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     mesh = sharding.create_mesh(
         dcn=cfg.mesh.dcn, data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor
     )
-    rules = sharding.rules_from_config(parse_rules(cfg.mesh.rules))
+    rules = sharding.rules_from_config(sharding.parse_rules(cfg.mesh.rules))
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
     opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
     data_cfg = _from_section(data.DataConfig, cfg.data)
@@ -404,7 +394,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
         iterator.restore(meta["data"])
         log_info("resumed from step %d", restored_step)
     else:
-        params = _initial_params(cfg.model, make_model, mesh, rules)
+        params = _initial_params(cfg.model, model_config, make_model, mesh, rules)
         state, _ = init_state(params, tx, mesh)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.to_dict())
@@ -437,7 +427,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
 
     def meta() -> dict[str, Any]:
-        return {"data": iterator.state(), "config": cfg.to_dict()}
+        return {"data": iterator.state(), "config": cfg.to_dict(), "model": model_config.to_dict()}
 
     # Leaving the block (also by an error) waits for an asynchronous save in flight, so
     # the last good checkpoint is complete on disk.

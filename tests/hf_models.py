@@ -29,8 +29,9 @@ def hf_config(**overrides) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(**kwargs)
 
 
-def make_hf_model(directory, seed=0, max_shard_size=None, **overrides):
-    """Writes a random model with save_pretrained; returns the torch model (float32)."""
+def make_hf_model(directory, seed=0, max_shard_size=None, dtype=None, **overrides):
+    """Writes a random model with save_pretrained (in `dtype`, a torch dtype, default
+    float32); returns the torch model."""
     torch.manual_seed(seed)
     cfg = hf_config(**overrides)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -41,6 +42,8 @@ def make_hf_model(directory, seed=0, max_shard_size=None, **overrides):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+    if dtype is not None:
+        model = model.to(dtype)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
     return model

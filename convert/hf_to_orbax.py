@@ -1,0 +1,67 @@
+r"""Convert a Hugging Face LLaMA directory into a sharded Orbax model directory.
+
+  python -m convert.hf_to_orbax --hf_dir=/models/Llama-3.1-8B --out_dir=/ckpt/llama3.1-8b
+  python -m convert.hf_to_orbax --hf_dir=... --out_dir=gs://bucket/m --mesh=fsdp=-1,tensor=4
+
+Reads config.json, the tokenizer files and the safetensors (one file or an index of
+shards), checks every tensor before writing anything, then builds each parameter
+directly in its shards on the mesh (each host memory-maps and reads only the slices its
+devices hold) and saves it with Orbax while the next one is read, so a host holds at
+most two parameters' shards. The output directory (config.json, params/, tokenizer,
+generation_config.json, metadata.json) is written under a temporary name and renamed
+when complete. On a multi-host slice, run the same command on every host.
+"""
+
+from absl import app, flags
+
+from launch import common
+
+_HF_DIR = flags.DEFINE_string(
+    "hf_dir", None, "Hugging Face model directory (config.json, safetensors).", required=True
+)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_MESH = flags.DEFINE_string(
+    "mesh",
+    "fsdp=-1",
+    "Mesh the parameters are sharded over, e.g. 'fsdp=-1,tensor=4' (axes: dcn, data, "
+    "fsdp, tensor; -1 takes the remaining devices).",
+)
+_RULES = flags.DEFINE_string(
+    "rules", "", "Logical-axis rule overrides, e.g. 'vocab=fsdp,embed=' ('' replicates)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "bfloat16", "float32", "float16"],
+    "Stored parameter dtype; 'auto' keeps the checkpoint's own.",
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logs()
+    common.init_distributed()
+    from convert.progress import Progress
+    from llama_jax import model_dir, sharding
+
+    with common.clear_errors():
+        mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
+        rules = sharding.rules_from_config(sharding.parse_rules(_RULES.value))
+        out = model_dir.convert_hf(
+            _HF_DIR.value,
+            _OUT_DIR.value,
+            mesh=mesh,
+            rules=rules,
+            dtype=_DTYPE.value,
+            overwrite=_OVERWRITE.value,
+            progress=Progress("converting"),
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,766 @@
+"""Model directories: writing the converted layout, and reading any kind of model.
+
+Three kinds of directory hold a model, and every reader here accepts each of them:
+
+- `hf`: a transformers `save_pretrained` directory (config.json, safetensors).
+- `converted`: this project's layout, written by `write_model_dir`:
+  `config.json` (a LlamaConfig), `params/` (an Orbax checkpoint whose `state/` item is
+  the parameter tree), tokenizer files, `generation_config.json` and `metadata.json`
+  (source, dtype, quantization, sparsity).
+- `run`: a training or distillation workdir (`checkpoints/<step>/`), or one step
+  directory in it; the latest complete step is read, parameters only.
+
+Parameters are read straight into the shardings the caller asks for, whatever mesh
+wrote them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from orbax.checkpoint.experimental import v1 as ocp_v1
+
+from convert import hf_keymap
+from llama_jax import checkpoint, sharding
+from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.hf import (
+    CheckpointError,
+    HFReader,
+    hf_shape,
+    hf_tensor_names,
+    layout_dims,
+    project_to_hf,
+    write_safetensors,
+)
+from llama_jax.model import Llama
+
+FORMAT = "llama_jax.model"
+FORMAT_VERSION = 1
+PARAMS = "params"
+# Orbax's partial-save layout keeps the tree in this item of the checkpoint directory.
+PARAMS_ITEM = "state"
+METADATA = "metadata.json"
+# Files copied next to the weights, when the source has them. A model directory needs
+# tokenizer.json or tokenizer.model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+GENERATION_CONFIG = "generation_config.json"
+KINDS = ("hf", "converted", "run")
+
+
+def detect(path) -> str:
+    """The kind of model directory at `path`: 'hf', 'converted' or 'run'."""
+    path = epath.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if (path / METADATA).exists() and (path / PARAMS).is_dir():
+        return "converted"
+    if (path / "checkpoints").is_dir() or (path / checkpoint.STATE).is_dir():
+        return "run"
+    if (path / "config.json").exists():
+        return "hf"
+    raise CheckpointError(
+        f"{path} is not a model directory: expected config.json with safetensors (Hugging "
+        f"Face), {METADATA} with {PARAMS}/ (converted), or checkpoints/ (a training run)"
+    )
+
+
+def _run_step_dir(path: epath.Path) -> epath.Path:
+    """The latest complete step directory of a run (or `path` itself if it is one)."""
+    if (path / checkpoint.STATE).is_dir():
+        return path
+    steps = [
+        int(p.name)
+        for p in (path / "checkpoints").iterdir()
+        if p.name.isdigit() and (p / checkpoint.COMMIT_MARKER).exists()
+    ]
+    if not steps:
+        raise CheckpointError(f"{path}/checkpoints holds no complete checkpoint")
+    return path / "checkpoints" / str(max(steps))
+
+
+def _read_json(path: epath.Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: expected a JSON object ({e})") from e
+
+
+def _run_meta(path: epath.Path) -> dict[str, Any]:
+    step_dir = _run_step_dir(path)
+    meta_dir = step_dir / checkpoint.META
+    files = [p for p in meta_dir.iterdir()] if meta_dir.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{step_dir} has no {checkpoint.META}/ item")
+    return _read_json(files[0])
+
+
+def read_config(path) -> LlamaConfig:
+    """The architecture of the model in any kind of model directory."""
+    path = epath.Path(path)
+    kind = detect(path)
+    try:
+        if kind == "run":
+            meta = _run_meta(path)
+            if "model" not in meta:
+                raise CheckpointError(
+                    f"{_run_step_dir(path)}: the checkpoint metadata has no model config"
+                )
+            return LlamaConfig.from_dict(meta["model"])
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise CheckpointError(f"{path} has no config.json")
+        return LlamaConfig.from_json_file(config_path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def find_tokenizer(path) -> str | None:
+    """A directory or file holding the model's tokenizer, or None. A run names the
+    tokenizer it trained with in its config."""
+    path = epath.Path(path)
+    if detect(path) == "run":
+        meta = _run_meta(path)
+        found = meta.get("config", {}).get("data", {}).get("tokenizer") or None
+        return found if found and epath.Path(found).exists() else None
+    if any((path / name).exists() for name in TOKENIZER_FILES[:2]):
+        return str(path)
+    return None
+
+
+def load_tokenizer(path):
+    """The Tokenizer of a model directory (any kind), or of a tokenizer file or
+    directory; raises CheckpointError if there is none."""
+    from llama_jax.tokenizer import Tokenizer
+
+    path = epath.Path(path)
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    has_own = path.is_dir() and any((path / n).exists() for n in TOKENIZER_FILES[:2])
+    found = str(path) if has_own else find_tokenizer(path)
+    if found is None:
+        raise CheckpointError(
+            f"{path} has no tokenizer (looked for {TOKENIZER_FILES[0]} and "
+            f"{TOKENIZER_FILES[1]}, or a run's data.tokenizer)"
+        )
+    if epath.Path(found).is_dir():
+        return Tokenizer.from_dir(found)
+    return Tokenizer.from_file(found)
+
+
+def abstract_params(
+    config: LlamaConfig,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    **model_kwargs,
+) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """The model's graphdef and its parameters as a nested dict of ShapeDtypeStructs
+    carrying their target shardings on `mesh`."""
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    graphdef, state = nnx.split(
+        nnx.eval_shape(
+            lambda: Llama(
+                config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **model_kwargs
+            )
+        )
+    )
+    shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+    abstract = jax.tree.map(
+        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+        nnx.to_pure_dict(state),
+        shardings,
+    )
+    return graphdef, abstract
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out |= _flatten(v, key + ".") if isinstance(v, Mapping) else {key: v}
+    return out
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _orbax_tree(item_dir: epath.Path) -> Any:
+    try:
+        return ocp.PyTreeCheckpointHandler().metadata(item_dir).tree
+    except Exception as e:
+        raise CheckpointError(
+            f"{item_dir}: cannot read the Orbax checkpoint ({checkpoint._first_line(e)})"
+        ) from e
+
+
+def _check_shapes(saved: Mapping[str, Any], wanted: Mapping[str, Any], where) -> None:
+    saved_flat, wanted_flat = _flatten(saved), _flatten(wanted)
+    problems = [f"missing {k}" for k in sorted(wanted_flat.keys() - saved_flat.keys())]
+    problems += [
+        f"{k} has shape {tuple(saved_flat[k].shape)}, expected {tuple(wanted_flat[k].shape)}"
+        for k in sorted(wanted_flat.keys() & saved_flat.keys())
+        if tuple(saved_flat[k].shape) != tuple(wanted_flat[k].shape)
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{where} does not hold the parameters of this config: {'; '.join(problems[:8])}"
+            + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
+
+
+def _params_source(path: epath.Path) -> tuple[epath.Path, str | None]:
+    """The Orbax item directory holding the parameters, and the key they sit under."""
+    kind = detect(path)
+    if kind == "converted":
+        return path / PARAMS / PARAMS_ITEM, None
+    if kind == "run":
+        return _run_step_dir(path) / checkpoint.STATE, "params"
+    raise ValueError(kind)
+
+
+def _restore(item_dir: epath.Path, key: str | None, abstract: Mapping[str, Any]) -> Any:
+    saved = _orbax_tree(item_dir)
+    if key is not None:
+        if key not in saved:
+            raise CheckpointError(f"{item_dir} has no {key!r} in its tree")
+        saved = saved[key]
+    _check_shapes(saved, abstract, item_dir)
+    target = abstract if key is None else {key: abstract}
+    try:
+        restored = ocp.PyTreeCheckpointHandler().restore(
+            item_dir,
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=key is not None or _flatten(saved).keys() != _flatten(abstract),
+            ),
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"{item_dir}: restoring the parameters failed ({checkpoint._first_line(e)})"
+        ) from e
+    return restored if key is None else restored[key]
+
+
+def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of the model directory `path`, read into the shardings and dtypes
+    of `abstract` (a nested dict of ShapeDtypeStructs, see `abstract_params`).
+
+    A Hugging Face directory is read slice by slice (each host reads only its devices'
+    slices); Orbax checkpoints are restored directly into the target shardings."""
+    path = epath.Path(path)
+    kind = detect(path)
+    saved_config = read_config(path)
+    if saved_config != config:
+        raise CheckpointError(
+            f"{path} holds a different architecture: {_config_diff(saved_config, config)}"
+        )
+    if kind != "hf":
+        return _restore(*_params_source(path), abstract)
+    reader = HFReader(str(path), config)
+    flat = _flatten(abstract)
+    reader.check(flat)
+    out = {}
+    for name, array in sharded_arrays(abstract, reader.read):
+        out[name] = array
+        reader.release()
+    return _nest(out)
+
+
+def _config_diff(a: LlamaConfig, b: LlamaConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k])
+
+
+def load_model(
+    path,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
+    **model_kwargs,
+) -> tuple[Llama, LlamaConfig]:
+    """A `Llama` from any kind of model directory, and its config.
+
+    dtype: compute dtype; param_dtype: stored dtype (default: dtype). mesh: where to
+    place the parameters (default: the first device). Other keyword arguments go to
+    `Llama` (scan_layers, remat_policy, attention_impl)."""
+    config = read_config(path)
+    if mesh is None:
+        mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    graphdef, abstract = abstract_params(
+        config, mesh, rules, dtype=dtype, param_dtype=param_dtype, **model_kwargs
+    )
+    params = load_params(path, config, abstract)
+    state = nnx.split(nnx.eval_shape(lambda: nnx.merge(graphdef, abstract)))[1]
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state), config
+
+
+def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (dotted path, numpy array in its stored dtype) one parameter at a time, in
+    the model's parameter order, so only one parameter is ever in host memory."""
+    path = epath.Path(path)
+    kind = detect(path)
+    _, abstract = abstract_params(config, sharding.create_mesh(devices=jax.devices()[:1]))
+    names = list(_flatten(abstract))
+    if kind == "hf":
+        reader = HFReader(str(path), config)
+        reader.check(names)
+        for name in names:
+            tensor_name = hf_tensor_names(name, config)[0]
+            yield name, reader.read(name, None, reader.tensors[tensor_name].dtype(tensor_name))
+            reader.release()
+        return
+    item_dir, key = _params_source(path)
+    saved = _orbax_tree(item_dir)
+    saved = saved[key] if key is not None else saved
+    _check_shapes(saved, abstract, item_dir)
+    saved_flat = _flatten(saved)
+    for name in names:
+        meta = saved_flat[name]
+        target = _nest({name: np.zeros((), dtype=np.dtype(meta.dtype))})
+        if key is not None:
+            target = {key: target}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        try:
+            restored = ocp.PyTreeCheckpointHandler().restore(
+                item_dir,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"{item_dir}: reading {name} failed ({checkpoint._first_line(e)})"
+            ) from e
+        if key is not None:
+            restored = restored[key]
+        yield name, np.asarray(_flatten(restored)[name])
+
+
+def read_metadata(path) -> dict[str, Any]:
+    """metadata.json of a converted directory ({} for other kinds)."""
+    path = epath.Path(path)
+    return _read_json(path / METADATA) if detect(path) == "converted" else {}
+
+
+# --- writing -----------------------------------------------------------------
+
+
+def check_out_dir(out_dir, overwrite: bool) -> epath.Path:
+    """Refuses an existing output directory unless `overwrite`; returns it as a Path."""
+    out_dir = epath.Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(
+            f"{out_dir} already exists; pass --overwrite to replace it (it is replaced only "
+            "once the new one is complete)"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    return out_dir
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _tmp_path(out_dir: epath.Path, what: str) -> epath.Path:
+    return out_dir.parent / f".{out_dir.name}.{what}"
+
+
+def replace_dir(tmp: epath.Path, out_dir: epath.Path) -> None:
+    """Moves a finished `tmp` to `out_dir`; an existing `out_dir` is removed only after
+    the new one is in place (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    old = _tmp_path(out_dir, "old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def fresh_tmp(out_dir: epath.Path) -> epath.Path:
+    """An empty temporary directory beside `out_dir` (a leftover one from an interrupted
+    write is removed), the same on every process."""
+    tmp = _tmp_path(out_dir, "tmp")
+    if jax.process_index() == 0:
+        for leftover in (tmp, epath.Path(f"{tmp}/{PARAMS}.partial_save")):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        tmp.mkdir(parents=True)
+    _sync("llama_jax.model_dir.tmp")
+    return tmp
+
+
+def write_model_dir(
+    out_dir,
+    config: LlamaConfig,
+    arrays: Iterable[tuple[str, jax.Array]],
+    *,
+    metadata: Mapping[str, Any],
+    files: Mapping[str, str] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> epath.Path:
+    """Writes a converted model directory, one parameter at a time.
+
+    arrays: (dotted parameter path, sharded jax.Array) pairs, produced lazily; each is
+      saved (every process writing its own shards) while the next one is produced, so
+      at most two parameters are in memory. files: destination name -> source file to
+      copy (tokenizer files). generation_config: written as generation_config.json
+      unless `files` provides one. metadata: merged into metadata.json.
+    Everything is written under a temporary name beside `out_dir` and renamed when
+    complete. All processes must call this with the same arguments.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    tmp = fresh_tmp(out_dir)
+    files = dict(files or {})
+    params_path = tmp / PARAMS
+    # Orbax copies each array to host memory while saving it. On accelerators the
+    # next parameter is read while the previous one is written; where the devices are
+    # the host (CPU) the next is read only once the previous save is done, so at most
+    # two copies of one parameter are in memory.
+    overlap = jax.devices()[0].platform != "cpu"
+    pending = None
+    count = 0
+    nbytes = 0
+    arrays = iter(arrays)
+    while True:
+        if pending is not None and not overlap:
+            pending.result()
+            pending = None
+        _release_freed_memory()
+        try:
+            name, array = next(arrays)
+        except StopIteration:
+            break
+        # Partial saves cannot overlap one another.
+        if pending is not None:
+            pending.result()
+        tree = _nest({name: array})
+        with _save_context():
+            pending = ocp_v1.partial.save_async(params_path, tree)
+        count += 1
+        nbytes += array.size * array.dtype.itemsize
+        if on_param is not None:
+            on_param(name, array)
+        del array, tree
+    if pending is not None:
+        pending.result()
+    if count == 0:
+        raise CheckpointError("no parameters to write")
+    ocp_v1.partial.finalize(params_path)
+    _sync("llama_jax.model_dir.params")
+    if jax.process_index() == 0:
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        for dest, src in files.items():
+            shutil.copyfile(src, tmp / dest)
+        if GENERATION_CONFIG not in files:
+            gen = dict(generation_config or _generation_config(config))
+            (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "num_params": config.num_params(),
+            "num_tensors": count,
+            "params_bytes": nbytes,
+            "quantization": None,
+            "sparsity": None,
+            **metadata,
+        }
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    _sync("llama_jax.model_dir.files")
+    replace_dir(tmp, out_dir)
+    _sync("llama_jax.model_dir.done")
+    return out_dir
+
+
+def _save_context() -> ocp_v1.Context:
+    """Orbax options for parameter saves: uncompressed (weights barely compress, and
+    zstd costs more time than the bytes it saves) in chunks of at most 64 MiB, so the
+    writer's buffers stay small beside the parameter."""
+    saving = ocp_v1.options.ArrayOptions.Saving
+    return ocp_v1.Context(
+        array_options=ocp_v1.options.ArrayOptions(
+            saving=saving(
+                use_compression=False,
+                storage_options=saving.StorageOptions(chunk_byte_size=64 * 1024 * 1024),
+            )
+        )
+    )
+
+
+def _release_freed_memory() -> None:
+    """Returns freed heap memory to the system. glibc keeps what Orbax's writer threads
+    free in their arenas; without this, each saved parameter leaves up to its size
+    behind and the converter's RSS creeps up."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _generation_config(config: LlamaConfig) -> dict[str, Any]:
+    eos = list(config.eos_token_ids)
+    gen: dict[str, Any] = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+    }
+    if config.pad_token_id is not None:
+        gen["pad_token_id"] = config.pad_token_id
+    return gen
+
+
+def tokenizer_files(directory) -> dict[str, str]:
+    """The tokenizer and generation files present in `directory`, name -> path."""
+    directory = epath.Path(directory)
+    return {
+        name: str(directory / name)
+        for name in (*TOKENIZER_FILES, GENERATION_CONFIG)
+        if (directory / name).exists()
+    }
+
+
+def build_sharded(shape, sharding_, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array in `sharding_` from `read(index)`, which returns one device's
+    slice as a new numpy array; each process reads only its own devices' slices.
+
+    Like `jax.make_array_from_callback`, but each slice is handed to its device without
+    a second host copy where the device is the host (CPU): a converting host then
+    holds each parameter once, not twice.
+    """
+    shards = []
+    for device, index in sharding_.addressable_devices_indices_map(shape).items():
+        host = read(index)
+        shards.append(jax.device_put(host, device, donate=device.platform == "cpu"))
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding_, shards)
+
+
+def sharded_arrays(
+    abstract: Mapping[str, Any], read: Callable[[str, tuple[slice, ...], Any], np.ndarray]
+) -> Iterator[tuple[str, jax.Array]]:
+    """Lazily builds each parameter of `abstract` in its sharding from
+    `read(path, index, dtype)`, which returns one device's slice."""
+    for name, leaf in _flatten(abstract).items():
+        yield (
+            name,
+            build_sharded(
+                leaf.shape, leaf.sharding, lambda idx, n=name, dt=leaf.dtype: read(n, idx, dt)
+            ),
+        )
+
+
+def params_nbytes(abstract: Mapping[str, Any]) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
+
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+def convert_hf(
+    hf_dir,
+    out_dir,
+    *,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress=None,
+) -> epath.Path:
+    """Converts a Hugging Face LLaMA directory into a converted model directory.
+
+    dtype: 'auto' keeps the checkpoint's own float dtype (float64 becomes float32), or
+    one of DTYPES. Each parameter is built on `mesh` with every host reading only the
+    slices its devices hold, then saved by every host (its own shards) while the next
+    is read. All checks (config, every tensor's presence, dtype and shape, tokenizer,
+    output directory) run before anything is written. progress: an object with
+    `start(total_tensors, total_bytes)` and `update(tensors, nbytes)` (source bytes).
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    hf_dir = epath.Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir} is not a directory")
+    reader = HFReader(str(hf_dir))
+    files = tokenizer_files(hf_dir)
+    if not any(name in files for name in TOKENIZER_FILES[:2]):
+        raise CheckpointError(
+            f"{hf_dir} has no tokenizer: expected {TOKENIZER_FILES[0]} or {TOKENIZER_FILES[1]}"
+        )
+    source_dtype = reader.dtype()
+    if dtype == "auto":
+        dtype = "float32" if source_dtype == np.float64 else str(source_dtype)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
+    _, abstract = abstract_params(reader.config, mesh, rules, dtype=jnp.dtype(dtype))
+    names = list(_flatten(abstract))
+    reader.check(names)
+    if progress is not None:
+        progress.start(len(names), sum(reader.nbytes(n) for n in names))
+
+    def arrays():
+        for name, array in sharded_arrays(abstract, reader.read):
+            reader.release()
+            yield name, array
+            # Not held while the next one is read (with the host copy Orbax keeps).
+            del array
+
+    return write_model_dir(
+        out_dir,
+        reader.config,
+        arrays(),
+        metadata={
+            "source": {"kind": "huggingface", "path": str(hf_dir.resolve())},
+            "source_dtype": str(source_dtype),
+            "dtype": dtype,
+        },
+        files=files,
+        overwrite=overwrite,
+        on_param=None if progress is None else lambda n, _: progress.update(1, reader.nbytes(n)),
+    )
+
+
+def export_hf(
+    path,
+    out_dir,
+    *,
+    dtype: str = "auto",
+    max_shard_size: int = 5 * 10**9,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> epath.Path:
+    """Writes the model in any kind of model directory as a Hugging Face directory:
+    sharded safetensors with an index, a transformers config.json, generation_config.json
+    and the tokenizer files.
+
+    Streams one parameter at a time (restored on the host, split into its per-layer
+    tensors, written). dtype: 'auto' keeps each tensor's stored dtype, or one of DTYPES.
+    tokenizer: a directory or tokenizer file to ship (default: the model's own). Runs
+    on one process; written under a temporary name and renamed when complete.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    path = epath.Path(path)
+    config = read_config(path)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
+    files = _export_tokenizer_files(path, tokenizer)
+    stored = _stored_dtypes(path, config)
+    dims = layout_dims(config)
+    entries = []
+    for name in stored:
+        out_dtype = np.dtype(stored[name] if dtype == "auto" else jnp.dtype(dtype))
+        _, hf_layout, _ = hf_keymap.PARAMS[name]
+        for tensor in hf_tensor_names(name, config):
+            entries.append((tensor, hf_shape(hf_layout, dims), out_dtype))
+    if progress is not None:
+        progress.start(len(stored), sum(math.prod(e[1]) * e[2].itemsize for e in entries))
+    out_dtypes = {e[0]: e[2] for e in entries}
+
+    def tensors():
+        for name, array in iter_host_params(path, config):
+            hf_name, hf_layout, proj_layout = hf_keymap.PARAMS[name]
+            names = hf_tensor_names(name, config)
+            parts = list(array) if "{i}" in hf_name else [array]
+            nbytes = 0
+            for tensor, part in zip(names, parts, strict=True):
+                out = project_to_hf(part, hf_layout, proj_layout, dims)
+                out = np.ascontiguousarray(out.astype(out_dtypes[tensor], copy=False))
+                nbytes += out.nbytes
+                yield tensor, out
+            if progress is not None:
+                progress.update(1, nbytes)
+
+    tmp = fresh_tmp(out_dir)
+    write_safetensors(str(tmp), entries, tensors(), max_shard_size)
+    hf_config = config.to_hf()
+    float_dtype = next(iter(out_dtypes.values())) if out_dtypes else np.dtype(np.float32)
+    hf_config["dtype"] = str(jnp.dtype(float_dtype))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    for dest, src in files.items():
+        shutil.copyfile(src, tmp / dest)
+    if GENERATION_CONFIG not in files:
+        (tmp / GENERATION_CONFIG).write_text(
+            json.dumps(_generation_config(config), indent=2) + "\n"
+        )
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _export_tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str, str]:
+    source = tokenizer or find_tokenizer(path)
+    if source is None:
+        raise CheckpointError(
+            f"{path} has no tokenizer to ship with the export; pass one with --tokenizer"
+        )
+    source = epath.Path(source)
+    if source.is_dir():
+        files = tokenizer_files(source)
+        if not any(name in files for name in TOKENIZER_FILES[:2]):
+            raise CheckpointError(
+                f"{source} has no {TOKENIZER_FILES[0]} or {TOKENIZER_FILES[1]} to ship"
+            )
+        return files
+    if not source.exists():
+        raise CheckpointError(f"tokenizer {source} does not exist")
+    name = TOKENIZER_FILES[1] if source.suffix == ".model" else TOKENIZER_FILES[0]
+    files = {name: str(source)}
+    siblings = tokenizer_files(source.parent)
+    for extra in ("tokenizer_config.json", "special_tokens_map.json"):
+        if extra in siblings:
+            files[extra] = siblings[extra]
+    return files
+
+
+def _stored_dtypes(path: epath.Path, config: LlamaConfig) -> dict[str, np.dtype]:
+    """Each parameter's dtype as stored, in the model's parameter order."""
+    _, abstract = abstract_params(config, sharding.create_mesh(devices=jax.devices()[:1]))
+    names = list(_flatten(abstract))
+    if detect(path) == "hf":
+        reader = HFReader(str(path), config)
+        reader.check(names)
+        return {
+            n: reader.tensors[t].dtype(t) for n in names for t in [hf_tensor_names(n, config)[0]]
+        }
+    item_dir, key = _params_source(path)
+    saved = _orbax_tree(item_dir)
+    saved = _flatten(saved[key] if key is not None else saved)
+    _check_shapes(_nest(saved), abstract, item_dir)
+    return {n: np.dtype(saved[n].dtype) for n in names}
