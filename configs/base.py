@@ -11,6 +11,8 @@ def base_config() -> ml_collections.ConfigDict:
             # A model directory to start from instead of random weights: Hugging Face,
             # converted (convert.hf_to_orbax) or another run's workdir.
             model_dir="",
+            # LlamaConfig fields replacing the preset's, e.g. "num_layers=4,embed_dim=256".
+            overrides="",
             dtype="bfloat16",  # compute dtype
             param_dtype="float32",  # master weights
             scan_layers=True,
@@ -60,4 +62,36 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, async_save=True))
+    return c
+
+
+def distill_config() -> ml_collections.ConfigDict:
+    """A training config plus the teacher and the distillation loss. `model` is the
+    student: random from `preset`, from `model_dir`, or from `teacher_layers`."""
+    c = base_config()
+    # Teacher layers that initialise the student ('0,2,4', 'every_other', 'first:N'):
+    # the student then has the teacher's shape with those layers.
+    c.model.teacher_layers = ""
+    c.teacher = ml_collections.ConfigDict(
+        dict(
+            model_dir="",  # any model directory: Hugging Face, converted, or a run
+            dtype="bfloat16",  # the teacher's compute and stored dtype
+            scan_layers=True,
+            attention_impl="auto",
+        )
+    )
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            kind="forward_kl",  # forward_kl | reverse_kl | jsd
+            temperature=1.0,
+            alpha=0.5,  # weight of the KD term; 1 - alpha weights the data cross-entropy
+            beta=0.5,  # jsd mixing weight
+            top_k=0,  # 0: the teacher's full distribution
+            alpha_end=-1.0,  # >= 0: alpha moves linearly to this by the last step
+            temperature_end=-1.0,  # > 0: the temperature moves linearly to this
+            eval_path="",  # held-out data (same format and tokenizer as data.path)
+            eval_every=0,  # evaluate every N steps (and at the end); 0: at the end only
+            eval_batches=4,
+        )
+    )
     return c
