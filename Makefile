@@ -1,3 +1,4 @@
+# make demo   creates .venv, installs, then distils a teacher into a student on the CPU
 # make test   creates .venv, installs the package with its test extras, runs the tests
 # make lint   ruff lint and format check
 PYTHON ?= python3
@@ -8,7 +9,9 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint format install
+DEMO_DIR ?= /tmp/llama_jax_demo
+
+.PHONY: demo test lint format install
 
 install: $(STAMP)
 
@@ -16,8 +19,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,hf]"
+	$(PY) -m pip install -q -e ".[test,hf,demo]"
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launch.demo --workdir=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist load tests

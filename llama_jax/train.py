@@ -131,35 +131,21 @@ def check_batch(global_batch: int, grad_accum: int, mesh, rules):
         )
 
 
-def make_train_step(
-    graphdef,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    *,
-    grad_accum: int = 1,
-    loss_chunk: int = 512,
-):
-    """Returns step(state, batch) -> (state, metrics), not yet jitted.
+def make_step(loss_fn, tx: optax.GradientTransformation, schedule: optax.Schedule, *, grad_accum=1):
+    """Returns step(state, batch, *args) -> (state, metrics), not yet jitted.
 
-    batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`. The
-    loss is the mean over the batch's counted tokens, also under accumulation (the
-    microbatches' summed losses and counts are added before dividing). `finite` reports
-    whether the loss and gradient norm were finite; the loop stops on a False.
+    loss_fn(params, microbatch, step, *args) -> (float32[] loss sum, aux): aux is a dict
+    of float32[] sums that includes "count", the number of counted tokens. The loss is
+    the mean over the batch's counted tokens, also under accumulation (the
+    microbatches' sums and counts are added before dividing); every other aux entry is
+    reported as its mean too. `finite` reports whether the loss and gradient norm were
+    finite; the loop stops on a False.
     """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def loss_sum(params, micro):
-        model = nnx.merge(graphdef, params)
-        h, _ = model.hidden_states(micro["tokens"], segment_ids_BT=micro["segment_ids"])
-        logits_f32 = lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32)
-        return chunked_cross_entropy(
-            h, logits_f32, micro["targets"], micro["loss_mask"], chunk=loss_chunk
-        )
-
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
-
-    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+    def step(state: TrainState, batch: Mapping[str, jax.Array], *args):
         if grad_accum == 1:
-            (total, count), grads = grad_fn(state.params, batch)
+            (total, aux), grads = grad_fn(state.params, batch, state.step, *args)
         else:
             # Microbatch a takes rows a, a + A, a + 2A, ...: each stays spread over all
             # batch shards instead of living on a slice of the devices.
@@ -172,14 +158,21 @@ def make_train_step(
 
             def body(carry, mb):
                 mb = {k: sharding.constrain(v, ("batch", "length")) for k, v in mb.items()}
-                (t, c), g = grad_fn(state.params, mb)
-                acc_t, acc_c, acc_g = carry
-                acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
-                return (acc_t + t, acc_c + c, acc_g), None
+                (t, a), g = grad_fn(state.params, mb, state.step, *args)
+                acc_t, acc_a, acc_g = carry
+                acc_g = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g)
+                return (acc_t + t, jax.tree.map(jnp.add, acc_a, a), acc_g), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (total, count, grads), _ = jax.lax.scan(body, init, micro)
+            abstract_aux = jax.eval_shape(
+                lambda: grad_fn(
+                    state.params, jax.tree.map(lambda x: x[0], micro), state.step, *args
+                )
+            )[0][1]
+            zero_aux = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_aux)
+            init = (jnp.zeros((), jnp.float32), zero_aux, zeros)
+            (total, aux, grads), _ = jax.lax.scan(body, init, micro)
+        count = aux["count"]
         denom = jnp.maximum(count, 1.0)
         loss = total / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -190,6 +183,7 @@ def make_train_step(
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
             "loss": loss,
+            **{k: v / denom for k, v in aux.items() if k != "count"},
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": count,
@@ -198,6 +192,32 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum: int = 1,
+    loss_chunk: int = 512,
+):
+    """Returns step(state, batch) -> (state, metrics), not yet jitted.
+
+    batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`. The
+    loss is the float32 chunked cross-entropy (see `make_step`).
+    """
+
+    def loss_sum(params, micro, step):
+        model = nnx.merge(graphdef, params)
+        h, _ = model.hidden_states(micro["tokens"], segment_ids_BT=micro["segment_ids"])
+        logits_f32 = lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32)
+        total, count = chunked_cross_entropy(
+            h, logits_f32, micro["targets"], micro["loss_mask"], chunk=loss_chunk
+        )
+        return total, {"count": count}
+
+    return make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
 
 def state_shardings(params, tx, mesh) -> TrainState:
@@ -228,11 +248,12 @@ def init_state(params, tx, mesh) -> tuple[TrainState, TrainState]:
     return state, shardings
 
 
-def jit_train_step(step_fn, shardings: TrainState, batch_sh: NamedSharding):
+def jit_train_step(step_fn, shardings: TrainState, batch_sh: NamedSharding, *extra_shardings):
+    """Jits step(state, batch, *extra) with explicit shardings; the state is donated."""
     replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
     return jax.jit(
         step_fn,
-        in_shardings=(shardings, batch_sh),
+        in_shardings=(shardings, batch_sh, *extra_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
@@ -303,11 +324,42 @@ def _model_config(model_cfg):
     if model_cfg.model_dir:
         from llama_jax import model_dir
 
+        if model_cfg.get("overrides"):
+            raise TrainConfigError("model.overrides applies to presets, not to model.model_dir")
         return model_dir.read_config(model_cfg.model_dir)
     try:
-        return get_preset(model_cfg.preset)
+        config = get_preset(model_cfg.preset)
+        return apply_overrides(config, model_cfg.get("overrides", ""))
     except ConfigError as e:
-        raise TrainConfigError(f"model.preset: {e}") from e
+        raise TrainConfigError(f"model: {e}") from e
+
+
+def apply_overrides(config, spec: str):
+    """A LlamaConfig with 'name=value,...' fields replaced (ints, floats, booleans)."""
+    if not spec:
+        return config
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, text = item.partition("=")
+        name = name.strip()
+        if name not in fields or name in ("rope_scaling", "eos_token_ids"):
+            raise TrainConfigError(
+                f"model.overrides: {name!r} is not a scalar LlamaConfig field; expected one "
+                f"of {sorted(k for k in fields if k not in ('rope_scaling', 'eos_token_ids'))}"
+            )
+        current = getattr(config, name)
+        try:
+            if isinstance(current, bool):
+                value = {"true": True, "false": False}[text.strip().lower()]
+            elif isinstance(current, int):
+                value = int(text)
+            else:
+                value = float(text)
+        except (KeyError, ValueError):
+            raise TrainConfigError(f"model.overrides: {item!r} has an unreadable value") from None
+        changes[name] = value
+    return dataclasses.replace(config, **changes)
 
 
 def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
@@ -323,15 +375,23 @@ def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
         )
 
 
-def run(cfg, workdir: str) -> dict[str, float]:
-    """Trains per `cfg` (configs/base.py layout) in `workdir`, resuming from its latest
-    complete checkpoint. Returns the last logged metrics.
+@dataclasses.dataclass
+class Setup:
+    """What a run needs before anything is compiled: all of it checked."""
 
-    Everything that can be checked (config, mesh, batch split, model config, tokenizer,
-    data) is checked before anything is compiled or initialised.
-    """
-    from llama_jax import checkpoint, data, metrics
-    from llama_jax.model import Llama
+    mesh: Any
+    rules: Any
+    opt_cfg: OptimizerConfig
+    model_config: Any
+    tokenizer: Any
+    iterator: Any
+    batch_sh: NamedSharding
+
+
+def setup(cfg, model_config=None) -> Setup:
+    """Checks the config, mesh, batch split, model config, tokenizer and data, and
+    builds the mesh and the data iterator. model_config: default from cfg.model."""
+    from llama_jax import data
     from llama_jax.tokenizer import Tokenizer
 
     _validate(cfg)
@@ -342,7 +402,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
     opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
     data_cfg = _from_section(data.DataConfig, cfg.data)
-    model_config = _model_config(cfg.model)
+    model_config = model_config or _model_config(cfg.model)
     if not epath.Path(cfg.data.path).exists():
         raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
@@ -359,81 +419,78 @@ def run(cfg, workdir: str) -> dict[str, float]:
         raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
     batch_sh = batch_sharding(mesh, rules, (cfg.data.global_batch, cfg.data.seq_len))
     iterator = data.DataIterator(data_cfg, tokenizer, batch_sh, vocab_size=model_config.vocab_size)
+    return Setup(mesh, rules, opt_cfg, model_config, tokenizer, iterator, batch_sh)
+
+
+def abstract_model(model_config, model_cfg, mesh, rules, seed: int = 0):
+    """(make_model, graphdef, abstract params with their shardings) of a model."""
+    from llama_jax.model import Llama
 
     def make_model():
-        return Llama(model_config, rngs=nnx.Rngs(cfg.train.seed), **_model_kwargs(cfg.model))
+        return Llama(model_config, rngs=nnx.Rngs(seed), **_model_kwargs(model_cfg))
 
-    graphdef, abstract_model = nnx.split(nnx.eval_shape(make_model))
-    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_model, mesh, rules))
+    graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))
     abstract_params = jax.tree.map(
         lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
-        nnx.to_pure_dict(abstract_model),
+        nnx.to_pure_dict(abstract),
         param_sh,
     )
-    tx = make_optimizer(opt_cfg)
-    shardings = state_shardings(abstract_params, tx, mesh)
+    return make_model, graphdef, abstract_params
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-            jax.eval_shape(
-                lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params
-            ),
-            shardings,
-        )
-        restored_step, state, meta = ckpt.restore(abstract)
-        _check_resumable(meta["config"], cfg)
-        iterator.restore(meta["data"])
-        log_info("resumed from step %d", restored_step)
-    else:
-        params = _initial_params(cfg.model, model_config, make_model, mesh, rules)
-        state, _ = init_state(params, tx, mesh)
-    if jax.process_index() == 0:
-        write_json(workdir / "config.json", cfg.to_dict())
-    start = int(state.step)
 
-    step_fn = jit_train_step(
-        make_train_step(
-            graphdef,
-            tx,
-            learning_rate_schedule(opt_cfg),
-            grad_accum=cfg.train.grad_accum,
-            loss_chunk=cfg.train.loss_chunk,
+def abstract_train_state(abstract_params, tx, shardings: TrainState) -> TrainState:
+    return jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        jax.eval_shape(
+            lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), abstract_params
         ),
         shardings,
-        batch_sh,
     )
-    # The input embedding is a lookup, not a matmul: its parameters cost no FLOPs.
+
+
+def matmul_flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs per token; the input embedding is a lookup, not a matmul."""
+    from llama_jax import metrics
+
     matmul_params = model_config.num_params() - (
         0 if model_config.tie_word_embeddings else model_config.vocab_size * model_config.embed_dim
     )
-    flops = metrics.train_flops_per_token(
+    return metrics.train_flops_per_token(
         matmul_params,
         model_config.num_layers,
         model_config.num_heads,
         model_config.head_dim,
-        cfg.data.seq_len,
+        seq_len,
     )
+
+
+def loop(
+    cfg,
+    workdir,
+    state,
+    step_fn,
+    iterator,
+    ckpt,
+    meta,
+    *,
+    flops_per_token: float,
+    on_log=None,
+) -> dict[str, float]:
+    """Runs `state, metrics = step_fn(state, batch)` from state.step to cfg.train.steps:
+    logs, checks finiteness, saves (and on SIGTERM saves and stops). on_log(step,
+    metrics) may add entries to a logged step's metrics (e.g. an evaluation).
+    Returns the last logged metrics."""
+    from llama_jax import checkpoint, metrics
+
+    start = int(state.step)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     total = cfg.train.steps
     last: dict[str, float] = {}
-
-    def meta() -> dict[str, Any]:
-        return {"data": iterator.state(), "config": cfg.to_dict(), "model": model_config.to_dict()}
-
     # Leaving the block (also by an error) waits for an asynchronous save in flight, so
     # the last good checkpoint is complete on disk.
     with (
         ckpt,
-        sharding.activation_sharding(mesh, rules),
         metrics.MetricsWriter(workdir) as writer,
         checkpoint.PreemptionWatch(check_every=cfg.train.log_every) as preemption,
     ):
@@ -447,7 +504,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
             if throughput is None:
                 # Time from the end of the first (compiling) step.
                 jax.block_until_ready(m)
-                throughput = metrics.Throughput(flops, total_steps=total, start_step=step)
+                throughput = metrics.Throughput(flops_per_token, total_steps=total, start_step=step)
                 logged = step
             stop = preemption.should_stop(step)
             boundary = step % cfg.train.log_every == 0 or step == total or stop
@@ -464,6 +521,8 @@ def run(cfg, workdir: str) -> dict[str, float]:
                     rates = throughput.update(step, tokens_per_step * (step - logged))
                     logged = step
                     last |= {k: v for k, v in rates.items() if v is not None}
+                if on_log is not None:
+                    last |= on_log(step, state)
                 writer.write(step, last)
                 log_info("%s", metrics.progress_line(step, total, last))
             if saving:
@@ -472,6 +531,74 @@ def run(cfg, workdir: str) -> dict[str, float]:
                 log_info("preemption notice: saved step %d, stopping", step)
                 break
     return last
+
+
+def run(cfg, workdir: str) -> dict[str, float]:
+    """Trains per `cfg` (configs/base.py layout) in `workdir`, resuming from its latest
+    complete checkpoint. Returns the last logged metrics.
+
+    Everything that can be checked (config, mesh, batch split, model config, tokenizer,
+    data) is checked before anything is compiled or initialised.
+    """
+    from llama_jax import checkpoint
+
+    su = setup(cfg)
+    make_model, graphdef, abstract_params = abstract_model(
+        su.model_config, cfg.model, su.mesh, su.rules, cfg.train.seed
+    )
+    tx = make_optimizer(su.opt_cfg)
+    shardings = state_shardings(abstract_params, tx, su.mesh)
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    if ckpt.latest_step() is not None:
+        abstract = abstract_train_state(abstract_params, tx, shardings)
+        restored_step, state, meta = ckpt.restore(abstract)
+        _check_resumable(meta["config"], cfg)
+        su.iterator.restore(meta["data"])
+        log_info("resumed from step %d", restored_step)
+    else:
+        params = _initial_params(cfg.model, su.model_config, make_model, su.mesh, su.rules)
+        state, _ = init_state(params, tx, su.mesh)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", cfg.to_dict())
+
+    step_fn = jit_train_step(
+        make_train_step(
+            graphdef,
+            tx,
+            learning_rate_schedule(su.opt_cfg),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+        ),
+        shardings,
+        su.batch_sh,
+    )
+
+    def meta() -> dict[str, Any]:
+        return {
+            "data": su.iterator.state(),
+            "config": cfg.to_dict(),
+            "model": su.model_config.to_dict(),
+        }
+
+    with sharding.activation_sharding(su.mesh, su.rules):
+        return loop(
+            cfg,
+            workdir,
+            state,
+            step_fn,
+            su.iterator,
+            ckpt,
+            meta,
+            flops_per_token=matmul_flops_per_token(su.model_config, cfg.data.seq_len),
+        )
 
 
 def log_info(msg: str, *args) -> None:

@@ -1,0 +1,202 @@
+r"""Distillation benchmark: step throughput (with MFU counting the teacher's forward)
+and the memory of the chunked loss against the naive one.
+
+  python -m bench.distill                   # CPU: small teacher/student, quick
+  python -m bench.distill --size=1b         # accelerators: llama3.2-1b -> ~300M, seq 2048
+
+Loss memory is XLA's compiled temp allocation for the loss and its gradient at vocab
+128256 (compiled, not run, so it works on any machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from bench import common
+
+SIZES = {
+    # (teacher overrides on top of the preset, student overrides, seq, batch)
+    "small": (
+        "tiny",
+        "",
+        "embed_dim=32,num_heads=4,num_kv_heads=2,head_dim=8,mlp_dim=64,num_layers=2",
+        128,
+        8,
+    ),
+    "1b": (
+        "llama3.2-1b",
+        "",
+        "embed_dim=1024,num_layers=8,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096",
+        2048,
+        8,
+    ),
+}
+
+
+def loss_memory(vocab: int = 128256, batch: int = 2, seq: int = 2048, width: int = 256) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.losses import DistillLossConfig, chunked_distill_loss
+
+    cfg = DistillLossConfig(kind="forward_kl", temperature=2.0, alpha=0.5)
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    args = (
+        spec(batch, seq, width),
+        spec(width, vocab),
+        spec(batch, seq, width),
+        spec(width, vocab),
+        jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+        spec(batch, seq),
+    )
+
+    def chunked(hs, ws, ht, wt, targets, mask, chunk):
+        out = chunked_distill_loss(
+            hs, lambda h: h @ ws, ht, lambda h: h @ wt, targets, mask, cfg, chunk=chunk
+        )
+        return out["loss_sum"] / out["count"]
+
+    def naive(hs, ws, ht, wt, targets, mask):
+        s = jax.nn.log_softmax((hs @ ws) / 2.0, axis=-1)
+        t = jax.nn.log_softmax(jax.lax.stop_gradient(ht @ wt) / 2.0, axis=-1)
+        kd = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * 4.0
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(hs @ ws, axis=-1), targets[..., None], -1)
+        return jnp.sum((0.5 * kd + 0.5 * ce[..., 0]) * mask) / jnp.sum(mask)
+
+    rows = []
+    for name, fn in (
+        ("naive", naive),
+        ("chunked 512", lambda *a: chunked(*a, 512)),
+        ("chunked 128", lambda *a: chunked(*a, 128)),
+    ):
+        compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
+        mem = compiled.memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+        rows.append(dict(loss=name, temp_gb=None if temp is None else common.gb(temp)))
+    return dict(vocab=vocab, batch=batch, seq=seq, width=width, rows=rows)
+
+
+def step_throughput(size: str, steps: int) -> dict:
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from llama_jax import distill, metrics, sharding, train
+    from llama_jax.losses import DistillLossConfig
+    from llama_jax.model import Llama
+
+    preset, teacher_over, student_over, seq, batch = SIZES[size]
+    from llama_jax.config import get_preset
+
+    teacher_config = train.apply_overrides(get_preset(preset), teacher_over)
+    student_config = train.apply_overrides(teacher_config, student_over)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    dtype = "float32" if on_cpu else "bfloat16"
+    model_cfg = ml_collections.ConfigDict(
+        dict(
+            dtype=dtype,
+            param_dtype="float32",
+            scan_layers=True,
+            remat_policy="none" if on_cpu else "dots_no_batch",
+            attention_impl="auto",
+        )
+    )
+    mesh = sharding.create_mesh()
+    rules = sharding.DEFAULT_RULES
+    make_student, s_graphdef, s_abstract = train.abstract_model(
+        student_config, model_cfg, mesh, rules
+    )
+    teacher_kwargs = dict(train._model_kwargs(model_cfg), param_dtype=jax.numpy.dtype(dtype))
+    teacher = sharding.create_sharded(
+        lambda: Llama(teacher_config, rngs=nnx.Rngs(1), **teacher_kwargs), mesh, rules
+    )
+    t_graphdef, t_state = nnx.split(teacher)
+    t_params = nnx.to_pure_dict(t_state)
+    opt = train.OptimizerConfig(total_steps=steps + 10, warmup_steps=2)
+    tx = train.make_optimizer(opt)
+    params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_student, mesh, rules))[1])
+    state, shardings = train.init_state(params, tx, mesh)
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
+    step_fn = train.jit_train_step(
+        distill.make_distill_step(
+            s_graphdef,
+            t_graphdef,
+            tx,
+            train.learning_rate_schedule(opt),
+            DistillLossConfig(temperature=2.0, alpha=0.5),
+            alpha_fn=distill.linear_schedule(0.5, -1, steps),
+            temperature_fn=distill.linear_schedule(2.0, -1, steps),
+            loss_chunk=512,
+        ),
+        shardings,
+        batch_sh,
+        jax.tree.map(lambda x: x.sharding, t_params),
+    )
+    rng = jax.random.PRNGKey(0)
+    tokens = jax.random.randint(rng, (batch, seq), 0, teacher_config.vocab_size)
+    ones = jax.numpy.ones((batch, seq), jax.numpy.int32)
+    data = jax.device_put(
+        dict(
+            tokens=tokens, targets=jax.numpy.roll(tokens, -1, 1), segment_ids=ones, loss_mask=ones
+        ),
+        batch_sh,
+    )
+    with sharding.activation_sharding(mesh, rules):
+        start = time.perf_counter()
+        state, m = step_fn(state, data, t_params)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, m = step_fn(state, data, t_params)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    flops = train.matmul_flops_per_token(student_config, seq) + (
+        train.matmul_flops_per_token(teacher_config, seq) / 3
+    )
+    tokens_per_s = batch * seq / step_s
+    peak = metrics.peak_flops_per_device()
+    return dict(
+        size=size,
+        teacher_params=teacher_config.num_params(),
+        student_params=student_config.num_params(),
+        seq=seq,
+        batch=batch,
+        dtype=dtype,
+        compile_s=round(compile_s, 2),
+        step_ms_median=round(1000 * step_s, 2),
+        tokens_per_s=round(tokens_per_s, 1),
+        tflops_per_s=round(flops * tokens_per_s / 1e12, 4),
+        mfu=None if not peak else round(flops * tokens_per_s / peak, 4),
+        steps_timed=steps,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    memory = loss_memory()
+    print(common.table(memory["rows"], ["loss", "temp_gb"]))
+    speed = step_throughput(args.size, args.steps)
+    print(common.table([speed], list(speed)))
+    device = common.device_name()
+    path = common.write_result(
+        "distill",
+        device,
+        dict(
+            loss_memory=memory,
+            step=speed,
+            units=dict(temp_gb="GB (1e9 bytes)", tokens_per_s="tokens/s", step_ms_median="ms"),
+        ),
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""LLaMA 3 8B teacher -> LLaMA 3.2 1B student on a TPU pod slice (v5p-64 or v6e-64).
+
+  python -m launch.distill --config=configs/distill_llama3_8b_pod.py:gs://$BUCKET/train.npy \
+      --workdir=/gcs/$BUCKET/runs/kd-1b --config.teacher.model_dir=gs://$BUCKET/llama3-8b \
+      --config.model.model_dir=gs://$BUCKET/llama3.2-1b
+
+The argument after ':' is a .npy of pre-tokenized rows (no tokenizer needed). Teacher
+and student are both sharded over every chip (fsdp=-1); for several slices set
+--config.mesh.dcn=<slices>. Starting the student from the converted LLaMA 3.2 1B (same
+vocabulary as LLaMA 3 8B) is the usual recipe; drop model_dir to start from random.
+"""
+
+from configs.base import distill_config
+
+
+def get_config(arg=None):
+    c = distill_config()
+    c.teacher.dtype = "bfloat16"
+    c.model.preset = "llama3.2-1b"
+    c.model.remat_policy = "dots_no_batch"
+    c.mesh.fsdp = -1
+    c.data.path = arg or ""
+    c.data.format = "tokens"
+    c.data.seq_len = 8192
+    c.data.global_batch = 256
+    c.train.steps = 20000
+    c.train.learning_rate = 3e-4
+    c.train.warmup_steps = 1000
+    c.checkpoint.save_every = 500
+    c.distill.kind = "forward_kl"
+    c.distill.alpha = 0.8
+    c.distill.temperature = 1.0
+    return c

@@ -1,0 +1,47 @@
+r"""Distil a teacher LLaMA into a smaller student from a config file.
+
+  python -m launch.distill --config=configs/distill_tiny.py:/tmp/teacher --workdir=/tmp/kd
+  python -m launch.distill --config=configs/distill_llama3_2_1b.py:/data/train.jsonl \
+      --workdir=/ckpt/kd --config.teacher.model_dir=/ckpt/llama3.2-1b
+
+The teacher (`teacher.model_dir`) is any model directory: Hugging Face, converted, or
+a training run. The student (`model`) starts random from a preset, from a model
+directory, or from a subset of the teacher's layers (`model.teacher_layers`). Any
+config field can be overridden with --config.SECTION.FIELD=VALUE; rerunning the same
+command resumes from the latest complete checkpoint in <workdir>/checkpoints (with the
+same teacher: another one is refused). The teacher is never saved.
+Multi-host: on TPU pods (and SLURM clusters) JAX finds its peers itself; elsewhere pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/distill_*.py file[:arg].")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory: checkpoints (the student), metrics.jsonl, TensorBoard events.",
+    required=True,
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
+    common.init_distributed()
+    import jax
+
+    from llama_jax import distill
+
+    last = distill.run(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0 and last:
+        print(f"final step metrics: loss={last.get('loss'):.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,388 @@
+"""Teacher-student distillation: the distill step and its loop.
+
+The student trains exactly as in `train.py` (same state, optimizer, checkpoints, data,
+metrics, preemption and NaN guard); its loss is `losses.chunked_distill_loss` against
+a frozen teacher on the same mesh and sharding rules. The teacher has no gradients and
+no optimizer state and is never saved: checkpoints record where it came from and a
+fingerprint of its config and parameters, and a resume with another teacher is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from llama_jax import sharding, train
+from llama_jax.config import LlamaConfig
+from llama_jax.losses import DistillLossConfig, chunked_cross_entropy, chunked_distill_loss
+from llama_jax.train import TrainConfigError, log_info
+
+# Relative tolerance when comparing a teacher's parameter statistics on resume: sums
+# taken on another mesh add in another order.
+_FINGERPRINT_RTOL = 1e-3
+
+
+def linear_schedule(start: float, end: float, total_steps: int):
+    """step -> start + (end - start) * step / total_steps, or `start` when end < 0."""
+    if end < 0:
+        return lambda step: jnp.asarray(start, jnp.float32)
+    return lambda step: start + (end - start) * jnp.minimum(step / total_steps, 1.0)
+
+
+def make_distill_step(
+    student_graphdef,
+    teacher_graphdef,
+    tx,
+    schedule,
+    loss_cfg: DistillLossConfig,
+    *,
+    alpha_fn,
+    temperature_fn,
+    grad_accum: int = 1,
+    loss_chunk: int = 512,
+):
+    """Returns step(state, batch, teacher_params) -> (state, metrics), not yet jitted.
+
+    The teacher's hidden states are computed without gradients; the loss is
+    alpha * KD + (1 - alpha) * CE with alpha and the temperature following
+    `alpha_fn(step)` and `temperature_fn(step)`. Metrics add `kd`, `ce`, `alpha` and
+    `temperature` to the training ones.
+    """
+
+    def loss_sum(params, micro, step, teacher_params):
+        student = nnx.merge(student_graphdef, params)
+        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        kwargs = dict(segment_ids_BT=micro["segment_ids"])
+        h_teacher, _ = teacher.hidden_states(micro["tokens"], **kwargs)
+        h_student, _ = student.hidden_states(micro["tokens"], **kwargs)
+        alpha, temperature = alpha_fn(step), temperature_fn(step)
+        out = chunked_distill_loss(
+            h_student,
+            lambda h: student.unembed(h, out_dtype=jnp.float32),
+            jax.lax.stop_gradient(h_teacher),
+            lambda h: teacher.unembed(h, out_dtype=jnp.float32),
+            micro["targets"],
+            micro["loss_mask"],
+            loss_cfg,
+            chunk=loss_chunk,
+            alpha=alpha,
+            temperature=temperature,
+        )
+        count = out["count"]
+        aux = {
+            "count": count,
+            "kd": out["kd_sum"],
+            "ce": out["ce_sum"],
+            # Reported as means over tokens like the sums, so weight them by the count.
+            "alpha": alpha * count,
+            "temperature": temperature * count,
+        }
+        return out["loss_sum"], aux
+
+    return train.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
+
+
+def make_eval_step(graphdef, loss_chunk: int = 512):
+    """Returns eval(params, batch) -> (float32[] summed token loss, float32[] count)."""
+
+    def evaluate(params, batch):
+        model = nnx.merge(graphdef, params)
+        h, _ = model.hidden_states(batch["tokens"], segment_ids_BT=batch["segment_ids"])
+        return chunked_cross_entropy(
+            h,
+            lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
+            batch["targets"],
+            batch["loss_mask"],
+            chunk=loss_chunk,
+        )
+
+    return jax.jit(evaluate)
+
+
+def perplexity(eval_fn, params, batches) -> float:
+    """exp(mean token loss) over `batches`."""
+    total = count = 0.0
+    for batch in batches:
+        t, c = jax.device_get(eval_fn(params, batch))
+        total += float(t)
+        count += float(c)
+    if count == 0:
+        raise TrainConfigError("the evaluation data has no tokens to score")
+    return float(np.exp(total / count))
+
+
+def fingerprint(config: LlamaConfig, params) -> dict[str, Any]:
+    """A teacher's identity: a hash of its config, and per-parameter sums of |x| and
+    x**2 (float32, on the devices)."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @jax.jit
+    def stats(p):
+        return jax.tree.map(
+            lambda x: jnp.stack(
+                [
+                    jnp.sum(jnp.abs(x.astype(jnp.float32))),
+                    jnp.sum(jnp.square(x.astype(jnp.float32))),
+                ]
+            ),
+            p,
+        )
+
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(stats(params)))[0]
+    return {
+        "config_sha256": digest,
+        "params": {jax.tree_util.keystr(k): [float(v) for v in np.asarray(x)] for k, x in flat},
+    }
+
+
+def check_same_teacher(saved: Mapping[str, Any], now: Mapping[str, Any], source: str) -> None:
+    """Raises unless `now` (this run's teacher) matches the checkpoint's `saved`."""
+    if saved["fingerprint"]["config_sha256"] != now["fingerprint"]["config_sha256"]:
+        raise TrainConfigError(
+            f"the teacher at {source} has another architecture than the one this run was "
+            f"distilled from ({saved['source']}); use that teacher or a new workdir"
+        )
+    a, b = saved["fingerprint"]["params"], now["fingerprint"]["params"]
+    changed = [k for k in a if k not in b or not np.allclose(a[k], b[k], rtol=_FINGERPRINT_RTOL)]
+    if changed or a.keys() != b.keys():
+        raise TrainConfigError(
+            f"the teacher at {source} has other weights than the one this run was distilled "
+            f"from ({saved['source']}): {changed[:3]} differ; use that teacher or a new workdir"
+        )
+
+
+def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
+    """'0,2,4' or 'every_other' (0, 2, 4, ...) or 'first:N' -> teacher layer indices."""
+    spec = spec.strip()
+    if spec == "every_other":
+        layers = list(range(0, teacher_layers, 2))
+    elif spec.startswith("first:"):
+        layers = list(range(int(spec.split(":", 1)[1])))
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise TrainConfigError(
+                f"model.teacher_layers={spec!r}; expected '0,2,4', 'every_other' or 'first:N'"
+            ) from None
+    bad = [i for i in layers if not 0 <= i < teacher_layers]
+    if not layers or bad:
+        raise TrainConfigError(
+            f"model.teacher_layers={spec!r} picks {layers}; expected indices in "
+            f"[0, {teacher_layers}) of the teacher's layers"
+        )
+    return layers
+
+
+def _student_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
+    if cfg.model.teacher_layers:
+        if cfg.model.model_dir:
+            raise TrainConfigError("set model.model_dir or model.teacher_layers, not both")
+        layers = parse_layer_map(cfg.model.teacher_layers, teacher_config.num_layers)
+        return dataclasses.replace(teacher_config, num_layers=len(layers))
+    return train._model_config(cfg.model)
+
+
+def _teacher_kwargs(cfg) -> dict[str, Any]:
+    return dict(
+        dtype=jnp.dtype(cfg.teacher.dtype),
+        param_dtype=jnp.dtype(cfg.teacher.dtype),
+        scan_layers=cfg.teacher.scan_layers,
+        remat_policy="none",
+        attention_impl=cfg.teacher.attention_impl,
+    )
+
+
+def _check_sections(cfg) -> None:
+    if not cfg.teacher.model_dir:
+        raise TrainConfigError("teacher.model_dir is empty; give the teacher's model directory")
+    if not epath.Path(cfg.teacher.model_dir).exists():
+        raise TrainConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
+    if cfg.teacher.dtype not in ("float32", "bfloat16", "float16"):
+        raise TrainConfigError(
+            f"teacher.dtype={cfg.teacher.dtype!r}; expected float32, bfloat16 or float16"
+        )
+    if cfg.distill.eval_every < 0 or cfg.distill.eval_batches < 1:
+        raise TrainConfigError(
+            f"distill.eval_every={cfg.distill.eval_every} must be >= 0 and "
+            f"distill.eval_batches={cfg.distill.eval_batches} >= 1"
+        )
+    if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
+        raise TrainConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
+
+
+def loss_config(cfg) -> DistillLossConfig:
+    d = cfg.distill
+    try:
+        return DistillLossConfig(
+            kind=d.kind, temperature=d.temperature, alpha=d.alpha, beta=d.beta, top_k=d.top_k
+        )
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from e
+
+
+def _eval_batches(cfg, su) -> list[dict[str, jax.Array]]:
+    from llama_jax import data
+
+    eval_cfg = train._from_section(data.DataConfig, cfg.data, path=cfg.distill.eval_path)
+    iterator = data.DataIterator(
+        eval_cfg, su.tokenizer, su.batch_sh, vocab_size=su.model_config.vocab_size
+    )
+    return [next(iterator) for _ in range(cfg.distill.eval_batches)]
+
+
+def run(cfg, workdir: str) -> dict[str, float]:
+    """Distils per `cfg` (configs/base.py `distill_config` layout) in `workdir`,
+    resuming from its latest complete checkpoint. Returns the last logged metrics.
+
+    Config, teacher directory and architecture, vocabularies, mesh, batch split,
+    tokenizer and data are all checked before anything is compiled or initialised.
+    """
+    from llama_jax import checkpoint, model_dir
+
+    _check_sections(cfg)
+    loss_cfg = loss_config(cfg)
+    teacher_config = model_dir.read_config(cfg.teacher.model_dir)
+    student_config = _student_config(cfg, teacher_config)
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise TrainConfigError(
+            f"student vocabulary {student_config.vocab_size} and teacher vocabulary "
+            f"{teacher_config.vocab_size} ({cfg.teacher.model_dir}) differ; distillation "
+            "needs the same vocabulary"
+        )
+    if loss_cfg.top_k > teacher_config.vocab_size:
+        raise TrainConfigError(
+            f"distill.top_k={loss_cfg.top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
+        )
+    su = train.setup(cfg, student_config)
+    eval_batches = _eval_batches(cfg, su) if cfg.distill.eval_path else []
+
+    make_student, student_graphdef, abstract_student = train.abstract_model(
+        student_config, cfg.model, su.mesh, su.rules, cfg.train.seed
+    )
+    teacher_graphdef, abstract_teacher = model_dir.abstract_params(
+        teacher_config, su.mesh, su.rules, **_teacher_kwargs(cfg)
+    )
+    tx = train.make_optimizer(su.opt_cfg)
+    shardings = train.state_shardings(abstract_student, tx, su.mesh)
+    teacher_sh = jax.tree.map(lambda x: x.sharding, abstract_teacher)
+
+    log_info("loading the teacher from %s", cfg.teacher.model_dir)
+    teacher_params = model_dir.load_params(cfg.teacher.model_dir, teacher_config, abstract_teacher)
+    teacher_meta = {
+        "source": str(cfg.teacher.model_dir),
+        "fingerprint": fingerprint(teacher_config, teacher_params),
+    }
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    if ckpt.latest_step() is not None:
+        abstract = train.abstract_train_state(abstract_student, tx, shardings)
+        restored_step, state, meta = ckpt.restore(abstract)
+        train._check_resumable(meta["config"], cfg)
+        check_same_teacher(meta["teacher"], teacher_meta, cfg.teacher.model_dir)
+        su.iterator.restore(meta["data"])
+        log_info("resumed from step %d", restored_step)
+    else:
+        params = _initial_student(cfg, student_config, make_student, teacher_params, su)
+        state, _ = train.init_state(params, tx, su.mesh)
+    if jax.process_index() == 0:
+        train.write_json(workdir / "config.json", cfg.to_dict())
+
+    total = cfg.train.steps
+    step_fn = train.jit_train_step(
+        make_distill_step(
+            student_graphdef,
+            teacher_graphdef,
+            tx,
+            train.learning_rate_schedule(su.opt_cfg),
+            loss_cfg,
+            alpha_fn=linear_schedule(cfg.distill.alpha, cfg.distill.alpha_end, total),
+            temperature_fn=linear_schedule(
+                cfg.distill.temperature, cfg.distill.temperature_end, total
+            ),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+        ),
+        shardings,
+        su.batch_sh,
+        teacher_sh,
+    )
+
+    def step(state, batch):
+        return step_fn(state, batch, teacher_params)
+
+    student_eval = make_eval_step(student_graphdef, cfg.train.loss_chunk)
+    teacher_ppl: list[float] = []
+
+    def on_log(step_no, state) -> dict[str, float]:
+        if not eval_batches:
+            return {}
+        every = cfg.distill.eval_every
+        if not (step_no == total or (every and step_no % every == 0)):
+            return {}
+        out = {"eval_ppl": perplexity(student_eval, state.params, eval_batches)}
+        if not teacher_ppl:
+            teacher_eval = make_eval_step(teacher_graphdef, cfg.train.loss_chunk)
+            teacher_ppl.append(perplexity(teacher_eval, teacher_params, eval_batches))
+        return out | {"teacher_eval_ppl": teacher_ppl[0]}
+
+    def meta() -> dict[str, Any]:
+        return {
+            "data": su.iterator.state(),
+            "config": cfg.to_dict(),
+            "model": student_config.to_dict(),
+            "teacher": teacher_meta,
+        }
+
+    student_flops = train.matmul_flops_per_token(student_config, cfg.data.seq_len)
+    # The teacher runs forward only: a third of its training FLOPs.
+    teacher_flops = train.matmul_flops_per_token(teacher_config, cfg.data.seq_len) / 3
+    with sharding.activation_sharding(su.mesh, su.rules):
+        return train.loop(
+            cfg,
+            workdir,
+            state,
+            step,
+            su.iterator,
+            ckpt,
+            meta,
+            flops_per_token=student_flops + teacher_flops,
+            on_log=on_log,
+        )
+
+
+def _initial_student(cfg, student_config, make_student, teacher_params, su):
+    """Random, a model directory, or a subset of the teacher's layers."""
+    if not cfg.model.teacher_layers:
+        return train._initial_params(cfg.model, student_config, make_student, su.mesh, su.rules)
+    layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, len_layers(teacher_params)))
+    _, abstract = nnx.split(nnx.eval_shape(make_student))
+    target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, su.mesh, su.rules))
+    dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(abstract))
+
+    def pick(params):
+        out = dict(params)
+        out["layers"] = jax.tree.map(lambda x: jnp.take(x, layers, axis=0), params["layers"])
+        return jax.tree.map(lambda x, dt: x.astype(dt), out, dtypes)
+
+    return jax.jit(pick, out_shardings=target_sh)(teacher_params)
+
+
+def len_layers(params) -> int:
+    return jax.tree.leaves(params["layers"])[0].shape[0]

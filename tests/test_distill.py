@@ -1,0 +1,129 @@
+"""Distillation: the trainer end to end, resume, the teacher's identity, and the demo."""
+
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from hf_models import make_hf_model
+
+from configs import distill_tiny
+from llama_jax import distill, model_dir
+from llama_jax.train import TrainConfigError
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two random 3-layer teachers with the bundled tokenizer's vocabulary (263)."""
+    root = tmp_path_factory.mktemp("teachers")
+    for seed in (0, 1):
+        make_hf_model(root / f"t{seed}", seed=seed, vocab_size=263, num_key_value_heads=1)
+    return root / "t0", root / "t1"
+
+
+def _cfg(teacher, steps=8, **distill_overrides):
+    c = distill_tiny.get_config(str(teacher))
+    c.data.seq_len = 32
+    c.data.global_batch = 8
+    c.train.steps = steps
+    c.train.warmup_steps = 2
+    c.train.log_every = 4
+    c.checkpoint.save_every = 4
+    c.checkpoint.async_save = False
+    for k, v in distill_overrides.items():
+        c.distill[k] = v
+    return c
+
+
+def _state_tree(step_dir):
+    return ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+
+
+def test_resume_is_exact_teacher_never_saved_and_another_teacher_refused(tmp_path, teachers):
+    cfg = _cfg(teachers[0], kind="jsd", alpha_end=1.0, temperature=2.0, top_k=7)
+    work = tmp_path / "run"
+    first = distill.run(cfg, str(work))
+    assert np.isfinite(first["loss"]) and first["kd"] > 0
+    # The last step (index 7 of 8) runs at alpha 0.5 + (1 - 0.5) * 7 / 8.
+    assert first["alpha"] == pytest.approx(0.9375) and first["temperature"] == 2.0
+    straight = _state_tree(work / "checkpoints" / "8")
+
+    # The checkpoint holds the student's training state only.
+    assert set(straight) == {"step", "params", "opt_state"}
+    student = model_dir.read_config(work)
+    assert student.num_layers == 2 and student.embed_dim == 32
+    q = straight["params"]["layers"]["attn"]["q_proj"]["kernel"]
+    assert q.shape == (2, 32, 4, 8)
+    meta = model_dir._run_meta(work)
+    assert meta["teacher"]["source"] == str(teachers[0])
+    assert meta["teacher"]["fingerprint"]["params"]
+
+    # Losing the last checkpoint (a kill after step 4's save) and rerunning gives the
+    # same step-8 state, bit for bit.
+    shutil.rmtree(work / "checkpoints" / "8")
+    distill.run(cfg, str(work))
+    resumed = _state_tree(work / "checkpoints" / "8")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    shutil.rmtree(work / "checkpoints" / "8")
+    with pytest.raises(TrainConfigError, match="other weights"):
+        distill.run(
+            _cfg(teachers[1], kind="jsd", alpha_end=1.0, temperature=2.0, top_k=7), str(work)
+        )
+    assert not (work / "checkpoints" / "8").exists()
+
+
+def test_student_from_teacher_layers_and_eval(tmp_path, teachers):
+    cfg = _cfg(teachers[0], steps=1, eval_path=str(REPO / "configs/data/tiny_corpus.txt"))
+    cfg.model.overrides = ""
+    cfg.model.teacher_layers = "0,2"
+    # Warmup starts at a zero learning rate: step 1 leaves the initial weights.
+    last = distill.run(cfg, str(tmp_path / "run"))
+    assert last["eval_ppl"] > 1 and last["teacher_eval_ppl"] > 1
+    config = model_dir.read_config(tmp_path / "run")
+    teacher_config = model_dir.read_config(teachers[0])
+    assert config.num_layers == 2 and config.embed_dim == teacher_config.embed_dim
+    student = dict(model_dir.iter_host_params(tmp_path / "run", config))
+    teacher = dict(model_dir.iter_host_params(teachers[0], teacher_config))
+    for name, value in student.items():
+        want = teacher[name][[0, 2]] if name.startswith("layers.") else teacher[name]
+        np.testing.assert_array_equal(value, want.astype(value.dtype), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.model.update(overrides="vocab_size=300"), "student vocabulary 300"),
+        (lambda c: c.teacher.update(model_dir="/nonexistent"), "does not exist"),
+        (lambda c: c.distill.update(temperature=0.0), "temperature=0.0"),
+        (lambda c: c.distill.update(kind="kl"), "kind='kl'"),
+        (lambda c: c.model.update(teacher_layers="0,7"), r"picks \[0, 7\]"),
+        (lambda c: c.distill.update(eval_path="/missing.txt"), "eval_path"),
+    ],
+)
+def test_bad_config_is_refused_before_any_work(tmp_path, teachers, change, message):
+    cfg = _cfg(teachers[0])
+    change(cfg)
+    with pytest.raises(TrainConfigError, match=message):
+        distill.run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_demo_small_kd_student_beats_ce_student(tmp_path):
+    from launch import demo
+
+    summary = demo.run(str(tmp_path), "small")
+    results = summary["results"]
+    assert results["student_kd"]["eval_ppl"] < results["student_ce"]["eval_ppl"]
+    assert results["teacher"]["eval_ppl"] < results["student_kd"]["eval_ppl"]
+    png = Path(summary["loss_curves"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    for run in ("teacher", "student_kd", "student_ce"):
+        assert model_dir.detect(tmp_path / run) == "run"
+    assert all(len(r["samples"]) == 3 for r in results.values())
