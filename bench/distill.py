@@ -28,7 +28,7 @@ SIZES = {
     "1b": (
         "llama3.2-1b",
         "",
-        "embed_dim=1024,num_layers=8,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096",
+        "embed_dim=1024,num_layers=12,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096",
         2048,
         8,
     ),

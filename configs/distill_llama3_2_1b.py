@@ -6,7 +6,7 @@
       --config.data.tokenizer=/ckpt/llama3.2-1b
 
 The argument after ':' is the JSONL training file (field "text"). The student keeps the
-teacher's vocabulary (128256) and width-1024 blocks: 8 layers, 16 heads, 4 KV heads.
+teacher's vocabulary (128256) with width-1024 blocks: 12 layers, 16 heads, 4 KV heads.
 """
 
 from configs.base import distill_config
@@ -17,7 +17,7 @@ def get_config(arg=None):
     c.teacher.dtype = "bfloat16"
     c.model.preset = "llama3.2-1b"
     c.model.overrides = (
-        "embed_dim=1024,num_layers=8,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096"
+        "embed_dim=1024,num_layers=12,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096"
     )
     c.model.remat_policy = "dots_no_batch"
     c.data.path = arg or ""
