@@ -211,7 +211,7 @@ def run(workdir: str, scale: str) -> dict:
             model,
             ids,
             max_new_tokens=40,
-            sampling=gen.Sampling(temperature=0.7, top_p=0.95),
+            sampling=gen.Sampling(temperature=0.9, top_k=20),
             seed=0,
             eos_ids=tokenizer.eos_ids,
             pad_id=tokenizer.pad_id,
@@ -239,7 +239,7 @@ def run(workdir: str, scale: str) -> dict:
         print(f"{name:<12} {r['params']:>9,} {r['layers']:>6} {r['eval_ppl']:>13.2f}")
     print()
     for name, r in results.items():
-        print(f"--- samples from {name} (temperature 0.7, top-p 0.95, seed 0)")
+        print(f"--- samples from {name} (temperature 0.9, top-k 20, seed 0)")
         for line in r["samples"]:
             print("   ", line.replace("\n", "\\n")[:100])
     summary = dict(
