@@ -2,6 +2,7 @@ r"""Convert a Hugging Face LLaMA directory into a sharded Orbax model directory.
 
   python -m convert.hf_to_orbax --hf_dir=/models/Llama-3.1-8B --out_dir=/ckpt/llama3.1-8b
   python -m convert.hf_to_orbax --hf_dir=... --out_dir=gs://bucket/m --mesh=fsdp=-1,tensor=4
+  python -m convert.hf_to_orbax --hf_dir=... --out_dir=/ckpt/m-int8 --quantize=int8
 
 Reads config.json, the tokenizer files and the safetensors (one file or an index of
 shards), checks every tensor before writing anything, then builds each parameter
@@ -35,6 +36,15 @@ _DTYPE = flags.DEFINE_enum(
     ["auto", "bfloat16", "float32", "float16"],
     "Stored parameter dtype; 'auto' keeps the checkpoint's own.",
 )
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", None, ["int8"], "Quantize the block projections while converting."
+)
+_QUANTIZE_HEAD = flags.DEFINE_bool(
+    "quantize_head", False, "With --quantize: also the (untied) LM head."
+)
+_QUANTIZE_EMBED = flags.DEFINE_bool(
+    "quantize_embed", False, "With --quantize: also the embedding table (and a tied head)."
+)
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
 )
@@ -58,6 +68,9 @@ def main(argv):
             rules=rules,
             dtype=_DTYPE.value,
             overwrite=_OVERWRITE.value,
+            quantize=_QUANTIZE.value,
+            quantize_head=_QUANTIZE_HEAD.value,
+            quantize_embed=_QUANTIZE_EMBED.value,
             progress=Progress("converting"),
         )
     print(f"wrote {out}")

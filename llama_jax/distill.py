@@ -185,6 +185,12 @@ def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
 
 def _student_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
     if cfg.model.teacher_layers:
+        from llama_jax import model_dir
+
+        if model_dir.quantization(cfg.teacher.model_dir):
+            raise TrainConfigError(
+                "model.teacher_layers needs a float teacher; this one is quantized"
+            )
         if cfg.model.model_dir:
             raise TrainConfigError("set model.model_dir or model.teacher_layers, not both")
         layers = parse_layer_map(cfg.model.teacher_layers, teacher_config.num_layers)
@@ -270,7 +276,11 @@ def run(cfg, workdir: str) -> dict[str, float]:
         student_config, cfg.model, su.mesh, su.rules, cfg.train.seed
     )
     teacher_graphdef, abstract_teacher = model_dir.abstract_params(
-        teacher_config, su.mesh, su.rules, **_teacher_kwargs(cfg)
+        teacher_config,
+        su.mesh,
+        su.rules,
+        **model_dir.quant_kwargs(cfg.teacher.model_dir),
+        **_teacher_kwargs(cfg),
     )
     tx = train.make_optimizer(su.opt_cfg)
     shardings = train.state_shardings(abstract_student, tx, su.mesh)

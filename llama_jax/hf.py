@@ -389,6 +389,29 @@ class HFReader:
             out[j] = part
         return out
 
+    def row_absmax(self, path: str) -> np.ndarray:
+        """float32 max |w| of each row of the HF tensor(s) behind a projection kernel:
+        per output channel, as [L, out...] (HF weights are [out, in]). Streamed in blocks
+        like `read`."""
+        hf_name, hf_layout, _ = hf_keymap.PARAMS[path]
+        out_dims = [self.dims[d] for d in _groups(hf_layout)[0]]
+        per_layer = []
+        for name in hf_tensor_names(path, self.config):
+            f = self.tensors[name]
+            rows = f.shape(name)[0]
+            unit = math.prod(f.shape(name)[1:]) * f.dtype(name).itemsize
+            step = max(1, _BLOCK_BYTES // max(unit, 1))
+            maxima = [
+                np.max(
+                    np.abs(f.read_rows(name, lo, min(lo + step, rows), self._buffer)),
+                    axis=tuple(range(1, len(f.shape(name)))),
+                ).astype(np.float32)
+                for lo in range(0, rows, step)
+            ]
+            per_layer.append(np.concatenate(maxima).reshape(out_dims))
+        stacked = np.stack(per_layer)
+        return stacked if "{i}" in hf_name else stacked[0]
+
     def release(self) -> None:
         """Unmaps every file and frees the read buffer."""
         for f in set(self.tensors.values()):

@@ -26,7 +26,10 @@ def _param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
 
 
 class Embed(nnx.Module):
-    """Token embedding `embedding[V, D]`; `attend` is the tied LM head."""
+    """Token embedding `embedding[V, D]`; `attend` is the tied LM head.
+
+    With `quantized=True` the table is int8 with a float32 `embedding_scale[V]` (one
+    per row, which is one per output channel of the tied head)."""
 
     def __init__(
         self,
@@ -37,26 +40,46 @@ class Embed(nnx.Module):
         param_dtype: jnp.dtype,
         init_std: float,
         rngs: nnx.Rngs,
+        quantized: bool = False,
     ):
-        init = jax.nn.initializers.normal(init_std)
-        self.embedding = _param(
-            init(rngs.params(), (vocab_size, embed_dim), param_dtype), ("vocab", "embed")
-        )
+        names = ("vocab", "embed")
+        if quantized:
+            self.embedding = _param(jnp.zeros((vocab_size, embed_dim), jnp.int8), names)
+            self.embedding_scale = _param(jnp.ones((vocab_size,), jnp.float32), ("vocab",))
+        else:
+            init = jax.nn.initializers.normal(init_std)
+            self.embedding = _param(
+                init(rngs.params(), (vocab_size, embed_dim), param_dtype), names
+            )
+            self.embedding_scale = None
         self.dtype = dtype
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """int[B, T] -> dtype[B, T, D]."""
-        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+        rows = jnp.take(self.embedding[...], tokens_BT, axis=0)
+        if self.embedding_scale is None:
+            return rows.astype(self.dtype)
+        scale = jnp.take(self.embedding_scale[...], tokens_BT, axis=0)[..., None]
+        return (rows.astype(jnp.float32) * scale).astype(self.dtype)
 
     def attend(self, x_BTD: jax.Array, out_dtype=None) -> jax.Array:
         """dtype[B, T, D] -> out_dtype (default dtype)[B, T, V] against the embedding
         matrix; out_dtype=float32 keeps the accumulator's precision for losses."""
-        return jnp.einsum(
+        out_dtype = out_dtype or self.dtype
+        if self.embedding_scale is None:
+            return jnp.einsum(
+                "BTD,VD->BTV",
+                x_BTD,
+                self.embedding[...].astype(self.dtype),
+                preferred_element_type=out_dtype,
+            )
+        acc = jnp.einsum(
             "BTD,VD->BTV",
             x_BTD,
             self.embedding[...].astype(self.dtype),
-            preferred_element_type=out_dtype or self.dtype,
+            preferred_element_type=jnp.float32,
         )
+        return (acc * self.embedding_scale[...]).astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -79,7 +102,9 @@ class Dense(nnx.Module):
 
     The contraction goes through `dot_general` (default `jax.lax.dot_general`), the
     hook quantization replaces. A floating kernel is cast to the compute dtype before
-    the hook; any other kernel (int8) reaches the hook as stored.
+    the hook. With `quantized=True` the kernel is stored as int8 with a float32
+    `kernel_scale[*out_shape]` beside it; both reach the hook as stored
+    (`dot_general(..., scale=kernel_scale)`), which applies the scale to the output.
     """
 
     def __init__(
@@ -95,12 +120,18 @@ class Dense(nnx.Module):
         init_std: float,
         rngs: nnx.Rngs,
         dot_general: DotGeneral = jax.lax.dot_general,
+        quantized: bool = False,
     ):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        init = jax.nn.initializers.normal(init_std)
-        self.kernel = _param(
-            init(rngs.params(), in_shape + out_shape, param_dtype), (*in_names, *out_names)
-        )
+        names = (*in_names, *out_names)
+        if quantized:
+            # Filled by quantizing a float model or by loading a quantized checkpoint.
+            self.kernel = _param(jnp.zeros(in_shape + out_shape, jnp.int8), names)
+            self.kernel_scale = _param(jnp.ones(out_shape, jnp.float32), out_names)
+        else:
+            init = jax.nn.initializers.normal(init_std)
+            self.kernel = _param(init(rngs.params(), in_shape + out_shape, param_dtype), names)
+            self.kernel_scale = None
         self.bias = _param(jnp.zeros(out_shape, param_dtype), out_names) if use_bias else None
         self.num_in = len(in_shape)
         self.dtype = dtype
@@ -114,7 +145,13 @@ class Dense(nnx.Module):
         x = x.astype(self.dtype)
         contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
         out_dtype = out_dtype or self.dtype
-        y = self.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=out_dtype)
+        dims = (contract, ((), ()))
+        if self.kernel_scale is None:
+            y = self.dot_general(x, kernel, dims, preferred_element_type=out_dtype)
+        else:
+            y = self.dot_general(
+                x, kernel, dims, preferred_element_type=out_dtype, scale=self.kernel_scale[...]
+            )
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(out_dtype)

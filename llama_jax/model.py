@@ -25,7 +25,7 @@ REMAT_POLICIES = {
 }
 
 
-def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs):
+def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs, quantized=False):
     return dict(
         dtype=dtype,
         param_dtype=param_dtype,
@@ -33,13 +33,18 @@ def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs):
         use_bias=use_bias,
         dot_general=dot_general,
         rngs=rngs,
+        quantized=quantized,
     )
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs):
+    def __init__(
+        self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs, quantized
+    ):
         d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-        common = _dense_args(config, config.attention_bias, dtype, param_dtype, dot_general, rngs)
+        common = _dense_args(
+            config, config.attention_bias, dtype, param_dtype, dot_general, rngs, quantized
+        )
         self.q_proj = Dense(
             (d,), (n, h), in_names=("embed",), out_names=("heads", "head_dim"), **common
         )
@@ -98,9 +103,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, dot_general, rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, dot_general, rngs, quantized):
         d, f = config.embed_dim, config.mlp_dim
-        common = _dense_args(config, config.mlp_bias, dtype, param_dtype, dot_general, rngs)
+        common = _dense_args(
+            config, config.mlp_bias, dtype, param_dtype, dot_general, rngs, quantized
+        )
         self.gate_proj = Dense((d,), (f,), in_names=("embed",), out_names=("mlp",), **common)
         self.up_proj = Dense((d,), (f,), in_names=("embed",), out_names=("mlp",), **common)
         self.down_proj = Dense((f,), (d,), in_names=("mlp",), out_names=("embed",), **common)
@@ -111,7 +118,9 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs):
+    def __init__(
+        self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs, quantized
+    ):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(config.embed_dim, **norm)
         self.attn = Attention(
@@ -121,10 +130,16 @@ class Block(nnx.Module):
             impl=impl,
             dot_general=dot_general,
             rngs=rngs,
+            quantized=quantized,
         )
         self.mlp_norm = RMSNorm(config.embed_dim, **norm)
         self.mlp = MLP(
-            config, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general, rngs=rngs
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            dot_general=dot_general,
+            rngs=rngs,
+            quantized=quantized,
         )
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None):
@@ -156,7 +171,10 @@ class Llama(nnx.Module):
 
     dtype is the compute dtype, param_dtype the stored one. scan_layers runs the stacked
     blocks under `lax.scan` (compiles one block); False unrolls them. remat_policy is one
-    of REMAT_POLICIES. attention_impl is one of attention.IMPLEMENTATIONS.
+    of REMAT_POLICIES. attention_impl is one of attention.IMPLEMENTATIONS. quantized
+    stores the block projections as int8 with per-output-channel scales (see quant.py;
+    pass dot_general=quant.int8_dot_general); quantize_head and quantize_embed do the
+    same to the untied LM head and to the embedding table (also the tied head).
     """
 
     def __init__(
@@ -169,12 +187,22 @@ class Llama(nnx.Module):
         remat_policy: str = "none",
         attention_impl: str = "auto",
         dot_general: DotGeneral = jax.lax.dot_general,
+        quantized: bool = False,
+        quantize_head: bool = False,
+        quantize_embed: bool = False,
         rngs: nnx.Rngs,
     ):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"remat_policy={remat_policy!r} is unknown; "
                 f"expected one of {sorted(REMAT_POLICIES)}"
+            )
+        if (quantize_head or quantize_embed) and not quantized:
+            raise ValueError("quantize_head and quantize_embed need quantized=True")
+        if quantized and dot_general is jax.lax.dot_general:
+            raise ValueError(
+                "a quantized model needs a dot_general that applies the kernel scales, "
+                "e.g. dot_general=llama_jax.quant.int8_dot_general"
             )
         impl = attn_lib.resolve_implementation(attention_impl)
         self.config = config
@@ -188,6 +216,7 @@ class Llama(nnx.Module):
             param_dtype=param_dtype,
             init_std=config.initializer_range,
             rngs=rngs,
+            quantized=quantize_embed,
         )
 
         @nnx.split_rngs(splits=config.num_layers)
@@ -200,6 +229,7 @@ class Llama(nnx.Module):
                 impl=impl,
                 dot_general=dot_general,
                 rngs=rngs,
+                quantized=quantized,
             )
 
         self.layers = make_blocks(rngs)
@@ -218,6 +248,8 @@ class Llama(nnx.Module):
                 param_dtype=param_dtype,
                 init_std=config.initializer_range,
                 rngs=rngs,
+                dot_general=dot_general if quantize_head else jax.lax.dot_general,
+                quantized=quantize_head,
             )
 
     def __call__(

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
 from convert import hf_keymap
-from llama_jax import checkpoint, sharding
+from llama_jax import checkpoint, quant, sharding
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.hf import (
     CheckpointError,
@@ -172,11 +172,24 @@ def abstract_params(
     *,
     dtype=jnp.float32,
     param_dtype=None,
+    quantization: str | None = None,
+    quantize_head: bool = False,
+    quantize_embed: bool = False,
     **model_kwargs,
 ) -> tuple[nnx.GraphDef, dict[str, Any]]:
     """The model's graphdef and its parameters as a nested dict of ShapeDtypeStructs
-    carrying their target shardings on `mesh`."""
+    carrying their target shardings on `mesh`. quantization: None or 'int8' (the block
+    projections int8 with scales, and the LM head / embedding when asked; quant.py)."""
     param_dtype = jnp.dtype(param_dtype or dtype)
+    if quantization is not None:
+        quant.check_mode(quantization)
+        model_kwargs = dict(
+            model_kwargs,
+            quantized=True,
+            quantize_head=quantize_head,
+            quantize_embed=quantize_embed,
+            dot_general=quant.int8_dot_general,
+        )
     graphdef, state = nnx.split(
         nnx.eval_shape(
             lambda: Llama(
@@ -285,8 +298,13 @@ def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[
         )
     if kind != "hf":
         return _restore(*_params_source(path), abstract)
-    reader = HFReader(str(path), config)
     flat = _flatten(abstract)
+    if any(k.endswith(quant.SCALE_SUFFIX) for k in flat):
+        raise CheckpointError(
+            f"{path} is a float Hugging Face directory; convert it with "
+            "convert.hf_to_orbax --quantize=int8 to load it quantized"
+        )
+    reader = HFReader(str(path), config)
     reader.check(flat)
     out = {}
     for name, array in sharded_arrays(abstract, reader.read):
@@ -313,12 +331,19 @@ def load_model(
 
     dtype: compute dtype; param_dtype: stored dtype (default: dtype). mesh: where to
     place the parameters (default: the first device). Other keyword arguments go to
-    `Llama` (scan_layers, remat_policy, attention_impl)."""
+    `Llama` (scan_layers, remat_policy, attention_impl). A quantized directory gives
+    the quantized model (its float parameters in param_dtype)."""
     config = read_config(path)
     if mesh is None:
         mesh = sharding.create_mesh(devices=jax.devices()[:1])
     graphdef, abstract = abstract_params(
-        config, mesh, rules, dtype=dtype, param_dtype=param_dtype, **model_kwargs
+        config,
+        mesh,
+        rules,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        **quant_kwargs(path),
+        **model_kwargs,
     )
     params = load_params(path, config, abstract)
     state = nnx.split(nnx.eval_shape(lambda: nnx.merge(graphdef, abstract)))[1]
@@ -331,7 +356,9 @@ def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarra
     the model's parameter order, so only one parameter is ever in host memory."""
     path = epath.Path(path)
     kind = detect(path)
-    _, abstract = abstract_params(config, sharding.create_mesh(devices=jax.devices()[:1]))
+    _, abstract = abstract_params(
+        config, sharding.create_mesh(devices=jax.devices()[:1]), **quant_kwargs(path)
+    )
     names = list(_flatten(abstract))
     if kind == "hf":
         reader = HFReader(str(path), config)
@@ -372,6 +399,21 @@ def read_metadata(path) -> dict[str, Any]:
     """metadata.json of a converted directory ({} for other kinds)."""
     path = epath.Path(path)
     return _read_json(path / METADATA) if detect(path) == "converted" else {}
+
+
+def quantization(path) -> str | None:
+    """The quantization mode of a model directory (None: float)."""
+    return read_metadata(path).get("quantization")
+
+
+def quant_kwargs(path) -> dict[str, Any]:
+    """`abstract_params` keyword arguments for the model stored in `path`."""
+    meta = read_metadata(path)
+    return dict(
+        quantization=meta.get("quantization"),
+        quantize_head=bool(meta.get("quantized_head")),
+        quantize_embed=bool(meta.get("quantized_embed")),
+    )
 
 
 # --- writing -----------------------------------------------------------------
@@ -603,6 +645,9 @@ def convert_hf(
     rules=sharding.DEFAULT_RULES,
     dtype: str = "auto",
     overwrite: bool = False,
+    quantize: str | None = None,
+    quantize_head: bool = False,
+    quantize_embed: bool = False,
     progress=None,
 ) -> epath.Path:
     """Converts a Hugging Face LLaMA directory into a converted model directory.
@@ -613,6 +658,10 @@ def convert_hf(
     is read. All checks (config, every tensor's presence, dtype and shape, tokenizer,
     output directory) run before anything is written. progress: an object with
     `start(total_tensors, total_bytes)` and `update(tensors, nbytes)` (source bytes).
+    quantize: 'int8' quantizes the block projections while converting (each output
+    channel's scale comes from its whole HF row, streamed first; then every host
+    quantizes only its slices), bitwise equal to converting and then `quantize_dir`;
+    quantize_head / quantize_embed add the LM head / embedding table.
     """
     out_dir = check_out_dir(out_dir, overwrite)
     hf_dir = epath.Path(hf_dir)
@@ -629,14 +678,34 @@ def convert_hf(
         dtype = "float32" if source_dtype == np.float64 else str(source_dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
-    _, abstract = abstract_params(reader.config, mesh, rules, dtype=jnp.dtype(dtype))
-    names = list(_flatten(abstract))
+    qopts = _quant_options(reader.config, quantize, quantize_head, quantize_embed)
+    _, abstract = abstract_params(reader.config, mesh, rules, dtype=jnp.dtype(dtype), **qopts)
+    targets = set(quant.quantized_paths(head=quantize_head, embed=quantize_embed))
+    names = [n for n in _flatten(abstract) if not n.endswith(quant.SCALE_SUFFIX)]
     reader.check(names)
     if progress is not None:
         progress.start(len(names), sum(reader.nbytes(n) for n in names))
+    scales: dict[str, np.ndarray] = {}
+
+    def scale_of(kernel: str) -> np.ndarray:
+        if kernel not in scales:
+            absmax = reader.row_absmax(kernel)
+            scales[kernel] = np.where(absmax > 0, absmax * quant.INV_127, np.float32(1))
+        return scales[kernel]
+
+    def read(name, index, dt):
+        if name.endswith(quant.SCALE_SUFFIX):
+            return np.ascontiguousarray(scale_of(name[: -len(quant.SCALE_SUFFIX)])[index])
+        if quantize is None or name not in targets:
+            return reader.read(name, index, dt)
+        axes = quant.reduce_axes(name)
+        w = reader.read(name, index, np.float32)
+        s = scale_of(name)[tuple(ix for a, ix in enumerate(index) if a not in axes)]
+        s = np.expand_dims(s, axes)
+        return np.clip(np.rint(w / s), -127, 127).astype(np.int8)
 
     def arrays():
-        for name, array in sharded_arrays(abstract, reader.read):
+        for name, array in sharded_arrays(abstract, read):
             reader.release()
             yield name, array
             # Not held while the next one is read (with the host copy Orbax keeps).
@@ -650,10 +719,15 @@ def convert_hf(
             "source": {"kind": "huggingface", "path": str(hf_dir.resolve())},
             "source_dtype": str(source_dtype),
             "dtype": dtype,
+            **_quant_metadata(qopts),
         },
         files=files,
         overwrite=overwrite,
-        on_param=None if progress is None else lambda n, _: progress.update(1, reader.nbytes(n)),
+        on_param=None
+        if progress is None
+        else lambda n, _: progress.update(
+            0 if n not in names else 1, reader.nbytes(n) if n in names else 0
+        ),
     )
 
 
@@ -679,6 +753,11 @@ def export_hf(
     out_dir = check_out_dir(out_dir, overwrite)
     path = epath.Path(path)
     config = read_config(path)
+    if quantization(path) is not None:
+        raise CheckpointError(
+            f"{path} is quantized ({quantization(path)}); export the float model it was "
+            "made from (transformers has no matching int8 LLaMA layout)"
+        )
     if dtype != "auto" and dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
     files = _export_tokenizer_files(path, tokenizer)
@@ -764,3 +843,81 @@ def _stored_dtypes(path: epath.Path, config: LlamaConfig) -> dict[str, np.dtype]
     saved = _flatten(saved[key] if key is not None else saved)
     _check_shapes(_nest(saved), abstract, item_dir)
     return {n: np.dtype(saved[n].dtype) for n in names}
+
+
+def quantize_dir(
+    path,
+    out_dir,
+    *,
+    mode: str = "int8",
+    quantize_head: bool = False,
+    quantize_embed: bool = False,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> epath.Path:
+    """Writes a quantized model directory from any float model directory.
+
+    The float parameters are read into their shards on `mesh`, quantized there by one
+    jitted function whose outputs carry the quantized model's shardings, and written one
+    parameter at a time. Norms, the embedding and the LM head keep their stored dtype.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    path = epath.Path(path)
+    config = read_config(path)
+    qopts = _quant_options(config, mode, quantize_head, quantize_embed)
+    already = quantization(path)
+    if already is not None:
+        raise CheckpointError(f"{path} is already quantized ({already}); quantize its float source")
+    files = _export_tokenizer_files(path, tokenizer)
+    float_dtype = _stored_dtypes(path, config)["embed.embedding"]
+    _, float_abstract = abstract_params(config, mesh, rules, dtype=float_dtype)
+    params = load_params(path, config, float_abstract)
+    _, q_abstract = abstract_params(config, mesh, rules, dtype=float_dtype, **qopts)
+    q_params = jax.jit(
+        lambda p: quant.quantize_params(p, head=quantize_head, embed=quantize_embed),
+        out_shardings=jax.tree.map(lambda x: x.sharding, q_abstract),
+    )(params)
+    del params
+    flat = _flatten(q_params)
+    del q_params
+    return write_model_dir(
+        out_dir,
+        config,
+        ((name, flat.pop(name)) for name in list(flat)),
+        metadata={
+            "source": {"kind": detect(path), "path": str(path.resolve())},
+            "dtype": str(float_dtype),
+            **_quant_metadata(qopts),
+        },
+        files=files,
+        overwrite=overwrite,
+        on_param=on_param,
+    )
+
+
+def _quant_options(config: LlamaConfig, mode, head: bool, embed: bool) -> dict[str, Any]:
+    """Checked `abstract_params` quantization arguments."""
+    if mode is None:
+        if head or embed:
+            raise CheckpointError("quantize_head / quantize_embed need a quantization mode")
+        return {}
+    try:
+        quant.check_mode(mode)
+    except quant.QuantizationError as e:
+        raise CheckpointError(str(e)) from e
+    if head and config.tie_word_embeddings:
+        raise CheckpointError(
+            "quantize_head: this model ties its LM head to the embedding; use quantize_embed"
+        )
+    return dict(quantization=mode, quantize_head=head, quantize_embed=embed)
+
+
+def _quant_metadata(qopts: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        quantization=qopts.get("quantization"),
+        quantized_head=bool(qopts.get("quantize_head")),
+        quantized_embed=bool(qopts.get("quantize_embed")),
+    )

@@ -1,0 +1,51 @@
+r"""Quantize a model directory's block projections to int8 (weight-only, per channel).
+
+  python -m launch.quantize --model_dir=/ckpt/llama3.1-8b --out_dir=/ckpt/llama3.1-8b-int8
+
+--model_dir is any float model directory (converted, a training run, Hugging Face);
+the output is a converted model directory with metadata.json "quantization": "int8"
+that launch.generate and distillation (as a teacher) load directly. To quantize while
+converting from Hugging Face, use `convert.hf_to_orbax --quantize=int8` instead.
+"""
+
+from absl import app, flags
+
+from launch import common
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Float model directory.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_MODE = flags.DEFINE_string("mode", "int8", "Quantization mode: int8.")
+_HEAD = flags.DEFINE_bool("quantize_head", False, "Also the (untied) LM head.")
+_EMBED = flags.DEFINE_bool("quantize_embed", False, "Also the embedding table (and a tied head).")
+_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to quantize on, e.g. 'fsdp=-1,tensor=4'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer directory or file to ship (default: the model's own)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logs()
+    common.init_distributed()
+    from llama_jax import model_dir, sharding
+
+    with common.clear_errors():
+        out = model_dir.quantize_dir(
+            _MODEL_DIR.value,
+            _OUT_DIR.value,
+            mode=_MODE.value,
+            quantize_head=_HEAD.value,
+            quantize_embed=_EMBED.value,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+            tokenizer=_TOKENIZER.value,
+            overwrite=_OVERWRITE.value,
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Pallas kernels, each with a pure-JAX reference it is tested against."""
