@@ -1,5 +1,6 @@
 """Tiny random `LlamaForCausalLM` checkpoints written locally with transformers."""
 
+import copy
 import json
 import os
 
@@ -25,7 +26,9 @@ def hf_config(**overrides) -> transformers.LlamaConfig:
         # Larger than transformers' 0.02 so logits are O(1) and mistakes show.
         initializer_range=0.1,
     )
-    kwargs.update(overrides)
+    # A copy: transformers writes into the rope dict it is given (adding rope_theta),
+    # which would leak one test's theta into the next test that reuses the dict.
+    kwargs.update(copy.deepcopy(overrides))
     return transformers.LlamaConfig(**kwargs)
 
 
