@@ -127,3 +127,19 @@ def test_demo_small_kd_student_beats_ce_student(tmp_path):
     for run in ("teacher", "student_kd", "student_ce"):
         assert model_dir.detect(tmp_path / run) == "run"
     assert all(len(r["samples"]) == 3 for r in results.values())
+
+
+def test_an_int8_teacher_distils(tmp_path, teachers):
+    from llama_jax import sharding
+
+    teacher = tmp_path / "teacher-int8"
+    model_dir.quantize_dir(
+        teachers[0],
+        teacher,
+        mesh=sharding.create_mesh(fsdp=8),
+        tokenizer=str(REPO / "configs/data"),
+    )
+    last = distill.run(_cfg(teacher, steps=2), str(tmp_path / "run"))
+    assert np.isfinite(last["loss"]) and last["kd"] > 0
+    meta = model_dir._run_meta(tmp_path / "run")
+    assert meta["teacher"]["source"] == str(teacher)
