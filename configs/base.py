@@ -68,7 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
 def distill_config() -> ml_collections.ConfigDict:
     """A training config plus the teacher and the distillation loss. `model` is the
     student: random from `preset`, from `model_dir`, or from `teacher_layers`."""
-    c = base_config()
+    return with_distillation(base_config())
+
+
+def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds the teacher and distillation sections (defaults) to a training config."""
     # Teacher layers that initialise the student ('0,2,4', 'every_other', 'first:N'):
     # the student then has the teacher's shape with those layers.
     c.model.teacher_layers = ""

@@ -23,7 +23,7 @@ from flax import nnx
 
 from llama_jax import sharding, train
 from llama_jax.config import LlamaConfig
-from llama_jax.losses import DistillLossConfig, chunked_cross_entropy, chunked_distill_loss
+from llama_jax.losses import DistillLossConfig, chunked_distill_loss
 from llama_jax.train import TrainConfigError, log_info
 
 # Relative tolerance when comparing a teacher's parameter statistics on resume: sums
@@ -95,15 +95,7 @@ def make_eval_step(graphdef, loss_chunk: int = 512):
     """Returns eval(params, batch) -> (float32[] summed token loss, float32[] count)."""
 
     def evaluate(params, batch):
-        model = nnx.merge(graphdef, params)
-        h, _ = model.hidden_states(batch["tokens"], segment_ids_BT=batch["segment_ids"])
-        return chunked_cross_entropy(
-            h,
-            lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
-            batch["targets"],
-            batch["loss_mask"],
-            chunk=loss_chunk,
-        )
+        return train.token_loss_sum(nnx.merge(graphdef, params), batch, loss_chunk)
 
     return jax.jit(evaluate)
 

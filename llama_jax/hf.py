@@ -1,6 +1,6 @@
-"""Reading Hugging Face model directories: safetensors (memory-mapped, validated) and
-`load_hf`, which maps tensors onto the project's parameter tree with the layouts in
-`convert/hf_keymap.py`.
+"""Hugging Face model directories: safetensors read (validated up front) and written
+(streamed), and `HFReader`, which maps tensors onto the project's parameter tree, a
+slice at a time, with the layouts in `convert/hf_keymap.py`.
 
 Only safetensors are read: pickled weights (.bin, .pth, ...) can execute code when
 loaded and are refused.
@@ -15,17 +15,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
 
 from convert import hf_keymap
-from llama_jax import sharding
 from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.model import Llama
 
 
 class CheckpointError(ValueError):
@@ -417,59 +411,6 @@ class HFReader:
         for f in set(self.tensors.values()):
             f.close()
         self._buffer = bytearray()
-
-
-def param_paths(state) -> list[str]:
-    """Dotted parameter paths ('layers.attn.q_proj.kernel') of an NNX state."""
-    return [".".join(str(k) for k in key) for key, _ in nnx.to_flat_state(state)]
-
-
-def load_hf(
-    hf_dir: str,
-    dtype=jnp.float32,
-    param_dtype=None,
-    mesh=None,
-    rules=sharding.DEFAULT_RULES,
-    **model_kwargs,
-) -> tuple[Llama, LlamaConfig]:
-    """Loads a transformers `save_pretrained` LLaMA directory.
-
-    dtype: compute dtype; param_dtype: stored dtype (default: dtype). With a mesh, each
-    parameter is placed in its shards as the rules say, each device's slice read from
-    disk on its own (no host holds more than one parameter's local shards at a time, and
-    no device a whole model); without, on the default device.
-    Other keyword arguments go to `Llama` (scan_layers, remat_policy, attention_impl).
-    Returns (model, config). Every tensor is checked for presence and shape before any
-    is converted; unknown tensors are an error.
-    """
-    reader = HFReader(hf_dir)
-    config = reader.config
-    param_dtype = jnp.dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(
-        lambda: Llama(
-            config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **model_kwargs
-        )
-    )
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    paths = param_paths(state)
-    reader.check(paths)
-    for (_, var), path in zip(flat, paths, strict=True):
-        value = var.get_value()
-        if mesh is None:
-            var.set_value(jnp.asarray(reader.read(path, None, value.dtype)))
-        else:
-            names = var.get_metadata()["out_sharding"]
-            spec = sharding.logical_to_spec(names, value.shape, mesh, rules)
-            var.set_value(
-                jax.make_array_from_callback(
-                    value.shape,
-                    NamedSharding(mesh, spec),
-                    lambda idx, p=path, dt=value.dtype: reader.read(p, idx, dt),
-                )
-            )
-        reader.release()
-    return nnx.merge(graphdef, state), config
 
 
 # --- writing -----------------------------------------------------------------

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
@@ -43,6 +43,7 @@ from llama_jax.hf import (
     hf_tensor_names,
     layout_dims,
     project_to_hf,
+    read_hf_config,
     write_safetensors,
 )
 from llama_jax.model import Llama
@@ -215,14 +216,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
+    return traverse_util.unflatten_dict(dict(flat), sep=".")
 
 
 def _orbax_tree(item_dir: epath.Path) -> Any:
@@ -349,6 +343,23 @@ def load_model(
     state = nnx.split(nnx.eval_shape(lambda: nnx.merge(graphdef, abstract)))[1]
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state), config
+
+
+def load_hf(
+    hf_dir,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
+    **model_kwargs,
+) -> tuple[Llama, LlamaConfig]:
+    """`load_model` for a transformers `save_pretrained` LLaMA directory: every tensor
+    is checked for presence, dtype and shape before any is read, and unknown tensors
+    are an error. With a mesh, each device's slice is read from disk on its own."""
+    read_hf_config(str(hf_dir))
+    return load_model(
+        hf_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **model_kwargs
+    )
 
 
 def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from llama_jax.kernels.int8_matmul import int8_matmul
 
@@ -137,13 +138,6 @@ def int8_dot_general(
     return (acc * scale.astype(jnp.float32)).astype(out_dtype)
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v}
-    return out
-
-
 def quantize_params(
     params: Mapping[str, Any], *, head: bool = False, embed: bool = False
 ) -> dict[str, Any]:
@@ -151,7 +145,7 @@ def quantize_params(
     every QUANTIZED_KERNELS kernel (and the LM head / embedding when asked) as int8 plus
     its `*_scale`; the rest unchanged. Jit it with the quantized model's shardings as
     out_shardings to quantize in place on the devices."""
-    flat = _flat(params)
+    flat = traverse_util.flatten_dict(dict(params), sep=".")
     if any(k.endswith(SCALE_SUFFIX) for k in flat):
         raise QuantizationError("these parameters are already quantized")
     if head and HEAD not in flat:
@@ -164,11 +158,4 @@ def quantize_params(
             out[path], out[path + SCALE_SUFFIX] = q, s
         else:
             out[path] = value
-    nested: dict[str, Any] = {}
-    for path, value in out.items():
-        *parents, leaf = path.split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
+    return traverse_util.unflatten_dict(out, sep=".")

@@ -194,6 +194,19 @@ def make_step(loss_fn, tx: optax.GradientTransformation, schedule: optax.Schedul
     return step
 
 
+def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int):
+    """(float32[] summed cross-entropy, float32[] count) of `model` on a batch (see
+    `make_train_step`), the unembedding chunked and in float32."""
+    h, _ = model.hidden_states(batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    return chunked_cross_entropy(
+        h,
+        lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
+        batch["targets"],
+        batch["loss_mask"],
+        chunk=loss_chunk,
+    )
+
+
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -209,12 +222,7 @@ def make_train_step(
     """
 
     def loss_sum(params, micro, step):
-        model = nnx.merge(graphdef, params)
-        h, _ = model.hidden_states(micro["tokens"], segment_ids_BT=micro["segment_ids"])
-        logits_f32 = lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32)
-        total, count = chunked_cross_entropy(
-            h, logits_f32, micro["targets"], micro["loss_mask"], chunk=loss_chunk
-        )
+        total, count = token_loss_sum(nnx.merge(graphdef, params), micro, loss_chunk)
         return total, {"count": count}
 
     return make_step(loss_sum, tx, schedule, grad_accum=grad_accum)

@@ -14,7 +14,7 @@ import torch
 from hf_models import make_hf_model
 
 from llama_jax.generate import Sampling, generate, sample_logits
-from llama_jax.hf import load_hf
+from llama_jax.model_dir import load_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

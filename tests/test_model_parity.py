@@ -8,7 +8,7 @@ import pytest
 import torch
 from hf_models import make_hf_model, rewrite_config
 
-from llama_jax.hf import load_hf
+from llama_jax.model_dir import load_hf
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

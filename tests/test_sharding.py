@@ -99,7 +99,7 @@ def test_rule_override_changes_placement():
 def test_load_hf_straight_into_shards(tmp_path):
     from hf_models import make_hf_model
 
-    from llama_jax.hf import load_hf
+    from llama_jax.model_dir import load_hf
 
     make_hf_model(tmp_path, hidden_size=48, num_attention_heads=6, num_key_value_heads=2)
     mesh = sharding.create_mesh(data=1, fsdp=2, tensor=4)
