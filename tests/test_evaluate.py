@@ -1,0 +1,385 @@
+"""Evaluation: perplexity against transformers, multiple-choice log-likelihoods and
+accuracy, few-shot prompts, generation metrics, task-file errors, and `launch.evaluate`."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+from hf_models import make_hf_model
+
+from llama_jax import evaluate, model_dir, sharding, train
+from llama_jax.evaluate import EvalError
+from llama_jax.tokenizer import Tokenizer
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("owl", "hoot")]
+DOCS = [
+    "A short one.",
+    "A document that is longer than two windows of twenty-four bytes, so it is split.",
+    "Mid-sized text of some thirty bytes.",
+    "x",
+]
+
+
+def _write_byte_tokenizer(directory):
+    """One token per byte (ids 3..258) after <pad>, <s>, </s>: fits the 263-token models."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIALS + alphabet)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True}
+        )
+    )
+    return Tokenizer.from_dir(directory)
+
+
+def _write_task(path, spec, examples):
+    lines = [{"task": spec}, *examples]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.create_mesh(data=2, fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory, mesh):
+    """A random transformers model (V=263) with the byte tokenizer, loaded on a 2x2x2 mesh."""
+    directory = tmp_path_factory.mktemp("hf")
+    torch_model = make_hf_model(directory, vocab_size=263, num_key_value_heads=1)
+    tokenizer = _write_byte_tokenizer(directory)
+    model, _ = model_dir.load_model(directory, mesh=mesh)
+    return torch_model, model, tokenizer, directory
+
+
+def _torch_log_probs(torch_model, ids):
+    """float64 [len(ids), V] log-softmax of the transformers model over one sequence."""
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss_of_transformers(hf, tmp_path):
+    torch_model, model, tokenizer, _ = hf
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(DOCS) + "\n")
+    seq_len = 24
+    docs = evaluate.read_documents(text)
+    assert docs == DOCS
+    got = evaluate.eval_perplexity(model, tokenizer, docs, seq_len=seq_len, batch_size=8)
+
+    # Each document is BOS + bytes + EOS; windows of 24 predictions, each seen alone.
+    total, tokens = 0.0, 0
+    for doc in DOCS:
+        ids = tokenizer.encode(doc, add_bos=True, add_eos=True)
+        for s in range(0, len(ids) - 1, seq_len):
+            window = ids[s : s + seq_len + 1]
+            logp = _torch_log_probs(torch_model, window[:-1])
+            total -= logp[np.arange(len(window) - 1), window[1:]].sum()
+            tokens += len(window) - 1
+    assert got["tokens"] == tokens == sum(len(d) + 1 for d in DOCS)
+    assert got["documents"] == len(DOCS)
+    assert got["loss"] == pytest.approx(total / tokens, rel=2e-5)
+    assert got["perplexity"] == math.exp(got["loss"])
+
+    # One window per row scores the same tokens; a JSONL copy reads the same documents.
+    alone = evaluate.eval_perplexity(
+        model, tokenizer, docs, seq_len=seq_len, batch_size=8, pack=False
+    )
+    assert alone["rows"] > got["rows"]
+    assert alone["loss"] == pytest.approx(got["loss"], rel=1e-5)
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
+    assert evaluate.read_documents(jsonl, field="body") == DOCS
+
+
+def test_choice_log_likelihoods_match_transformers_on_a_mesh(hf, tmp_path):
+    torch_model, model, tokenizer, _ = hf
+    spec = {
+        "type": "multiple_choice",
+        "prompt": "Q: {q}\nA: ",  # the trailing space moves to the choices
+        "target": "{choice}",
+        "choices": "options",
+    }
+    examples = [
+        {"q": "one", "options": ["x", "yes"], "answer": 0},
+        {"q": "a much longer question " * 4, "options": ["y", "z", "w"], "answer": 2},
+    ]
+    task = evaluate.load_task(_write_task(tmp_path / "t.jsonl", spec, examples))
+    got = evaluate.eval_task(
+        model, tokenizer, task, max_len=128, batch_size=8, details=True, loss_chunk=3
+    )
+    for ex, row in zip(examples, got["examples"], strict=True):
+        context = f"Q: {ex['q']}\nA:"
+        ctx = tokenizer.encode(context)
+        want = []
+        for choice in ex["options"]:
+            whole = tokenizer.encode(context + " " + choice)
+            assert whole[: len(ctx)] == ctx
+            logp = _torch_log_probs(torch_model, whole[:-1])
+            positions = np.arange(len(ctx) - 1, len(whole) - 1)
+            want.append(logp[positions, whole[len(ctx) :]].sum())
+        np.testing.assert_allclose(row["log_likelihoods"], want, rtol=1e-4)
+        assert row["pred"] == int(np.argmax(want))
+        chars = [len(" " + c) for c in ex["options"]]  # the moved space counts
+        assert row["pred_norm"] == int(np.argmax(np.asarray(want) / chars))
+    acc = np.mean(
+        [r["pred"] == ex["answer"] for r, ex in zip(got["examples"], examples, strict=True)]
+    )
+    assert got["metrics"]["acc"] == acc and got["n"] == 2
+
+    # With max_len 16 the long prompt loses its start (the model sees the last 16 tokens
+    # before the final one); the short one fits and scores as before.
+    short = evaluate.eval_task(
+        model, tokenizer, task, max_len=16, batch_size=8, details=True, loss_chunk=3
+    )
+    np.testing.assert_allclose(
+        short["examples"][0]["log_likelihoods"], got["examples"][0]["log_likelihoods"], rtol=1e-5
+    )
+    want = []
+    for choice in examples[1]["options"]:
+        seq = tokenizer.encode(f"Q: {examples[1]['q']}\nA: {choice}")[-17:]
+        want.append(_torch_log_probs(torch_model, seq[:-1])[-2:][[0, 1], seq[-2:]].sum())
+    np.testing.assert_allclose(short["examples"][1]["log_likelihoods"], want, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(hf):
+    """The random model trained until it knows which sound each animal makes."""
+    _, _, tokenizer, directory = hf
+    # Loading beats a fresh init here: random initialisers compile slowly on the CPU.
+    model, _ = model_dir.load_model(directory)
+    ids = tokenizer.encode_batch([f"{a} says: {s}\n" for a, s in ANIMALS], add_eos=True)
+    t = max(map(len, ids))
+    tokens = np.zeros((len(ids), t), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = row
+        segments[i, : len(row)] = 1
+    mask = segments * np.roll(segments, -1, axis=1)
+    mask[:, -1] = 0
+    batch = dict(
+        tokens=tokens, segment_ids=segments, targets=np.roll(tokens, -1, axis=1), loss_mask=mask
+    )
+    graphdef, state = nnx.split(model)
+    # Plain single-device arrays in and out, so the step compiles once.
+    device = jax.devices()[0]
+    params = jax.device_put(nnx.to_pure_dict(state), device)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss(p):
+            total, count = train.token_loss_sum(nnx.merge(graphdef, p), batch, 64)
+            return total / count
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = jax.device_put(tx.init(params), device)
+    for _ in range(60):
+        params, opt_state, _ = step(params, opt_state)
+    return nnx.merge(graphdef, params), tokenizer
+
+
+def test_trained_preference_is_picked_and_generated(trained, tmp_path):
+    model, tokenizer = trained
+    sounds = [s for _, s in ANIMALS]
+    examples = [{"animal": a, "sound": s} for a, s in ANIMALS]
+    mc = evaluate.load_task(
+        _write_task(
+            tmp_path / "mc.jsonl",
+            {
+                "type": "multiple_choice",
+                "prompt": "{animal} says:",
+                "choices": sounds,
+                "answer": "sound",
+            },
+            examples,
+        )
+    )
+    got = evaluate.eval_task(model, tokenizer, mc, max_len=32, batch_size=4, details=True)
+    assert got["metrics"]["acc"] == 1.0 and got["metrics"]["acc_norm"] == 1.0
+    assert got["metrics"]["acc_stderr"] == 0.0
+    # Summed log-probabilities of each choice's bytes from a plain forward pass over
+    # right-padded rows (causal: the padding cannot change earlier positions).
+    pairs = [
+        (tokenizer.encode(f"{a} says:"), tokenizer.encode(f"{a} says: {c}"))
+        for a, _ in ANIMALS
+        for c in sounds
+    ]
+    rows = np.zeros((len(pairs), max(len(w) for _, w in pairs)), np.int32)
+    for i, (_, whole) in enumerate(pairs):
+        rows[i, : len(whole)] = whole
+    logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(rows)), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [
+        logp[i, np.arange(len(ctx) - 1, len(whole) - 1), whole[len(ctx) :]].sum()
+        for i, (ctx, whole) in enumerate(pairs)
+    ]
+    lls = [x for row in got["examples"] for x in row["log_likelihoods"]]
+    np.testing.assert_allclose(lls, want, rtol=1e-4, atol=1e-5)
+    for (_, sound), row in zip(ANIMALS, got["examples"], strict=True):
+        assert sounds[row["pred"]] == sound and row["greedy"][row["answer"]]
+
+    gen = evaluate.load_task(
+        _write_task(
+            tmp_path / "gen.jsonl",
+            {
+                "type": "generate",
+                "prompt": "{animal} says:",
+                "reference": "sound",
+                "stop": ["\n"],
+                "max_new_tokens": 8,
+            },
+            examples,
+        )
+    )
+    got = evaluate.eval_task(model, tokenizer, gen, max_len=32, batch_size=2, details=True)
+    assert [r["prediction"] for r in got["examples"]] == [f" {s}" for s in sounds]
+    assert got["metrics"]["exact_match"] == 1.0 and got["metrics"]["rouge_l"] == 1.0
+
+
+def test_few_shot_prompts_follow_the_template(tmp_path):
+    spec = {
+        "type": "multiple_choice",
+        "description": "Pick one.\n",
+        "prompt": "Q: {q}\nA:",
+        "target": " {choice}!",
+        "fewshot_separator": "\n---\n",
+        "choices": ["yes", "no"],
+        "num_fewshot": 2,
+    }
+    examples = [{"q": "q0", "answer": 0}, {"q": "q1", "answer": 1}, {"q": "q2", "answer": "yes"}]
+    task = evaluate.load_task(_write_task(tmp_path / "t.jsonl", spec, examples))
+    assert task.context(1, 0) == "Pick one.\nQ: q1\nA:"
+    assert task.context(1, 2) == "Pick one.\nQ: q0\nA: yes!\n---\nQ: q2\nA: yes!\n---\nQ: q1\nA:"
+    assert task.context(0, 2) == "Pick one.\nQ: q1\nA: no!\n---\nQ: q2\nA: yes!\n---\nQ: q0\nA:"
+
+    # Lines marked _fewshot are only shots; the draw is seeded and never the scored one.
+    pool = [{"q": f"s{i}", "answer": i % 2, "_fewshot": True} for i in range(6)]
+    task = evaluate.load_task(_write_task(tmp_path / "p.jsonl", spec, examples + pool))
+    assert len(task.examples) == 3 and len(task.fewshot) == 6
+    prompt = task.context(2, 2)
+    assert prompt == evaluate.load_task(tmp_path / "p.jsonl").context(2, 2)
+    shots = [line for line in prompt.split("\n") if line.startswith("Q: s")]
+    assert len(shots) == 2 and shots == sorted(shots)
+    plain = evaluate.load_task(_write_task(tmp_path / "q.jsonl", spec, examples * 4))
+    for i in range(len(plain.examples)):
+        assert all(s is not plain.examples[i] for s in plain.shots(i, 5))
+
+
+def test_rouge_l_and_exact_match_by_hand():
+    # LCS "the cat on the mat" = 5 of 6 words on both sides.
+    assert evaluate.rouge_l("the cat sat on the mat", "The cat is on the mat") == pytest.approx(
+        5 / 6
+    )
+    # LCS "b c": precision 2/3, recall 2/4, F1 = 2 * (1/3) / (7/6) = 4/7.
+    assert evaluate.rouge_l("A B C", "b c d e") == pytest.approx(4 / 7)
+    assert evaluate.rouge_l("x y", "y x") == pytest.approx(0.5)
+    assert evaluate.rouge_l("", "word") == 0.0 and evaluate.rouge_l("", "  ") == 1.0
+    assert evaluate.rouge_l("alpha", "beta") == 0.0
+    assert evaluate.exact_match(" 42\n", "42") == 1.0
+    assert evaluate.exact_match("42.", "42") == 0.0
+    assert evaluate.cut_at_stop(" woof\nQ: next", ["\n", "Q:"]) == " woof"
+    assert evaluate.cut_at_stop("no stop here", ["\n"]) == "no stop here"
+
+
+MC = {"type": "multiple_choice", "prompt": "{q}"}
+GOOD = {"q": "a", "choices": ["x", "y"], "answer": 1}
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        ([], "is empty"),
+        ([{"task": MC}, GOOD, '{"q": "b", '], r":3: not valid JSON"),
+        ([GOOD], r":1: the first line must be"),
+        ([{"task": {**MC, "type": "mc"}}, GOOD], r"task type 'mc' is unknown"),
+        ([{"task": {**MC, "prompts": "x"}}, GOOD], r"unknown task spec keys \['prompts'\]"),
+        ([{"task": MC}, GOOD, {"z": "b", "choices": ["x"], "answer": 0}], r":3: .*uses \{q\}"),
+        ([{"task": MC}, {**GOOD, "answer": 2}], r"answer index 2 is out of range for 2"),
+        ([{"task": MC}, {**GOOD, "answer": "z"}], r"answer 'z' is not one of"),
+        ([{"task": MC}, {**GOOD, "choices": []}], r"choices is \[\]; expected a non-empty"),
+        ([{"task": {**MC, "prompt": "{q} {choice}"}}, GOOD], r"exists only in the target"),
+        ([{"task": {**MC, "num_fewshot": 3}}, GOOD, GOOD], r"num_fewshot=3 but only 1"),
+        ([{"task": MC}], "no examples to score"),
+        ([{"task": {"type": "generate", "prompt": "{q}"}}, {"q": "a"}], r"no field 'answer'"),
+    ],
+)
+def test_bad_task_files_are_named_errors(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    with pytest.raises(EvalError, match=message):
+        evaluate.load_task(path)
+
+
+def _cli(monkeypatch, *args):
+    from absl import flags
+
+    from launch import common
+    from launch import evaluate as cli
+
+    monkeypatch.setattr(common, "init_distributed", lambda: None)
+    monkeypatch.setattr(common, "quiet_logs", lambda: None)
+    flags.FLAGS.unparse_flags()
+    cli.main(flags.FLAGS(["evaluate", *args]))
+
+
+def test_command_prints_one_json_line_and_names_bad_input(hf, tmp_path, capsys, monkeypatch):
+    _, model, tokenizer, directory = hf
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(DOCS) + "\n")
+    out = tmp_path / "out.jsonl"
+    common = [f"--model_dir={directory}", "--dtype=float32", "--mesh=data=2,fsdp=2,tensor=2"]
+    _cli(monkeypatch, *common, f"--data={text}", "--seq_len=24", f"--output={out}")
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    want = evaluate.eval_perplexity(model, tokenizer, DOCS, seq_len=24, batch_size=8)
+    assert result["tokens"] == want["tokens"]
+    assert result["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert json.loads(out.read_text()) == result
+
+    task = _write_task(tmp_path / "t.jsonl", MC, [GOOD, {"q": "b", "choices": ["x"], "answer": 0}])
+    _cli(monkeypatch, *common, f"--tasks={task}", "--seq_len=24", "--num_fewshot=1")
+    (line,) = capsys.readouterr().out.strip().split("\n")
+    result = json.loads(line)
+    assert result["task"] == "t" and result["num_fewshot"] == 1 and result["n"] == 2
+    assert 0.0 <= result["metrics"]["acc"] <= 1.0
+
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    for content, flag, message in [
+        ([{"task": {**MC, "prompt": "{question}"}}, GOOD], "--tasks", "t.jsonl:2: the prompt"),
+        ([{"task": MC}, "{oops"], "--tasks", "t.jsonl:2: not valid JSON"),
+        ([], "--data", "bad.jsonl:2: expected a JSON object with a string 'text'"),
+    ]:
+        task.write_text(
+            "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in content)
+        )
+        path = task if flag == "--tasks" else bad_data
+        # The model directory is never read: a broken one would fail otherwise.
+        with pytest.raises(SystemExit) as exit_info:
+            _cli(monkeypatch, f"--model_dir={tmp_path}", f"{flag}={path}")
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err
