@@ -2,6 +2,9 @@
 
 import ml_collections
 
+from llama_jax.lora import DEFAULT_TARGETS
+from llama_jax.prune import DEFAULT_INCLUDE
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -62,6 +65,32 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, async_save=True))
+    # Magnitude pruning while training (llama_jax.prune): off while sparsity is 0 and
+    # the pattern unstructured. With an N:M pattern (e.g. "2:4") sparsity is (M - N) / M.
+    c.prune = ml_collections.ConfigDict(
+        dict(
+            sparsity=0.0,
+            pattern="unstructured",
+            schedule="one_shot",  # or "gradual" (cubic ramp from start_step to end_step)
+            scope="global",  # or "per_layer"
+            start_step=0,
+            end_step=0,
+            update_every=100,  # gradual: steps between mask updates
+            include=DEFAULT_INCLUDE,  # regex over kernel paths: every block projection
+        )
+    )
+    # LoRA fine-tuning (llama_jax.lora): off while rank is 0. With a rank, the base in
+    # model.model_dir is frozen and only the adapters train and are checkpointed.
+    c.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,
+            alpha=16.0,  # the adapters' output is scaled by alpha / rank
+            dropout=0.0,  # on the adapters' input, while training
+            # Comma-separated projection names ("q_proj"), dotted paths or regexes over
+            # "layers.attn.q_proj"-style paths; "all-linear": every block projection.
+            targets=DEFAULT_TARGETS,
+        )
+    )
     return c
 
 

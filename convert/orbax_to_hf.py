@@ -5,7 +5,8 @@ r"""Export a model directory as a Hugging Face directory that transformers loads
       --dtype=bfloat16 --max_shard_size=2GB
 
 --model_dir is any model directory: a converted one, a training or distillation workdir
-(its latest complete step; the student, never a teacher), or a Hugging Face one. Writes
+(its latest complete step; the student, never a teacher), a LoRA run (its adapters
+merged onto the base it recorded), or a Hugging Face one. Writes
 sharded safetensors with model.safetensors.index.json, a transformers config.json,
 generation_config.json and the tokenizer files, streaming one parameter at a time;
 the directory is written under a temporary name and renamed when complete.

@@ -420,7 +420,7 @@ def _text_source(
         raise DataError(f"add_bos=True but the tokenizer {tokenizer.path} has no BOS token")
     if config.add_eos and tokenizer.eos_id is None:
         raise DataError(f"add_eos=True but the tokenizer {tokenizer.path} has no EOS token")
-    docs = _read_text(path) if config.format == "text" else _read_jsonl(path, config.field)
+    docs = read_text(path) if config.format == "text" else read_jsonl(path, config.field)
     encoded = []
     for i in range(0, len(docs), _ENCODE_CHUNK):
         encoded += tokenizer.encode_batch(
@@ -434,7 +434,8 @@ def _text_source(
     return _pack(path, stream.astype(np.int32), np.cumsum(lengths), config)
 
 
-def _read_text(path: epath.Path) -> list[str]:
+def read_text(path: epath.Path) -> list[str]:
+    """The documents of a UTF-8 text file: blocks separated by blank lines."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -443,7 +444,8 @@ def _read_text(path: epath.Path) -> list[str]:
     return [doc.strip("\n") for doc in _BLANK_LINES.split(text) if doc.strip()]
 
 
-def _read_jsonl(path: epath.Path, field: str) -> list[str]:
+def read_jsonl(path: epath.Path, field: str) -> list[str]:
+    """The `field` string of every line of a JSONL file (a bad line is named)."""
     docs = []
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):

@@ -10,8 +10,6 @@ fingerprint of its config and parameters, and a resume with another teacher is r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,14 +19,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from llama_jax import sharding, train
+from llama_jax import checkpoint, sharding, train
 from llama_jax.config import LlamaConfig
 from llama_jax.losses import DistillLossConfig, chunked_distill_loss
 from llama_jax.train import TrainConfigError, log_info
-
-# Relative tolerance when comparing a teacher's parameter statistics on resume: sums
-# taken on another mesh add in another order.
-_FINGERPRINT_RTOL = 1e-3
 
 
 def linear_schedule(start: float, end: float, total_steps: int):
@@ -112,43 +106,13 @@ def perplexity(eval_fn, params, batches) -> float:
     return float(np.exp(total / count))
 
 
-def fingerprint(config: LlamaConfig, params) -> dict[str, Any]:
-    """A teacher's identity: a hash of its config, and per-parameter sums of |x| and
-    x**2 (float32, on the devices)."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
-
-    @jax.jit
-    def stats(p):
-        return jax.tree.map(
-            lambda x: jnp.stack(
-                [
-                    jnp.sum(jnp.abs(x.astype(jnp.float32))),
-                    jnp.sum(jnp.square(x.astype(jnp.float32))),
-                ]
-            ),
-            p,
-        )
-
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(stats(params)))[0]
-    return {
-        "config_sha256": digest,
-        "params": {jax.tree_util.keystr(k): [float(v) for v in np.asarray(x)] for k, x in flat},
-    }
-
-
 def check_same_teacher(saved: Mapping[str, Any], now: Mapping[str, Any], source: str) -> None:
     """Raises unless `now` (this run's teacher) matches the checkpoint's `saved`."""
-    if saved["fingerprint"]["config_sha256"] != now["fingerprint"]["config_sha256"]:
+    why = checkpoint.fingerprint_mismatch(saved["fingerprint"], now["fingerprint"])
+    if why is not None:
         raise TrainConfigError(
-            f"the teacher at {source} has another architecture than the one this run was "
-            f"distilled from ({saved['source']}); use that teacher or a new workdir"
-        )
-    a, b = saved["fingerprint"]["params"], now["fingerprint"]["params"]
-    changed = [k for k in a if k not in b or not np.allclose(a[k], b[k], rtol=_FINGERPRINT_RTOL)]
-    if changed or a.keys() != b.keys():
-        raise TrainConfigError(
-            f"the teacher at {source} has other weights than the one this run was distilled "
-            f"from ({saved['source']}): {changed[:3]} differ; use that teacher or a new workdir"
+            f"the teacher at {source} has {why} than the one this run was distilled from "
+            f"({saved['source']}); use that teacher or a new workdir"
         )
 
 
@@ -216,6 +180,11 @@ def _check_sections(cfg) -> None:
         )
     if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
         raise TrainConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
+    if cfg.get("lora") is not None and cfg.lora.rank:
+        raise TrainConfigError(
+            f"lora.rank={cfg.lora.rank}: distillation trains the whole student; LoRA "
+            "adapters are for launch.train (set lora.rank=0)"
+        )
 
 
 def loss_config(cfg) -> DistillLossConfig:
@@ -274,7 +243,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
         **model_dir.quant_kwargs(cfg.teacher.model_dir),
         **_teacher_kwargs(cfg),
     )
-    tx = train.make_optimizer(su.opt_cfg)
+    tx = train.build_optimizer(cfg, su.opt_cfg, abstract_student)
     shardings = train.state_shardings(abstract_student, tx, su.mesh)
     teacher_sh = jax.tree.map(lambda x: x.sharding, abstract_teacher)
 
@@ -282,7 +251,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     teacher_params = model_dir.load_params(cfg.teacher.model_dir, teacher_config, abstract_teacher)
     teacher_meta = {
         "source": str(cfg.teacher.model_dir),
-        "fingerprint": fingerprint(teacher_config, teacher_params),
+        "fingerprint": checkpoint.fingerprint(teacher_config, teacher_params),
     }
 
     workdir = epath.Path(workdir)
@@ -333,12 +302,13 @@ def run(cfg, workdir: str) -> dict[str, float]:
     teacher_ppl: list[float] = []
 
     def on_log(step_no, state) -> dict[str, float]:
+        out = train.prune_metrics(state.opt_state)
         if not eval_batches:
-            return {}
+            return out
         every = cfg.distill.eval_every
         if not (step_no == total or (every and step_no % every == 0)):
-            return {}
-        out = {"eval_ppl": perplexity(student_eval, state.params, eval_batches)}
+            return out
+        out["eval_ppl"] = perplexity(student_eval, state.params, eval_batches)
         if not teacher_ppl:
             teacher_eval = make_eval_step(teacher_graphdef, cfg.train.loss_chunk)
             teacher_ppl.append(perplexity(teacher_eval, teacher_params, eval_batches))

@@ -836,7 +836,7 @@ def read_documents(path, *, format: str | None = None, field: str = "text") -> l
         raise EvalError("field is empty; expected the JSONL key that holds each document")
     if not path.is_file():
         raise EvalError(f"data file {path} does not exist")
-    docs = data._read_text(path) if format == "text" else data._read_jsonl(path, field)
+    docs = data.read_text(path) if format == "text" else data.read_jsonl(path, field)
     if not docs:
         raise EvalError(f"data file {path} holds no documents")
     return docs

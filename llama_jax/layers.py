@@ -1,4 +1,5 @@
-"""Leaf NNX modules: Embed, RMSNorm, Dense (with a `dot_general` hook) and RoPE.
+"""Leaf NNX modules: Embed, RMSNorm, Dense (with a `dot_general` hook and optional LoRA
+adapters) and RoPE.
 
 Parameters carry logical axis names (`out_sharding` metadata); `sharding.py`
 maps them to mesh axes. Nothing here names a mesh axis.
@@ -6,6 +7,7 @@ maps them to mesh axes. Nothing here names a mesh axis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -19,10 +21,48 @@ from llama_jax.config import LlamaConfig
 DotGeneral = Callable[..., jax.Array]
 
 
-def _param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
+def _param(value: jax.Array, names: Sequence[str | None], kind=nnx.Param) -> nnx.Param:
     # eager_sharding=False: shardings are applied by `jax.jit(out_shardings=...)`
     # when a model is materialised on a mesh, not at construction.
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+    return kind(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the Dense modules whose paths are in `targets` (module
+    paths such as "layers.attn.q_proj"; `lora.resolve_targets` turns patterns into
+    them): y = base(x) + (alpha / rank) * dropout(x) A B."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank={self.rank!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha={self.alpha!r} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target module")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def at(self, path: str) -> LoraConfig | None:
+        """This config if the module at `path` is a target, else None."""
+        return self if path in self.targets else None
+
+
+def fold_keys(keys_B: jax.Array | None, i: int) -> jax.Array | None:
+    """Per-row dropout keys[B] folded with `i`, so sub-modules draw independent masks;
+    None stays None (no dropout)."""
+    if keys_B is None:
+        return None
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
 
 
 class Embed(nnx.Module):
@@ -105,6 +145,13 @@ class Dense(nnx.Module):
     the hook. With `quantized=True` the kernel is stored as int8 with a float32
     `kernel_scale[*out_shape]` beside it; both reach the hook as stored
     (`dot_general(..., scale=kernel_scale)`), which applies the scale to the output.
+
+    With `lora` the module also holds `lora_a[*in_shape, r]` and `lora_b[r, *out_shape]`
+    (`nnx.LoRAParam`, in param_dtype) and adds (alpha / r) * dropout(x) A B, computed in
+    the compute dtype with plain `lax.dot_general` whatever the base kernel's storage.
+    A is initialised as PEFT does (uniform in +-1/sqrt(fan_in), torch's kaiming-uniform
+    with a=sqrt(5)) and B with zeros, so a fresh adapter changes nothing. The base
+    parameters keep their paths.
     """
 
     def __init__(
@@ -121,6 +168,7 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
         dot_general: DotGeneral = jax.lax.dot_general,
         quantized: bool = False,
+        lora: LoraConfig | None = None,
     ):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         names = (*in_names, *out_names)
@@ -128,17 +176,37 @@ class Dense(nnx.Module):
             # Filled by quantizing a float model or by loading a quantized checkpoint.
             self.kernel = _param(jnp.zeros(in_shape + out_shape, jnp.int8), names)
             self.kernel_scale = _param(jnp.ones(out_shape, jnp.float32), out_names)
+            key = rngs.params() if lora is not None else None
         else:
+            key = rngs.params()
             init = jax.nn.initializers.normal(init_std)
-            self.kernel = _param(init(rngs.params(), in_shape + out_shape, param_dtype), names)
+            self.kernel = _param(init(key, in_shape + out_shape, param_dtype), names)
             self.kernel_scale = None
         self.bias = _param(jnp.zeros(out_shape, param_dtype), out_names) if use_bias else None
+        if lora is None:
+            self.lora_a = self.lora_b = None
+        else:
+            bound = 1.0 / math.sqrt(math.prod(in_shape))
+            # Folded from the kernel's key rather than drawn from `rngs`, so adding
+            # adapters leaves every base parameter's random init as it was.
+            a = jax.random.uniform(
+                jax.random.fold_in(key, 1), in_shape + (lora.rank,), param_dtype, -bound, bound
+            )
+            # The rank axis is never sharded: it is small, and both products contract it.
+            self.lora_a = _param(a, (*in_names, None), nnx.LoRAParam)
+            self.lora_b = _param(
+                jnp.zeros((lora.rank,) + out_shape, param_dtype), (None, *out_names), nnx.LoRAParam
+            )
+        self.lora = lora
         self.num_in = len(in_shape)
         self.dtype = dtype
         self.dot_general = dot_general
 
-    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
-        """dtype[..., *in_shape] -> out_dtype (default dtype)[..., *out_shape]."""
+    def __call__(self, x: jax.Array, out_dtype=None, dropout_keys=None) -> jax.Array:
+        """dtype[..., *in_shape] -> out_dtype (default dtype)[..., *out_shape].
+
+        dropout_keys: PRNG keys[B], one per row of x's leading (batch) axis, for the
+        LoRA dropout; None applies none (inference)."""
         kernel = self.kernel[...]
         if jnp.issubdtype(kernel.dtype, jnp.floating):
             kernel = kernel.astype(self.dtype)
@@ -152,9 +220,23 @@ class Dense(nnx.Module):
             y = self.dot_general(
                 x, kernel, dims, preferred_element_type=out_dtype, scale=self.kernel_scale[...]
             )
+        if self.lora is not None:
+            y = y + self._adapter(x, dims, out_dtype, dropout_keys).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y.astype(out_dtype)
+
+    def _adapter(self, x, dims, out_dtype, dropout_keys):
+        if dropout_keys is not None and self.lora.dropout > 0:
+            keep = 1.0 - self.lora.dropout
+            mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(dropout_keys)
+            x = jnp.where(mask, x / keep, 0).astype(x.dtype)
+        a = self.lora_a[...].astype(self.dtype)
+        b = self.lora_b[...].astype(self.dtype)
+        h = jax.lax.dot_general(x, a, dims, preferred_element_type=self.dtype)
+        h = (h * self.lora.scale).astype(self.dtype)
+        rank_dims = (((h.ndim - 1,), (0,)), ((), ()))
+        return jax.lax.dot_general(h, b, rank_dims, preferred_element_type=out_dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:

@@ -134,13 +134,14 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> st
     """One line such as `step 120/1000 | loss 2.3456 | lr 3.00e-04 | grad_norm 1.234 |
     12,345 tok/s | MFU 41.2% | ETA 0:12:34`. Entries missing from `metrics` (or None)
     are left out; the keys are those of `Throughput.update` plus loss, lr, grad_norm and,
-    when distilling, kd, ce and the held-out perplexities."""
+    when distilling, kd, ce and the held-out perplexities, and when pruning, sparsity."""
     formats = (
         ("loss", lambda v: f"loss {v:.4f}"),
         ("kd", lambda v: f"kd {v:.4f}"),
         ("ce", lambda v: f"ce {v:.4f}"),
         ("eval_ppl", lambda v: f"eval ppl {v:.2f}"),
         ("teacher_eval_ppl", lambda v: f"teacher ppl {v:.2f}"),
+        ("sparsity", lambda v: f"sparsity {100 * v:.1f}%"),
         ("lr", lambda v: f"lr {v:.2e}"),
         ("grad_norm", lambda v: f"grad_norm {v:.3f}"),
         ("tokens_per_s", lambda v: f"{v:,.0f} tok/s"),

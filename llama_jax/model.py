@@ -15,7 +15,16 @@ from llama_jax import attention as attn_lib
 from llama_jax import sharding
 from llama_jax.attention import KVCache
 from llama_jax.config import LlamaConfig
-from llama_jax.layers import Dense, DotGeneral, Embed, RMSNorm, apply_rope, rope_inv_freq
+from llama_jax.layers import (
+    Dense,
+    DotGeneral,
+    Embed,
+    LoraConfig,
+    RMSNorm,
+    apply_rope,
+    fold_keys,
+    rope_inv_freq,
+)
 
 REMAT_POLICIES = {
     "none": None,
@@ -23,6 +32,17 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Module paths of the block projections: what LoRA adapters may target.
+LORA_TARGETS = (
+    "layers.attn.q_proj",
+    "layers.attn.k_proj",
+    "layers.attn.v_proj",
+    "layers.attn.o_proj",
+    "layers.mlp.gate_proj",
+    "layers.mlp.up_proj",
+    "layers.mlp.down_proj",
+)
 
 
 def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs, quantized=False):
@@ -37,39 +57,77 @@ def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs, quantiz
     )
 
 
+def _lora_at(lora: LoraConfig | None, path: str) -> LoraConfig | None:
+    return None if lora is None else lora.at(path)
+
+
 class Attention(nnx.Module):
     def __init__(
-        self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs, quantized
+        self,
+        config: LlamaConfig,
+        *,
+        dtype,
+        param_dtype,
+        impl,
+        dot_general,
+        rngs,
+        quantized,
+        lora: LoraConfig | None = None,
     ):
         d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
         common = _dense_args(
             config, config.attention_bias, dtype, param_dtype, dot_general, rngs, quantized
         )
         self.q_proj = Dense(
-            (d,), (n, h), in_names=("embed",), out_names=("heads", "head_dim"), **common
+            (d,),
+            (n, h),
+            in_names=("embed",),
+            out_names=("heads", "head_dim"),
+            lora=_lora_at(lora, "layers.attn.q_proj"),
+            **common,
         )
         self.k_proj = Dense(
-            (d,), (k, h), in_names=("embed",), out_names=("kv_heads", "head_dim"), **common
+            (d,),
+            (k, h),
+            in_names=("embed",),
+            out_names=("kv_heads", "head_dim"),
+            lora=_lora_at(lora, "layers.attn.k_proj"),
+            **common,
         )
         self.v_proj = Dense(
-            (d,), (k, h), in_names=("embed",), out_names=("kv_heads", "head_dim"), **common
+            (d,),
+            (k, h),
+            in_names=("embed",),
+            out_names=("kv_heads", "head_dim"),
+            lora=_lora_at(lora, "layers.attn.v_proj"),
+            **common,
         )
         self.o_proj = Dense(
-            (n, h), (d,), in_names=("heads", "head_dim"), out_names=("embed",), **common
+            (n, h),
+            (d,),
+            in_names=("heads", "head_dim"),
+            out_names=("embed",),
+            lora=_lora_at(lora, "layers.attn.o_proj"),
+            **common,
         )
         # A tuple keeps this static (hashable) in the module's graph definition.
         self.inv_freq = tuple(rope_inv_freq(config).tolist())
         self.impl = impl
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None):
+    def __call__(
+        self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None, dropout_keys=None
+    ):
         """x: dtype[B, T, D] -> (dtype[B, T, D], updated (k, v) cache or None).
 
         kv_cache: (k[B, S, K, H], v[B, S, K, H], segment_ids[B, S] already holding this
-        call's ids, end[] the slot of x's first token).
+        call's ids, end[] the slot of x's first token). dropout_keys: keys[B] for the
+        LoRA dropout, or None.
         """
-        q_BTNH = apply_rope(self.q_proj(x_BTD), positions_BT, self.inv_freq)
-        k_BTKH = apply_rope(self.k_proj(x_BTD), positions_BT, self.inv_freq)
-        v_BTKH = self.v_proj(x_BTD)
+        q_BTNH = self.q_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 0))
+        k_BTKH = self.k_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 1))
+        q_BTNH = apply_rope(q_BTNH, positions_BT, self.inv_freq)
+        k_BTKH = apply_rope(k_BTKH, positions_BT, self.inv_freq)
+        v_BTKH = self.v_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 2))
         q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
         k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
         v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
@@ -83,7 +141,7 @@ class Attention(nnx.Module):
                 packed=packed,
                 impl=self.impl,
             )
-            return self.o_proj(out), None
+            return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), None
         k_BSKH, v_BSKH, kv_segment_BS, end = kv_cache
         start = (0, end, 0, 0)
         k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
@@ -97,29 +155,71 @@ class Attention(nnx.Module):
             q_offset=end,
             impl=self.impl,
         )
-        return self.o_proj(out), (k_BSKH, v_BSKH)
+        return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), (k_BSKH, v_BSKH)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, dot_general, rngs, quantized):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype,
+        param_dtype,
+        dot_general,
+        rngs,
+        quantized,
+        lora: LoraConfig | None = None,
+    ):
         d, f = config.embed_dim, config.mlp_dim
         common = _dense_args(
             config, config.mlp_bias, dtype, param_dtype, dot_general, rngs, quantized
         )
-        self.gate_proj = Dense((d,), (f,), in_names=("embed",), out_names=("mlp",), **common)
-        self.up_proj = Dense((d,), (f,), in_names=("embed",), out_names=("mlp",), **common)
-        self.down_proj = Dense((f,), (d,), in_names=("mlp",), out_names=("embed",), **common)
+        self.gate_proj = Dense(
+            (d,),
+            (f,),
+            in_names=("embed",),
+            out_names=("mlp",),
+            lora=_lora_at(lora, "layers.mlp.gate_proj"),
+            **common,
+        )
+        self.up_proj = Dense(
+            (d,),
+            (f,),
+            in_names=("embed",),
+            out_names=("mlp",),
+            lora=_lora_at(lora, "layers.mlp.up_proj"),
+            **common,
+        )
+        self.down_proj = Dense(
+            (f,),
+            (d,),
+            in_names=("mlp",),
+            out_names=("embed",),
+            lora=_lora_at(lora, "layers.mlp.down_proj"),
+            **common,
+        )
 
-    def __call__(self, x_BTD):
-        h_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
-        return self.down_proj(sharding.constrain(h_BTF, ("batch", "length", "mlp")))
+    def __call__(self, x_BTD, dropout_keys=None):
+        gate_BTF = self.gate_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 0))
+        up_BTF = self.up_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 1))
+        h_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+        return self.down_proj(h_BTF, dropout_keys=fold_keys(dropout_keys, 2))
 
 
 class Block(nnx.Module):
     def __init__(
-        self, config: LlamaConfig, *, dtype, param_dtype, impl, dot_general, rngs, quantized
+        self,
+        config: LlamaConfig,
+        *,
+        dtype,
+        param_dtype,
+        impl,
+        dot_general,
+        rngs,
+        quantized,
+        lora: LoraConfig | None = None,
     ):
         norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(config.embed_dim, **norm)
@@ -131,6 +231,7 @@ class Block(nnx.Module):
             dot_general=dot_general,
             rngs=rngs,
             quantized=quantized,
+            lora=lora,
         )
         self.mlp_norm = RMSNorm(config.embed_dim, **norm)
         self.mlp = MLP(
@@ -140,14 +241,22 @@ class Block(nnx.Module):
             dot_general=dot_general,
             rngs=rngs,
             quantized=quantized,
+            lora=lora,
         )
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None):
+    def __call__(
+        self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None, dropout_keys=None
+    ):
         attn_out, kv = self.attn(
-            self.attn_norm(x_BTD), positions_BT, segment_ids_BT, packed, kv_cache
+            self.attn_norm(x_BTD),
+            positions_BT,
+            segment_ids_BT,
+            packed,
+            kv_cache,
+            dropout_keys=fold_keys(dropout_keys, 0),
         )
         x_BTD = x_BTD + attn_out
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), dropout_keys=fold_keys(dropout_keys, 1))
         return sharding.constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
@@ -174,7 +283,9 @@ class Llama(nnx.Module):
     of REMAT_POLICIES. attention_impl is one of attention.IMPLEMENTATIONS. quantized
     stores the block projections as int8 with per-output-channel scales (see quant.py;
     pass dot_general=quant.int8_dot_general); quantize_head and quantize_embed do the
-    same to the untied LM head and to the embedding table (also the tied head).
+    same to the untied LM head and to the embedding table (also the tied head). lora
+    adds low-rank adapters to the block projections it targets (LORA_TARGETS paths;
+    see lora.py); the base parameters keep their paths.
     """
 
     def __init__(
@@ -190,6 +301,7 @@ class Llama(nnx.Module):
         quantized: bool = False,
         quantize_head: bool = False,
         quantize_embed: bool = False,
+        lora: LoraConfig | None = None,
         rngs: nnx.Rngs,
     ):
         if remat_policy not in REMAT_POLICIES:
@@ -203,6 +315,11 @@ class Llama(nnx.Module):
             raise ValueError(
                 "a quantized model needs a dot_general that applies the kernel scales, "
                 "e.g. dot_general=llama_jax.quant.int8_dot_general"
+            )
+        if lora is not None and set(lora.targets) - set(LORA_TARGETS):
+            raise ValueError(
+                f"LoRA targets {sorted(set(lora.targets) - set(LORA_TARGETS))} are not block "
+                f"projections; expected some of {list(LORA_TARGETS)}"
             )
         impl = attn_lib.resolve_implementation(attention_impl)
         self.config = config
@@ -230,6 +347,7 @@ class Llama(nnx.Module):
                 dot_general=dot_general,
                 rngs=rngs,
                 quantized=quantized,
+                lora=lora,
             )
 
         self.layers = make_blocks(rngs)
@@ -259,11 +377,16 @@ class Llama(nnx.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        dropout_keys: jax.Array | None = None,
     ):
         """tokens: int[B, T] -> logits dtype[B, T, V], or (logits, cache) when a cache is
         given. See `hidden_states` for the other arguments."""
         h_BTD, cache = self.hidden_states(
-            tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache
+            tokens_BT,
+            positions_BT=positions_BT,
+            segment_ids_BT=segment_ids_BT,
+            cache=cache,
+            dropout_keys=dropout_keys,
         )
         logits = self.unembed(h_BTD)
         return logits if cache is None else (logits, cache)
@@ -282,6 +405,7 @@ class Llama(nnx.Module):
         positions_BT: jax.Array | None = None,
         segment_ids_BT: jax.Array | None = None,
         cache: KVCache | None = None,
+        dropout_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states dtype[B, T, D] and the updated cache.
 
@@ -291,6 +415,8 @@ class Llama(nnx.Module):
           or continue from `cache.end` when decoding.
         cache: a KVCache; this call's tokens are written at slots [end, end + T). A
           call that would write past the last slot returns NaN hidden states.
+        dropout_keys: PRNG keys[B], one per row, for the LoRA adapters' dropout (each
+          layer and projection folds in its own index); None (inference) applies none.
         """
         if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
             raise ValueError(
@@ -317,22 +443,26 @@ class Llama(nnx.Module):
             )
 
         def body(x, xs):
-            layer_params, kv = xs
+            layer_params, kv, keys_B = xs
             block = nnx.merge(graphdef, layer_params)
             kv_in = None if kv is None else (*kv, kv_segment_BS, cache.end)
-            return block(x, positions_BT, segment_ids_BT, packed, kv_in)
+            return block(x, positions_BT, segment_ids_BT, packed, kv_in, dropout_keys=keys_B)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
 
         kv_in = None if cache is None else (cache.k, cache.v)
+        keys_LB = None
+        if dropout_keys is not None:
+            n = self.config.num_layers
+            keys_LB = jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(dropout_keys)
         if self.scan_layers:
-            x_BTD, kv_out = jax.lax.scan(body, x_BTD, (params, kv_in))
+            x_BTD, kv_out = jax.lax.scan(body, x_BTD, (params, kv_in, keys_LB))
         else:
             outs = []
             for i in range(self.config.num_layers):
-                xs = jax.tree.map(lambda a, i=i: a[i], (params, kv_in))
+                xs = jax.tree.map(lambda a, i=i: a[i], (params, kv_in, keys_LB))
                 x_BTD, kv = body(x_BTD, xs)
                 outs.append(kv)
             kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)

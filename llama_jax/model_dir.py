@@ -8,7 +8,9 @@ Three kinds of directory hold a model, and every reader here accepts each of the
   the parameter tree), tokenizer files, `generation_config.json` and `metadata.json`
   (source, dtype, quantization, sparsity).
 - `run`: a training or distillation workdir (`checkpoints/<step>/`), or one step
-  directory in it; the latest complete step is read, parameters only.
+  directory in it; the latest complete step is read, parameters only. A LoRA run's
+  checkpoints hold adapters only: readers load the base its metadata records, check
+  its fingerprint, and merge the adapters onto it (`load_lora_run`).
 
 Parameters are read straight into the shardings the caller asks for, whatever mesh
 wrote them.
@@ -34,7 +36,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
 from convert import hf_keymap
-from llama_jax import checkpoint, quant, sharding
+from llama_jax import checkpoint, lora, prune, quant, sharding
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.hf import (
     CheckpointError,
@@ -140,7 +142,11 @@ def find_tokenizer(path) -> str | None:
     if detect(path) == "run":
         meta = _run_meta(path)
         found = meta.get("config", {}).get("data", {}).get("tokenizer") or None
-        return found if found and epath.Path(found).exists() else None
+        if found and epath.Path(found).exists():
+            return found
+        # A LoRA run trained on pre-tokenized data still has its base's tokenizer.
+        base = meta.get("lora", {}).get("base", {}).get("path")
+        return find_tokenizer(base) if base and epath.Path(base).exists() else None
     if any((path / name).exists() for name in TOKENIZER_FILES[:2]):
         return str(path)
     return None
@@ -182,15 +188,9 @@ def abstract_params(
     carrying their target shardings on `mesh`. quantization: None or 'int8' (the block
     projections int8 with scales, and the LM head / embedding when asked; quant.py)."""
     param_dtype = jnp.dtype(param_dtype or dtype)
-    if quantization is not None:
-        quant.check_mode(quantization)
-        model_kwargs = dict(
-            model_kwargs,
-            quantized=True,
-            quantize_head=quantize_head,
-            quantize_embed=quantize_embed,
-            dot_general=quant.int8_dot_general,
-        )
+    model_kwargs = dict(
+        model_kwargs, **quant.model_kwargs(quantization, quantize_head, quantize_embed)
+    )
     graphdef, state = nnx.split(
         nnx.eval_shape(
             lambda: Llama(
@@ -290,6 +290,8 @@ def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[
         raise CheckpointError(
             f"{path} holds a different architecture: {_config_diff(saved_config, config)}"
         )
+    if lora_info(path) is not None:
+        return load_lora_run(path, config, abstract)
     if kind != "hf":
         return _restore(*_params_source(path), abstract)
     flat = _flatten(abstract)
@@ -364,9 +366,13 @@ def load_hf(
 
 def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (dotted path, numpy array in its stored dtype) one parameter at a time, in
-    the model's parameter order, so only one parameter is ever in host memory."""
+    the model's parameter order, so only one parameter is ever in host memory (a LoRA
+    run's merged onto its base, see `load_lora_run`)."""
     path = epath.Path(path)
     kind = detect(path)
+    if lora_info(path) is not None:
+        yield from _iter_lora_run(path, config)
+        return
     _, abstract = abstract_params(
         config, sharding.create_mesh(devices=jax.devices()[:1]), **quant_kwargs(path)
     )
@@ -424,6 +430,193 @@ def quant_kwargs(path) -> dict[str, Any]:
         quantization=meta.get("quantization"),
         quantize_head=bool(meta.get("quantized_head")),
         quantize_embed=bool(meta.get("quantized_embed")),
+    )
+
+
+# --- LoRA runs ---------------------------------------------------------------
+
+
+def lora_info(path) -> dict[str, Any] | None:
+    """The `lora` entry of a run's checkpoint metadata (the LoRA settings, and the
+    base's path and fingerprint), or None for any other model directory."""
+    path = epath.Path(path)
+    if detect(path) != "run":
+        return None
+    return _run_meta(path).get("lora")
+
+
+def stored_float_dtype(path) -> np.dtype:
+    """The dtype a model directory stores its float parameters in (a norm scale's: never
+    quantized)."""
+    path = epath.Path(path)
+    return _stored_dtypes(path, read_config(path))["final_norm.scale"]
+
+
+def _other_base(info: Mapping[str, Any], base_dir, why: str):
+    return CheckpointError(
+        f"the base at {base_dir} has {why} than the one these LoRA adapters were trained "
+        f"on ({info['base']['path']}); use that base, or a new workdir for new adapters"
+    )
+
+
+def check_lora_base(info: Mapping[str, Any], fingerprint: Mapping[str, Any], base_dir) -> None:
+    """Raises unless `fingerprint` (`checkpoint.fingerprint` of the model in base_dir)
+    is that of the base the adapters of `info` (`lora_info`) were trained on."""
+    why = checkpoint.fingerprint_mismatch(info["base"]["fingerprint"], fingerprint)
+    if why is not None:
+        raise _other_base(info, base_dir, why)
+
+
+def _lora_base_dir(path: epath.Path, info: Mapping[str, Any], base_dir) -> epath.Path:
+    base_dir = epath.Path(base_dir or info["base"]["path"])
+    if not base_dir.exists():
+        raise CheckpointError(
+            f"{path} holds LoRA adapters for the base {base_dir}, which does not exist; "
+            "give its new location (launch.merge_lora --base_dir)"
+        )
+    return base_dir
+
+
+def _adapters_abstract(config: LlamaConfig, info: Mapping[str, Any], mesh) -> dict[str, Any]:
+    lora_cfg = lora.from_meta(info)
+    return lora.abstract_model(lambda: Llama(config, lora=lora_cfg, rngs=nnx.Rngs(0)), mesh)[1]
+
+
+def load_lora_run(
+    path, config: LlamaConfig, abstract: Mapping[str, Any], *, base_dir=None
+) -> dict[str, Any]:
+    """The parameters of a LoRA run merged onto its base (`lora.merge`), in the
+    shardings and dtypes of `abstract` (the plain float model's, see `abstract_params`).
+
+    The base (the one the run recorded, or `base_dir` if it moved) is read as stored,
+    float or int8, and must match the recorded fingerprint; the adapters are the latest
+    complete step's."""
+    path = epath.Path(path)
+    info = lora_info(path)
+    base_dir = _lora_base_dir(path, info, base_dir)
+    mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+    _, abstract_base = abstract_params(
+        config, mesh, dtype=stored_float_dtype(base_dir), **quant_kwargs(base_dir)
+    )
+    base = load_params(base_dir, config, abstract_base)
+    check_lora_base(info, checkpoint.fingerprint(config, base), base_dir)
+    item_dir = _run_step_dir(path) / checkpoint.STATE
+    adapters = _restore(item_dir, "params", _adapters_abstract(config, info, mesh))
+    lora_cfg = lora.from_meta(info)
+    dtypes = jax.tree.map(lambda x: x.dtype, abstract)
+
+    def merge(base, adapters):
+        merged = lora.merge(base, adapters, lora_cfg)
+        return jax.tree.map(lambda x, dt: x.astype(dt), merged, dtypes)
+
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    return jax.jit(merge, out_shardings=shardings)(base, adapters)
+
+
+def _iter_lora_run(path: epath.Path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """`iter_host_params` of a LoRA run: the base streamed one parameter at a time, each
+    checked against the recorded fingerprint, target kernels merged layer by layer and
+    int8 ones dequantized (float32)."""
+    info = lora_info(path)
+    base_dir = _lora_base_dir(path, info, None)
+    saved = info["base"]["fingerprint"]
+    if saved["config_sha256"] != checkpoint.config_digest(read_config(base_dir)):
+        raise _other_base(info, base_dir, "another architecture")
+    lora_cfg = lora.from_meta(info)
+    mesh = sharding.create_mesh(devices=jax.devices()[:1])
+    item_dir = _run_step_dir(path) / checkpoint.STATE
+    adapters = _flatten(
+        jax.device_get(_restore(item_dir, "params", _adapters_abstract(config, info, mesh)))
+    )
+    _, base_abstract = abstract_params(config, mesh, **quant_kwargs(base_dir))
+    base_names = set(_flatten(base_abstract))
+    stream = iter_host_params(base_dir, config)
+    held: dict[str, np.ndarray] = {}
+
+    def take(name: str) -> np.ndarray:
+        while name not in held:
+            got, x = next(stream)
+            stats = saved["params"].get(checkpoint.fingerprint_key(got))
+            if stats is None or not checkpoint.same_stats(stats, checkpoint.host_stats(x)):
+                raise _other_base(info, base_dir, f"other weights ({got} differs)")
+            held[got] = x
+        return held.pop(name)
+
+    _, float_abstract = abstract_params(config, mesh)
+    for name in _flatten(float_abstract):
+        x = take(name)
+        scale_name = name + quant.SCALE_SUFFIX
+        scale = take(scale_name) if scale_name in base_names else None
+        module, _, leaf = name.rpartition(".")
+        if leaf == "kernel" and module in lora_cfg.targets:
+            a, b = adapters[f"{module}.lora_a"], adapters[f"{module}.lora_b"]
+            x = _merge_layers(x, scale, a, b, lora_cfg.scale)
+        elif scale is not None:
+            x = np.asarray(_flatten(quant.dequantize_params({name: x, scale_name: scale}))[name])
+        yield name, x
+
+
+def _merge_layers(kernel, scale, a, b, lora_scale: float) -> np.ndarray:
+    """A stacked kernel [L, in..., out...] (float, or int8 with scale [L, out...]) with
+    adapters merged, one layer at a time so only one layer's float32 copy exists."""
+    num_in = a.ndim - 2
+    out = np.empty(kernel.shape, np.float32 if scale is not None else kernel.dtype)
+    for i in range(kernel.shape[0]):
+        w = kernel[i]
+        if scale is not None:
+            w = quant.dequantize(w, scale[i], num_in, stacked=False)
+        out[i] = np.asarray(lora.merge_kernel(w, a[i], b[i], lora_scale))
+    return out
+
+
+def merge_lora_dir(
+    path,
+    out_dir,
+    *,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    dtype: str = "auto",
+    base_dir=None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> epath.Path:
+    """Writes a LoRA run merged onto its base as a converted (float) model directory.
+
+    base_dir: where the base is now, if it moved since training (its fingerprint must
+    match either way). dtype: 'auto' (the base's float dtype) or one of DTYPES. The
+    merged parameters are built in their shards on `mesh` and written one at a time.
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    path = epath.Path(path)
+    info = lora_info(path)
+    if info is None:
+        raise CheckpointError(
+            f"{path} is not a LoRA run: its checkpoint metadata has no 'lora' entry"
+        )
+    base_dir = _lora_base_dir(path, info, base_dir)
+    config = read_config(path)
+    if dtype == "auto":
+        dtype = str(stored_float_dtype(base_dir))
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
+    files = _export_tokenizer_files(
+        path, tokenizer or find_tokenizer(path) or find_tokenizer(base_dir)
+    )
+    _, abstract = abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
+    flat = _flatten(load_lora_run(path, config, abstract, base_dir=base_dir))
+    return write_model_dir(
+        out_dir,
+        config,
+        ((name, flat.pop(name)) for name in list(flat)),
+        metadata={
+            "source": {"kind": "lora", "path": str(path.resolve()), "base": str(base_dir)},
+            "dtype": dtype,
+            "lora": {k: v for k, v in info.items() if k != "base"},
+        },
+        files=files,
+        overwrite=overwrite,
+        on_param=on_param,
     )
 
 
@@ -840,7 +1033,13 @@ def _export_tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str
 
 
 def _stored_dtypes(path: epath.Path, config: LlamaConfig) -> dict[str, np.dtype]:
-    """Each parameter's dtype as stored, in the model's parameter order."""
+    """Each parameter's dtype as stored, in the model's parameter order (a LoRA run's:
+    its base's, with int8 kernels merged into the base's float dtype)."""
+    info = lora_info(path)
+    if info is not None:
+        base = _stored_dtypes(epath.Path(info["base"]["path"]), config)
+        float_dtype = base["final_norm.scale"]
+        return {n: float_dtype if dt == np.int8 else dt for n, dt in base.items()}
     _, abstract = abstract_params(config, sharding.create_mesh(devices=jax.devices()[:1]))
     names = list(_flatten(abstract))
     if detect(path) == "hf":
@@ -901,12 +1100,80 @@ def quantize_dir(
         metadata={
             "source": {"kind": detect(path), "path": str(path.resolve())},
             "dtype": str(float_dtype),
+            "sparsity": read_metadata(path).get("sparsity"),
             **_quant_metadata(qopts),
         },
         files=files,
         overwrite=overwrite,
         on_param=on_param,
     )
+
+
+def prune_dir(
+    path,
+    out_dir,
+    cfg: prune.PruneConfig,
+    *,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> tuple[epath.Path, dict[str, Any]]:
+    """One-shot magnitude pruning of any float model directory into a converted one.
+
+    The parameters are read into their shards on `mesh`; the masks for `cfg`'s final
+    sparsity are computed there (no array is gathered) and applied, and the result is
+    written one parameter at a time with metadata.json "sparsity" (pattern, scope,
+    overall and per-layer fractions). Returns (out_dir, that sparsity record).
+    """
+    out_dir = check_out_dir(out_dir, overwrite)
+    path = epath.Path(path)
+    config = read_config(path)
+    already = quantization(path)
+    if already is not None:
+        raise CheckpointError(f"{path} is quantized ({already}); prune its float source")
+    files = _export_tokenizer_files(path, tokenizer)
+    dtype = _stored_dtypes(path, config)["embed.embedding"]
+    _, abstract = abstract_params(config, mesh, rules, dtype=dtype)
+    try:
+        paths = prune.pruned_paths(cfg, abstract)
+    except prune.PruneError as e:
+        raise CheckpointError(str(e)) from e
+    params = load_params(path, config, abstract)
+    last = len(cfg.points()) - 1
+
+    def apply(p):
+        masks = prune.compute_masks(cfg, p, paths, last)
+        return prune.apply_masks(p, masks, p), masks
+
+    params, masks = jax.jit(apply, donate_argnums=0)(params)
+    report = prune.sparsity_report(masks)
+    del masks
+    record = {
+        "pattern": cfg.pattern,
+        "scope": cfg.scope,
+        "target": cfg.final_sparsity,
+        "include": cfg.include,
+        "overall": report["sparsity"],
+        "per_layer": [v for k, v in sorted(report.items()) if k.startswith("sparsity/")],
+    }
+    flat = _flatten(params)
+    del params
+    out = write_model_dir(
+        out_dir,
+        config,
+        ((name, flat.pop(name)) for name in list(flat)),
+        metadata={
+            "source": {"kind": detect(path), "path": str(path.resolve())},
+            "dtype": str(dtype),
+            "sparsity": record,
+        },
+        files=files,
+        overwrite=overwrite,
+        on_param=on_param,
+    )
+    return out, record
 
 
 def _quant_options(config: LlamaConfig, mode, head: bool, embed: bool) -> dict[str, Any]:

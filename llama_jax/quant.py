@@ -138,6 +138,21 @@ def int8_dot_general(
     return (acc * scale.astype(jnp.float32)).astype(out_dtype)
 
 
+def model_kwargs(
+    quantization: str | None, quantize_head: bool = False, quantize_embed: bool = False
+) -> dict[str, Any]:
+    """`Llama` keyword arguments for a model stored with this quantization (None: float)."""
+    if quantization is None:
+        return {}
+    check_mode(quantization)
+    return dict(
+        quantized=True,
+        quantize_head=quantize_head,
+        quantize_embed=quantize_embed,
+        dot_general=int8_dot_general,
+    )
+
+
 def quantize_params(
     params: Mapping[str, Any], *, head: bool = False, embed: bool = False
 ) -> dict[str, Any]:
@@ -158,4 +173,21 @@ def quantize_params(
             out[path], out[path + SCALE_SUFFIX] = q, s
         else:
             out[path] = value
+    return traverse_util.unflatten_dict(out, sep=".")
+
+
+def dequantize_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `quantize_params`: every int8 parameter with a `*_scale` beside it
+    becomes float32 (q * scale) and the scales are dropped; the rest is unchanged."""
+    flat = traverse_util.flatten_dict(dict(params), sep=".")
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        if path.endswith(SCALE_SUFFIX):
+            continue
+        scale = flat.get(path + SCALE_SUFFIX)
+        if scale is None:
+            out[path] = value
+        else:
+            s = jnp.expand_dims(scale.astype(jnp.float32), reduce_axes(path))
+            out[path] = value.astype(jnp.float32) * s
     return traverse_util.unflatten_dict(out, sep=".")

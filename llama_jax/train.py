@@ -109,6 +109,27 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 
+def build_optimizer(cfg, opt_cfg: OptimizerConfig, params) -> optax.GradientTransformation:
+    """The run's optimizer: `make_optimizer`, wrapped in magnitude pruning when the
+    config's `prune` block asks for it (params: arrays or shapes, for their paths)."""
+    from llama_jax import prune
+
+    tx = make_optimizer(opt_cfg)
+    try:
+        prune_cfg = prune.from_config(cfg.get("prune"))
+        return tx if prune_cfg is None else prune.masked(tx, prune_cfg, params)
+    except prune.PruneError as e:
+        raise TrainConfigError(str(e)) from e
+
+
+def prune_metrics(opt_state) -> dict[str, float]:
+    """Sparsity overall and per layer when the optimizer prunes, else nothing."""
+    from llama_jax import prune
+
+    found = prune.find_state(opt_state)
+    return {} if found is None else prune.sparsity_report(found.masks)
+
+
 def batch_sharding(mesh, rules, shape: tuple[int, int]) -> NamedSharding:
     """Sharding of an int[B, T] batch from the logical names ("batch", "length")."""
     return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), shape, mesh, rules))
@@ -194,10 +215,13 @@ def make_step(loss_fn, tx: optax.GradientTransformation, schedule: optax.Schedul
     return step
 
 
-def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int):
+def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int, dropout_keys=None):
     """(float32[] summed cross-entropy, float32[] count) of `model` on a batch (see
-    `make_train_step`), the unembedding chunked and in float32."""
-    h, _ = model.hidden_states(batch["tokens"], segment_ids_BT=batch["segment_ids"])
+    `make_train_step`), the unembedding chunked and in float32. dropout_keys: keys[B]
+    for LoRA dropout, or None."""
+    h, _ = model.hidden_states(
+        batch["tokens"], segment_ids_BT=batch["segment_ids"], dropout_keys=dropout_keys
+    )
     return chunked_cross_entropy(
         h,
         lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
@@ -228,21 +252,80 @@ def make_train_step(
     return make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
 
+def make_lora_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum: int = 1,
+    loss_chunk: int = 512,
+    dropout_seed: int | None = None,
+):
+    """Returns step(state, batch, base_params) -> (state, metrics), not yet jitted.
+
+    The state's params are LoRA adapters (`lora.abstract_model`; graphdef is the adapted
+    model's); base_params are the frozen base's, a separate argument that takes no
+    gradient. The loss is `make_train_step`'s. dropout_seed: the adapters' dropout
+    masks come from (seed, step, global row); None applies no dropout.
+    """
+    from llama_jax import lora
+
+    def loss_sum(adapters, micro, step, base_params):
+        keys = None
+        if dropout_seed is not None:
+            keys = lora.dropout_keys(dropout_seed, step, micro["rows"][:, 0])
+        model = nnx.merge(graphdef, lora.combine(base_params, adapters))
+        total, count = token_loss_sum(model, micro, loss_chunk, dropout_keys=keys)
+        return total, {"count": count}
+
+    step = make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
+    if dropout_seed is None:
+        return step
+
+    def step_with_rows(state, batch, base_params):
+        # Each row's index in the global batch travels with it through the microbatch
+        # split, so its dropout masks do not depend on grad_accum.
+        rows = jnp.arange(batch["tokens"].shape[0], dtype=jnp.int32)[:, None]
+        return step(state, {**batch, "rows": rows}, base_params)
+
+    return step_with_rows
+
+
 def state_shardings(params, tx, mesh) -> TrainState:
-    """Shardings of a TrainState for params (arrays or ShapeDtypeStructs with shardings):
-    optimizer moments follow their parameters, counters are replicated."""
+    """Shardings of a TrainState for params (arrays or ShapeDtypeStructs with shardings).
+
+    An optimizer-state leaf whose path ends with a parameter's path and has its shape
+    (Adam's moments, pruning masks) takes that parameter's sharding; every other leaf
+    (counters, schedules) is replicated.
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = jax.tree.map(lambda x: x.sharding, params)
+    by_path = {
+        _dict_keys(path): (x.shape, x.sharding)
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            shape, sh = by_path.get(keys[i:], (None, None))
+            if shape == leaf.shape:
+                return sh
+        return replicated
+
     abstract_opt = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sh: sh,
-        abstract_opt,
-        param_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    opt_sh = jax.tree_util.tree_map_with_path(pick, abstract_opt)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    """The trailing run of dict keys of a pytree path (a parameter's own path)."""
+    keys: list[str] = []
+    for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        keys.append(str(k.key))
+    return tuple(reversed(keys))
 
 
 def init_state(params, tx, mesh) -> tuple[TrainState, TrainState]:
@@ -381,6 +464,16 @@ def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
             f"the checkpoint was written with other data settings ({diffs}); resuming would "
             "not see the batches the run would have. Use a new workdir or the old settings."
         )
+    # The pruning masks and schedule live in the optimizer state being restored.
+    from llama_jax import prune
+
+    prune_before, prune_now = saved.get("prune"), cfg.get("prune")
+    if prune.from_config(prune_before) != prune.from_config(prune_now):
+        raise TrainConfigError(
+            f"the checkpoint was written with prune settings {prune_before}, not "
+            f"{None if prune_now is None else prune_now.to_dict()}; resume with the same "
+            "prune block or use a new workdir"
+        )
 
 
 @dataclasses.dataclass
@@ -457,20 +550,23 @@ def abstract_train_state(abstract_params, tx, shardings: TrainState) -> TrainSta
     )
 
 
-def matmul_flops_per_token(model_config, seq_len: int) -> float:
-    """Training FLOPs per token; the input embedding is a lookup, not a matmul."""
+def matmul_flops_per_token(model_config, seq_len: int, *, frozen: bool = False) -> float:
+    """Training FLOPs per token; the input embedding is a lookup, not a matmul. frozen:
+    the weights take no gradient (a LoRA base: 4 FLOPs per weight, not 6; the small
+    adapters are not counted)."""
     from llama_jax import metrics
 
     matmul_params = model_config.num_params() - (
         0 if model_config.tie_word_embeddings else model_config.vocab_size * model_config.embed_dim
     )
-    return metrics.train_flops_per_token(
+    flops = metrics.train_flops_per_token(
         matmul_params,
         model_config.num_layers,
         model_config.num_heads,
         model_config.head_dim,
         seq_len,
     )
+    return flops - 2.0 * matmul_params if frozen else flops
 
 
 def loop(
@@ -546,15 +642,18 @@ def run(cfg, workdir: str) -> dict[str, float]:
     complete checkpoint. Returns the last logged metrics.
 
     Everything that can be checked (config, mesh, batch split, model config, tokenizer,
-    data) is checked before anything is compiled or initialised.
+    data) is checked before anything is compiled or initialised. With `lora.rank` > 0
+    this is `run_lora`.
     """
     from llama_jax import checkpoint
 
+    if cfg.get("lora") is not None and cfg.lora.rank != 0:
+        return run_lora(cfg, workdir)
     su = setup(cfg)
     make_model, graphdef, abstract_params = abstract_model(
         su.model_config, cfg.model, su.mesh, su.rules, cfg.train.seed
     )
-    tx = make_optimizer(su.opt_cfg)
+    tx = build_optimizer(cfg, su.opt_cfg, abstract_params)
     shardings = state_shardings(abstract_params, tx, su.mesh)
 
     workdir = epath.Path(workdir)
@@ -606,6 +705,152 @@ def run(cfg, workdir: str) -> dict[str, float]:
             ckpt,
             meta,
             flops_per_token=matmul_flops_per_token(su.model_config, cfg.data.seq_len),
+            on_log=lambda _, state: prune_metrics(state.opt_state),
+        )
+
+
+def _lora_options(cfg):
+    """The run's checked LoraConfig (LoRA is on: lora.rank != 0)."""
+    from llama_jax import lora, prune
+
+    try:
+        lora_cfg = lora.from_config(cfg.lora)
+    except lora.LoraError as e:
+        raise TrainConfigError(str(e)) from e
+    if not cfg.model.model_dir:
+        raise TrainConfigError(
+            f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model the "
+            "adapters are trained on (Hugging Face, converted, or a run)"
+        )
+    try:
+        pruning = prune.from_config(cfg.get("prune")) is not None
+    except prune.PruneError as e:
+        raise TrainConfigError(str(e)) from e
+    if pruning:
+        raise TrainConfigError(
+            "prune and lora cannot be combined: with LoRA only the adapters train, and "
+            "pruning masks the trained weights; prune the merged model instead"
+        )
+    return lora_cfg
+
+
+def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any], workdir) -> None:
+    """A resume must train the adapters it restores: same rank, alpha, dropout, targets."""
+    if saved is None:
+        raise TrainConfigError(
+            f"{workdir} holds a full training run, not LoRA adapters; use a new workdir"
+        )
+    changed = [k for k in now if saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"lora.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise TrainConfigError(
+            f"the checkpoint's adapters were trained with other LoRA settings ({diffs}); "
+            "resume with those or use a new workdir"
+        )
+
+
+def run_lora(cfg, workdir: str) -> dict[str, float]:
+    """Trains LoRA adapters per `cfg` (its `lora` block) over the frozen base in
+    `model.model_dir` (any model directory kind, float or int8), resuming from the
+    latest complete checkpoint in `workdir`. Returns the last logged metrics.
+
+    The base is loaded as stored (dtype and quantization) and passed to the jitted step
+    as a non-donated argument; the state, the optimizer state and the checkpoints hold
+    only the adapters. The checkpoint metadata's `lora` entry records the settings and
+    the base's path and fingerprint: a resume with other settings or another base is
+    refused, and the model directory readers merge the adapters onto that base.
+    """
+    from llama_jax import checkpoint, lora, model_dir, quant
+    from llama_jax.model import Llama
+
+    lora_cfg = _lora_options(cfg)
+    su = setup(cfg)
+    config, base_dir = su.model_config, cfg.model.model_dir
+    base_quant = model_dir.quant_kwargs(base_dir)
+
+    def make_model():
+        return Llama(
+            config,
+            lora=lora_cfg,
+            rngs=nnx.Rngs(cfg.train.seed),
+            **_model_kwargs(cfg.model),
+            **quant.model_kwargs(**base_quant),
+        )
+
+    graphdef, abstract_adapters = lora.abstract_model(make_model, su.mesh, su.rules)
+    _, abstract_base = model_dir.abstract_params(
+        config, su.mesh, su.rules, dtype=model_dir.stored_float_dtype(base_dir), **base_quant
+    )
+    tx = make_optimizer(su.opt_cfg)
+    shardings = state_shardings(abstract_adapters, tx, su.mesh)
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    resuming = ckpt.latest_step() is not None
+    lora_meta = lora.to_meta(lora_cfg)
+    if resuming:
+        saved = model_dir.lora_info(workdir)
+        _check_same_lora(saved, lora_meta, workdir)
+    log_info("loading the frozen base from %s", base_dir)
+    base = model_dir.load_params(base_dir, config, abstract_base)
+    lora_meta["base"] = {
+        "path": str(epath.Path(base_dir).resolve()),
+        "fingerprint": checkpoint.fingerprint(config, base),
+    }
+    if resuming:
+        model_dir.check_lora_base(saved, lora_meta["base"]["fingerprint"], base_dir)
+        abstract = abstract_train_state(abstract_adapters, tx, shardings)
+        restored_step, state, meta = ckpt.restore(abstract)
+        _check_resumable(meta["config"], cfg)
+        su.iterator.restore(meta["data"])
+        log_info("resumed from step %d", restored_step)
+    else:
+        adapters = lora.init_adapters(make_model, abstract_adapters)
+        state, _ = init_state(adapters, tx, su.mesh)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", cfg.to_dict())
+
+    step_fn = jit_train_step(
+        make_lora_train_step(
+            graphdef,
+            tx,
+            learning_rate_schedule(su.opt_cfg),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+            dropout_seed=cfg.train.seed if lora_cfg.dropout > 0 else None,
+        ),
+        shardings,
+        su.batch_sh,
+        jax.tree.map(lambda x: x.sharding, abstract_base),
+    )
+
+    def step(state, batch):
+        return step_fn(state, batch, base)
+
+    def meta() -> dict[str, Any]:
+        return {
+            "data": su.iterator.state(),
+            "config": cfg.to_dict(),
+            "model": config.to_dict(),
+            "lora": lora_meta,
+        }
+
+    with sharding.activation_sharding(su.mesh, su.rules):
+        return loop(
+            cfg,
+            workdir,
+            state,
+            step,
+            su.iterator,
+            ckpt,
+            meta,
+            flops_per_token=matmul_flops_per_token(config, cfg.data.seq_len, frozen=True),
         )
 
 

@@ -1,0 +1,58 @@
+r"""Merge a LoRA run's adapters into its base and write a converted model directory.
+
+  python -m launch.merge_lora --model_dir=/runs/lora --out_dir=/ckpt/merged
+
+--model_dir is a LoRA training run (its latest complete step). The base is the one the
+run's checkpoint records (or --base_dir, if it has moved); its fingerprint must match.
+Each kernel becomes W + (alpha / rank) * A B; an int8 base is dequantized, so the
+result is always a float model (quantize it again with launch.quantize). Every command
+that reads a model also takes the run directory itself and merges on the fly; this
+writes the merged model once.
+"""
+
+from absl import app, flags
+
+from launch import common
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "A LoRA training run.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_BASE_DIR = flags.DEFINE_string(
+    "base_dir", None, "The base model directory, if it moved (default: the recorded one)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "auto",
+    ["auto", "bfloat16", "float32", "float16"],
+    "Dtype of the merged parameters; 'auto' is the base's float dtype.",
+)
+_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to merge on, e.g. 'fsdp=-1,tensor=4'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer directory or file to ship (default: the run's or the base's)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logs()
+    common.init_distributed()
+    from llama_jax import model_dir, sharding
+
+    with common.clear_errors():
+        out = model_dir.merge_lora_dir(
+            _MODEL_DIR.value,
+            _OUT_DIR.value,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+            dtype=_DTYPE.value,
+            base_dir=_BASE_DIR.value,
+            tokenizer=_TOKENIZER.value,
+            overwrite=_OVERWRITE.value,
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,77 @@
+r"""Prune a model directory one-shot by weight magnitude.
+
+  python -m launch.prune --model_dir=/ckpt/llama3.2-1b --out_dir=/ckpt/llama3.2-1b-50 \
+      --sparsity=0.5
+  python -m launch.prune --model_dir=/ckpt/llama3.2-1b --out_dir=/ckpt/llama3.2-1b-2of4 \
+      --pattern=2:4
+
+--model_dir is any float model directory (converted, a training run, Hugging Face).
+The output is a converted model directory whose pruned weights are exactly zero, with
+metadata.json "sparsity" holding the pattern, scope and the pruned fraction overall
+and per layer. To recover the quality lost, distil into it with a `prune` block that
+keeps the masks (configs/distill_prune_tiny.py shows the recipe).
+"""
+
+from absl import app, flags
+
+from launch import common
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Float model directory.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_SPARSITY = flags.DEFINE_float(
+    "sparsity",
+    None,
+    "Fraction of the pruned weights to zero, in [0, 1). Default 0.5; with --pattern=N:M "
+    "it is (M - N) / M.",
+)
+_PATTERN = flags.DEFINE_string(
+    "pattern", "unstructured", "'unstructured' or N:M (N kept of every M along the input axis)."
+)
+_SCOPE = flags.DEFINE_enum(
+    "scope",
+    "global",
+    ["global", "per_layer"],
+    "One magnitude threshold over every pruned matrix, or one per layer's matrix.",
+)
+_INCLUDE = flags.DEFINE_string(
+    "include",
+    None,
+    "Regex over the prunable kernels' paths (default: every block projection; the LM "
+    "head is 'lm_head.kernel'; embeddings and norms are never pruned).",
+)
+_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to prune on, e.g. 'fsdp=-1,tensor=4'.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer directory or file to ship (default: the model's own)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_logs()
+    common.init_distributed()
+    from llama_jax import model_dir, prune, sharding
+
+    with common.clear_errors():
+        sparsity = _SPARSITY.value
+        if sparsity is None:
+            sparsity = 0.5 if prune.parse_pattern(_PATTERN.value) is None else 0.0
+        options = dict(sparsity=sparsity, pattern=_PATTERN.value, scope=_SCOPE.value)
+        if _INCLUDE.value is not None:
+            options["include"] = _INCLUDE.value
+        out, record = model_dir.prune_dir(
+            _MODEL_DIR.value,
+            _OUT_DIR.value,
+            prune.PruneConfig(**options),
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+            tokenizer=_TOKENIZER.value,
+            overwrite=_OVERWRITE.value,
+        )
+    print(f"wrote {out}: {100 * record['overall']:.2f}% of the pruned kernels are zero")
+
+
+if __name__ == "__main__":
+    app.run(main)
