@@ -1,6 +1,7 @@
 # make demo   creates .venv, installs, then distils a teacher into a student on the CPU
 # make test   creates .venv, installs the package with its test extras, runs the tests
 # make lint   ruff lint and format check
+# make bench  runs every benchmark's quick mode on the device present (bench/results/)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DIR ?= /tmp/llama_jax_demo
 
-.PHONY: demo test lint format install
+.PHONY: demo test lint format install bench
 
 install: $(STAMP)
 
@@ -27,6 +28,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist load tests
+
+bench: $(STAMP)
+	$(PY) -m bench.train --quick
+	$(PY) -m bench.generate --quick
+	$(PY) -m bench.distill --quick
+	$(PY) -m bench.quant --quick
+	$(PY) -m bench.convert --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,7 @@
 r"""Conversion benchmark: peak host memory and time of HF -> Orbax and back.
 
   python -m bench.convert                      # llama3.2-1b shape, float32 (~5 GB)
-  python -m bench.convert --preset=tiny        # seconds, for a quick check
+  python -m bench.convert --quick              # the tiny preset: seconds, for a quick check
 
 Writes a random model with transformers (cached under --cache), then measures in
 separate processes, each with its own peak RSS: reading the safetensors bytes cold from
@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 from bench import common
+
+# The size the limits are set for; smaller presets are quick checks of the machinery.
+REFERENCE = "llama3.2-1b"
 
 _MAKE_HF = r"""
 import json, sys, torch, transformers
@@ -54,10 +57,13 @@ with torch.no_grad():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="llama3.2-1b")
+    parser.add_argument("--preset", default=REFERENCE)
+    parser.add_argument("--quick", action="store_true", help="the tiny preset")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cache", default="/tmp/llama_jax_bench")
     args = parser.parse_args()
+    if args.quick:
+        args.preset = "tiny"
 
     from llama_jax import hf
 
@@ -141,6 +147,29 @@ def main() -> None:
     )
     for k, v in summary.items():
         print(f"{k}: {v}")
+    at_reference = args.preset == REFERENCE
+    targets = [
+        common.target(
+            "convert_peak_rss",
+            "hf_to_orbax peak RSS within 2 x the largest tensor + 1.5 GB",
+            common.gb(convert_rss),
+            summary["rss_limit_gb"],
+            "<=",
+            "GB",
+            at_reference,
+        ),
+        common.target(
+            "convert_time",
+            "hf_to_orbax time over a cold read of the safetensors",
+            summary["convert_over_cold_read"],
+            2.0,
+            "<=",
+            "x the cold read",
+            at_reference,
+        ),
+    ]
+    common.print_targets(targets)
+    # Conversion runs on the host (JAX_PLATFORMS=cpu in its processes) on any machine.
     device = "cpu"
     path = common.write_result(
         "convert",
@@ -149,8 +178,10 @@ def main() -> None:
             config=dict(preset=args.preset, dtype=args.dtype, num_tensors=len(tensors)),
             rows=rows,
             summary=summary,
+            targets=targets,
             units=dict(seconds="s", peak_rss_gb="GB (1e9 bytes)"),
         ),
+        quick=not at_reference,
     )
     print(f"wrote {path}")
 

@@ -1,17 +1,18 @@
 r"""Distillation benchmark: step throughput (with MFU counting the teacher's forward)
 and the memory of the chunked loss against the naive one.
 
-  python -m bench.distill                   # CPU: small teacher/student, quick
-  python -m bench.distill --size=1b         # accelerators: llama3.2-1b -> ~300M, seq 2048
+  python -m bench.distill                   # CPU: small; accelerators: llama3.2-1b -> ~300M
+  python -m bench.distill --quick           # small teacher/student on any device, 5 steps
 
 Loss memory is XLA's compiled temp allocation for the loss and its gradient at vocab
-128256 (compiled, not run, so it works on any machine).
+128256 (compiled, not run, so it works on any machine). The step is compiled ahead of
+time (compile_s: tracing + lowering + compilation); its time is the median of --steps
+synchronised steps after --warmup (the first step counts as one).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 from bench import common
@@ -78,7 +79,7 @@ def loss_memory(vocab: int = 128256, batch: int = 2, seq: int = 2048, width: int
     return dict(vocab=vocab, batch=batch, seq=seq, width=width, rows=rows)
 
 
-def step_throughput(size: str, steps: int) -> dict:
+def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     import jax
     import ml_collections
     from flax import nnx
@@ -143,18 +144,21 @@ def step_throughput(size: str, steps: int) -> dict:
         ),
         batch_sh,
     )
+    start = time.perf_counter()
     with sharding.activation_sharding(mesh, rules):
-        start = time.perf_counter()
-        state, m = step_fn(state, data, t_params)
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, m = step_fn(state, data, t_params)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+        compiled = step_fn.lower(state, data, t_params).compile()
+    compile_s = time.perf_counter() - start
+
+    def step():
+        nonlocal state
+        state, m = compiled(state, data, t_params)
+        return state, m
+
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    first_step_s = time.perf_counter() - start
+    timed = common.time_calls(step, warmup=warmup - 1, repeats=steps)
+    step_s = timed["median"]
     flops = train.matmul_flops_per_token(student_config, seq) + (
         train.matmul_flops_per_token(teacher_config, seq) / 3
     )
@@ -168,7 +172,10 @@ def step_throughput(size: str, steps: int) -> dict:
         batch=batch,
         dtype=dtype,
         compile_s=round(compile_s, 2),
+        first_step_s=round(first_step_s, 2),
         step_ms_median=round(1000 * step_s, 2),
+        step_ms_min=round(1000 * timed["min"], 2),
+        step_ms_max=round(1000 * timed["max"], 2),
         tokens_per_s=round(tokens_per_s, 1),
         tflops_per_s=round(flops * tokens_per_s / 1e12, 4),
         mfu=None if not peak else round(flops * tokens_per_s / peak, 4),
@@ -178,22 +185,53 @@ def step_throughput(size: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--size", default="auto", choices=["auto", *sorted(SIZES)])
+    parser.add_argument("--quick", action="store_true", help="the small size, 5 timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, >= 1")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step is always a warm-up)")
+    facts = common.device_facts()
+    reference = "small" if facts["platform"] == "cpu" else "1b"
+    if args.quick:
+        args.size, args.steps = "small", min(args.steps, 5)
+    size = reference if args.size == "auto" else args.size
     memory = loss_memory()
     print(common.table(memory["rows"], ["loss", "temp_gb"]))
-    speed = step_throughput(args.size, args.steps)
+    speed = step_throughput(size, args.steps, args.warmup)
     print(common.table([speed], list(speed)))
-    device = common.device_name()
+    targets = [
+        common.target(
+            "distill_mfu_1b",
+            "distillation step MFU (student training + teacher forward), llama3.2-1b "
+            "teacher -> 314M student, seq 2048, batch 8, on an H100",
+            speed["mfu"],
+            0.45,
+            ">=",
+            "fraction of peak",
+            size == "1b" and facts["platform"] == "gpu",
+        )
+    ]
+    common.print_targets(targets)
     path = common.write_result(
         "distill",
-        device,
+        facts["device"],
         dict(
+            facts=facts,
             loss_memory=memory,
             step=speed,
-            units=dict(temp_gb="GB (1e9 bytes)", tokens_per_s="tokens/s", step_ms_median="ms"),
+            targets=targets,
+            units=dict(
+                temp_gb="GB (1e9 bytes)",
+                tokens_per_s="tokens/s",
+                step_ms_median="ms",
+                compile_s="s",
+                first_step_s="s",
+                mfu="fraction of the device's dense bf16 peak",
+            ),
         ),
+        quick=args.quick and size != reference,
     )
     print(f"wrote {path}")
 

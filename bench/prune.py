@@ -1,0 +1,271 @@
+r"""Pruning benchmark: the per-step cost of the pruning transformation, and what
+pruning and recovery by distillation do to held-out perplexity.
+
+  python -m bench.prune            # the demo-sized model (minutes on a CPU)
+  python -m bench.prune --quick    # a smaller model and shorter runs
+
+Overhead: the same jitted train step with plain AdamW and with AdamW wrapped in
+`prune.masked` (gradual schedule, masks recomputed every 100 steps), median of
+--steps synchronised steps after warm-up; the mask update itself is timed on its own
+and amortised over its 100 steps.
+
+Quality: a teacher is trained on the demo's corpus (Python standard library source,
+SentencePiece BPE), then pruned five ways and scored on held-out files: dense; 50%
+unstructured one-shot (launch.prune's path); 50% gradual during distillation from the
+dense model (the recovery recipe); 2:4 one-shot; 2:4 kept during distillation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+from bench import common
+
+# (train overrides on the tiny preset, seq, batch) for the overhead measurement.
+STEP_SIZES = {
+    "small": (
+        "embed_dim=128,num_layers=4,num_heads=4,num_kv_heads=2,head_dim=32,mlp_dim=352",
+        128,
+        8,
+    ),
+    "1b": (None, 2048, 8),
+}
+# (demo scale, teacher steps, recovery steps) for the quality table.
+QUALITY = {"quick": ("small", 150, 60), "full": ("full", 400, 200)}
+
+
+def step_overhead(size: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from flax import nnx
+
+    from llama_jax import prune, sharding, train
+    from llama_jax.config import get_preset
+
+    overrides, seq, batch = STEP_SIZES[size]
+    config = (
+        get_preset("llama3.2-1b")
+        if overrides is None
+        else train.apply_overrides(get_preset("tiny"), overrides)
+    )
+    on_cpu = jax.devices()[0].platform == "cpu"
+    model_cfg = ml_collections.ConfigDict(
+        dict(
+            dtype="float32" if on_cpu else "bfloat16",
+            param_dtype="float32",
+            scan_layers=True,
+            remat_policy="none" if on_cpu else "dots_no_batch",
+            attention_impl="auto",
+        )
+    )
+    mesh = sharding.create_mesh()
+    rules = sharding.DEFAULT_RULES
+    make_model, graphdef, abstract = train.abstract_model(config, model_cfg, mesh, rules)
+    opt = train.OptimizerConfig(total_steps=10_000, warmup_steps=2)
+    prune_cfg = prune.PruneConfig(
+        sparsity=0.5, schedule="gradual", start_step=0, end_step=10_000, update_every=100
+    )
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq), 0, config.vocab_size)
+    ones = jnp.ones((batch, seq), jnp.int32)
+    data = jax.device_put(
+        dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1), segment_ids=ones, loss_mask=ones),
+        batch_sh,
+    )
+
+    def time_steps(tx):
+        """(first step s, median step s, final state) of the train step with `tx`."""
+        params = sharding.create_sharded(make_model, mesh, rules)
+        params = nnx.to_pure_dict(nnx.split(params)[1])
+        state, shardings = train.init_state(params, tx, mesh)
+        step_fn = train.jit_train_step(
+            train.make_train_step(graphdef, tx, train.learning_rate_schedule(opt)),
+            shardings,
+            batch_sh,
+        )
+        box = [state]
+        with sharding.activation_sharding(mesh, rules):
+            compiled = step_fn.lower(state, data).compile()
+
+            def step():
+                box[0], m = compiled(box[0], data)
+                return m
+
+            # Step 0 is a schedule point (masks computed); the timed steps are not.
+            first = common.time_calls(step, warmup=0, repeats=1)["median"]
+            timed = common.time_calls(step, warmup=2, repeats=steps)["median"]
+        return first, timed, box[0]
+
+    out = dict(size=size, num_params=config.num_params(), seq=seq, batch=batch)
+    first, timed, _ = time_steps(train.make_optimizer(opt))
+    out["dense_step_ms"] = round(1000 * timed, 3)
+    out["dense_first_step_ms"] = round(1000 * first, 3)
+    first, timed, state = time_steps(prune.masked(train.make_optimizer(opt), prune_cfg, abstract))
+    out["pruned_step_ms"] = round(1000 * timed, 3)
+    out["pruned_first_step_ms"] = round(1000 * first, 3)
+    # A mask update on its own (the cond branch taken once per 100 steps).
+    paths = prune.pruned_paths(prune_cfg, abstract)
+    update = jax.jit(lambda p: prune.compute_masks(prune_cfg, p, paths, 1))
+    t = common.time_calls(lambda: update(state.params), warmup=1, repeats=3)
+    out["mask_update_ms"] = round(1000 * t["median"], 3)
+    out["mask_update_sparsity"] = prune.sparsity_report(update(state.params))["sparsity"]
+    amortised = out["pruned_step_ms"] + out["mask_update_ms"] / prune_cfg.update_every
+    out["overhead"] = round(amortised / out["dense_step_ms"] - 1, 4)
+    return out
+
+
+def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) -> dict:
+    from launch import demo
+    from llama_jax import distill, model_dir, prune, sharding, train
+
+    s = dict(demo.SCALES[scale])
+    start = time.perf_counter()
+    say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
+    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
+    tok = demo.train_tokenizer(text, workdir, s["vocab"])
+    teacher = os.path.join(workdir, "dense")
+    say(f"training the dense model ({teacher_steps} steps)")
+    train.run(demo._config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+
+    mesh = sharding.create_mesh()
+    runs = {"dense": teacher}
+    for name, cfg in (
+        ("50% one-shot", prune.PruneConfig(sparsity=0.5)),
+        ("2:4 one-shot", prune.PruneConfig(sparsity=0.0, pattern="2:4")),
+    ):
+        say(f"pruning: {name}")
+        out = os.path.join(workdir, name.replace(" ", "_").replace("%", "").replace(":", "of"))
+        model_dir.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
+        runs[name] = out
+    for name, block in (
+        (
+            "50% gradual + KD",
+            dict(
+                sparsity=0.5,
+                schedule="gradual",
+                end_step=recover_steps * 6 // 10,
+                update_every=max(recover_steps // 20, 1),
+            ),
+        ),
+        ("2:4 + KD", dict(sparsity=0.5, pattern="2:4")),
+    ):
+        say(f"recovering: {name} ({recover_steps} steps)")
+        c = demo._config("distill", s, train_data, tok, recover_steps, s["teacher"])
+        c.model.overrides = ""
+        c.model.model_dir = teacher
+        c.teacher.model_dir = teacher
+        c.teacher.dtype = "float32"
+        c.distill.alpha = 1.0
+        c.distill.temperature = 1.0
+        c.train.learning_rate = 1e-3
+        c.train.warmup_steps = 10
+        for k, v in block.items():
+            c.prune[k] = v
+        out = os.path.join(
+            workdir, name.replace(" ", "_").replace("%", "").replace(":", "of").replace("+", "plus")
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        distill.run(c, out)
+        runs[name] = out
+
+    say("scoring held-out perplexity")
+    ev = demo._config("train", s, eval_data, tok, 1, s["teacher"])
+    su = train.setup(ev, model_dir.read_config(teacher))
+    batches = [next(su.iterator) for _ in range(8)]
+    rows = []
+    for name, path in runs.items():
+        config = model_dir.read_config(path)
+        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
+        params = model_dir.load_params(path, config, abstract)
+        zeros = sum(
+            int((params["layers"][a][k]["kernel"] == 0).sum())
+            for a, ks in (
+                ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                ("mlp", ("gate_proj", "up_proj", "down_proj")),
+            )
+            for k in ks
+        )
+        total = sum(
+            params["layers"][a][k]["kernel"].size
+            for a, ks in (
+                ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                ("mlp", ("gate_proj", "up_proj", "down_proj")),
+            )
+            for k in ks
+        )
+        ppl = distill.perplexity(distill.make_eval_step(graphdef, 64), params, batches)
+        rows.append(dict(model=name, sparsity=round(zeros / total, 4), eval_ppl=round(ppl, 3)))
+    return dict(
+        scale=scale,
+        teacher_steps=teacher_steps,
+        recover_steps=recover_steps,
+        eval_tokens=sum(int(b["loss_mask"].sum()) for b in batches),
+        rows=rows,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model, shorter runs")
+    parser.add_argument("--size", default="auto", choices=["auto", *sorted(STEP_SIZES)])
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per optimizer")
+    parser.add_argument("--workdir", default="", help="where the quality runs go (default: temp)")
+    args = parser.parse_args()
+    facts = common.device_facts()
+    size = args.size
+    if size == "auto":
+        size = "small" if facts["platform"] == "cpu" or args.quick else "1b"
+    overhead = step_overhead(size, args.steps)
+    print(common.table([overhead], list(overhead)))
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="llama_jax_bench_prune_")
+    try:
+        q = quality(*QUALITY["quick" if args.quick else "full"], workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(common.table(q["rows"], ["model", "sparsity", "eval_ppl"]))
+
+    targets = [
+        common.target(
+            "prune_step_overhead",
+            "train step with the pruning transformation (masks updated every 100 steps) "
+            f"against plain AdamW, {size} model",
+            overhead["overhead"],
+            0.05,
+            "<=",
+            "fraction of the dense step",
+            True,
+        )
+    ]
+    common.print_targets(targets)
+    path = common.write_result(
+        "prune",
+        facts["device"],
+        dict(
+            facts=facts,
+            step=overhead,
+            quality=q,
+            targets=targets,
+            units=dict(
+                dense_step_ms="ms",
+                pruned_step_ms="ms",
+                mask_update_ms="ms",
+                overhead="fraction",
+                eval_ppl="perplexity on held-out files (nats -> exp)",
+                sparsity="fraction of the block projections' weights that are zero",
+            ),
+        ),
+        quick=args.quick,
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
