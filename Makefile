@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m bench.distill --quick
 	$(PY) -m bench.quant --quick
 	$(PY) -m bench.convert --quick
+	$(PY) -m bench.prune --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -135,12 +135,34 @@ def _convert(d, axes) -> str:
     return f"convert: {d['config']['preset']} ({d['config']['dtype']})"
 
 
+def _prune(d, axes) -> str:
+    s = d["step"]
+    _bars(
+        axes[0],
+        ["AdamW", "AdamW + pruning"],
+        {"ms": [s["dense_step_ms"], s["pruned_step_ms"]]},
+        "ms",
+        f"train step (mask update {s['mask_update_ms']} ms / 100 steps)",
+    )
+    rows = d["quality"]["rows"]
+    _bars(
+        axes[1],
+        [r["model"] for r in rows],
+        {"perplexity": [r["eval_ppl"] for r in rows]},
+        "held-out perplexity",
+        "quality",
+    )
+    axes[1].tick_params(axis="x", labelsize=7)
+    return f"prune: {s['size']} model ({s['num_params']:,} params) for the step"
+
+
 _CHARTS = {
     "train": _train,
     "generate": _generate,
     "distill": _distill,
     "quant": _quant,
     "convert": _convert,
+    "prune": _prune,
 }
 
 

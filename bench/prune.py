@@ -35,7 +35,7 @@ STEP_SIZES = {
     "1b": (None, 2048, 8),
 }
 # (demo scale, teacher steps, recovery steps) for the quality table.
-QUALITY = {"quick": ("small", 150, 60), "full": ("full", 400, 200)}
+QUALITY = {"quick": ("small", 120, 40), "full": ("full", 400, 200)}
 
 
 def step_overhead(size: str, steps: int) -> dict:
