@@ -5,9 +5,10 @@ pruning and recovery by distillation do to held-out perplexity.
   python -m bench.prune --quick    # a smaller model and shorter runs
 
 Overhead: the same jitted train step with plain AdamW and with AdamW wrapped in
-`prune.masked` (gradual schedule, masks recomputed every 100 steps), median of
---steps synchronised steps after warm-up; the mask update itself is timed on its own
-and amortised over its 100 steps.
+`prune.masked` (gradual schedule, masks recomputed every 100 steps): medians of
+--steps synchronised steps each, the two alternating after two warm-up rounds so
+that drift in the machine's speed hits both alike; the mask update itself is timed
+on its own and amortised over its 100 steps.
 
 Quality: a teacher is trained on the demo's corpus (Python standard library source,
 SentencePiece BPE), then pruned five ways and scored on held-out files: dense; 50%
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -78,8 +80,8 @@ def step_overhead(size: str, steps: int) -> dict:
         batch_sh,
     )
 
-    def time_steps(tx):
-        """(first step s, median step s, final state) of the train step with `tx`."""
+    def compiled_step(tx):
+        """A step function over a fresh state, compiled, and its first (untimed) call."""
         params = sharding.create_sharded(make_model, mesh, rules)
         params = nnx.to_pure_dict(nnx.split(params)[1])
         state, shardings = train.init_state(params, tx, mesh)
@@ -89,25 +91,37 @@ def step_overhead(size: str, steps: int) -> dict:
             batch_sh,
         )
         box = [state]
-        with sharding.activation_sharding(mesh, rules):
-            compiled = step_fn.lower(state, data).compile()
+        compiled = step_fn.lower(state, data).compile()
 
-            def step():
-                box[0], m = compiled(box[0], data)
-                return m
+        def step():
+            box[0], m = compiled(box[0], data)
+            return m
 
-            # Step 0 is a schedule point (masks computed); the timed steps are not.
-            first = common.time_calls(step, warmup=0, repeats=1)["median"]
-            timed = common.time_calls(step, warmup=2, repeats=steps)["median"]
-        return first, timed, box[0]
+        return step, box
 
     out = dict(size=size, num_params=config.num_params(), seq=seq, batch=batch)
-    first, timed, _ = time_steps(train.make_optimizer(opt))
-    out["dense_step_ms"] = round(1000 * timed, 3)
-    out["dense_first_step_ms"] = round(1000 * first, 3)
-    first, timed, state = time_steps(prune.masked(train.make_optimizer(opt), prune_cfg, abstract))
-    out["pruned_step_ms"] = round(1000 * timed, 3)
-    out["pruned_first_step_ms"] = round(1000 * first, 3)
+    with sharding.activation_sharding(mesh, rules):
+        optimizers = {
+            "dense": train.make_optimizer(opt),
+            "pruned": prune.masked(train.make_optimizer(opt), prune_cfg, abstract),
+        }
+        steps_of = {name: compiled_step(tx) for name, tx in optimizers.items()}
+        # Step 0 is a schedule point (the pruned one computes masks); later ones are not.
+        for name, (step, _) in steps_of.items():
+            out[f"{name}_first_step_ms"] = round(
+                1000 * common.time_calls(step, warmup=0, repeats=1)["median"], 3
+            )
+        # Alternating single steps, so drift in the machine's speed hits both alike.
+        times = {name: [] for name in steps_of}
+        for i in range(steps + 2):
+            order = list(steps_of) if i % 2 else list(reversed(steps_of))
+            for name in order:
+                t = common.time_calls(steps_of[name][0], warmup=0, repeats=1)["median"]
+                if i >= 2:
+                    times[name].append(t)
+    for name, ts in times.items():
+        out[f"{name}_step_ms"] = round(1000 * statistics.median(ts), 3)
+    state = steps_of["pruned"][1][0]
     # A mask update on its own (the cond branch taken once per 100 steps).
     paths = prune.pruned_paths(prune_cfg, abstract)
     update = jax.jit(lambda p: prune.compute_masks(prune_cfg, p, paths, 1))
@@ -214,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, shorter runs")
     parser.add_argument("--size", default="auto", choices=["auto", *sorted(STEP_SIZES)])
-    parser.add_argument("--steps", type=int, default=10, help="timed train steps per optimizer")
+    parser.add_argument("--steps", type=int, default=20, help="timed train steps per optimizer")
     parser.add_argument("--workdir", default="", help="where the quality runs go (default: temp)")
     args = parser.parse_args()
     facts = common.device_facts()

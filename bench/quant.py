@@ -167,9 +167,8 @@ def main() -> None:
         pallas_gb_per_s="GB/s: int8 weights + activations over the kernel's time",
         ppl="perplexity",
     )
-    path = common.write_result(
-        "quant", facts["device"], payload, quick=args.quick and preset != reference
-    )
+    # A quick run never replaces a reference result (which may hold a quality section).
+    path = common.write_result("quant", facts["device"], payload, quick=args.quick)
     print(f"wrote {path}")
 
 
