@@ -763,12 +763,15 @@ def _save_context() -> ocp_v1.Context:
     zstd costs more time than the bytes it saves) in chunks of at most 64 MiB, so the
     writer's buffers stay small beside the parameter."""
     saving = ocp_v1.options.ArrayOptions.Saving
+    storage = saving.StorageOptions(chunk_byte_size=64 * 1024 * 1024)
+    ctx = ocp_v1.Context()
+    if hasattr(ctx, "array"):  # newer Orbax: options are set on the context
+        ctx.array.saving.use_compression = False
+        ctx.array.saving.storage_options = storage
+        return ctx
     return ocp_v1.Context(
         array_options=ocp_v1.options.ArrayOptions(
-            saving=saving(
-                use_compression=False,
-                storage_options=saving.StorageOptions(chunk_byte_size=64 * 1024 * 1024),
-            )
+            saving=saving(use_compression=False, storage_options=storage)
         )
     )
 
