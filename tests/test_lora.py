@@ -345,6 +345,24 @@ def test_another_base_is_refused_when_resuming_or_merging(run, bases, tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["3"]
 
 
+def test_a_stopped_lora_run_resumes_to_the_same_adapters(run, bases, tmp_path):
+    """1 step, then a resume to 3, equals the 3 straight steps of `run` bit for bit
+    (adapters, their moments and the dropout masks all depend on the step only)."""
+    c = _cfg(bases[0])
+    c.train.steps, c.checkpoint.save_every = 1, 1
+    train.run(c, str(tmp_path / "r"))
+    c.train.steps = 3
+    train.run(c, str(tmp_path / "r"))
+    handler = ocp.PyTreeCheckpointHandler()
+    straight = handler.restore(run / "checkpoints" / "3" / "state")
+    resumed = handler.restore(tmp_path / "r" / "checkpoints" / "3" / "state")
+    a = jax.tree_util.tree_flatten_with_path(straight)[0]
+    b = jax.tree_util.tree_flatten_with_path(resumed)[0]
+    assert [p for p, _ in a] == [p for p, _ in b]
+    for (path, x), (_, y) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
 @pytest.mark.parametrize(
     "section, changes, match",
     [
