@@ -345,6 +345,7 @@ def test_another_base_is_refused_when_resuming_or_merging(run, bases, tmp_path):
     assert sorted(os.listdir(run / "checkpoints")) == ["3"]
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_a_stopped_lora_run_resumes_to_the_same_adapters(run, bases, tmp_path):
     """1 step, then a resume to 3, equals the 3 straight steps of `run` bit for bit
     (adapters, their moments and the dropout masks all depend on the step only)."""

@@ -146,6 +146,12 @@ def _run(workdir, *overrides, devices=8, timeout=300):
     return proc
 
 
+def _run_here(workdir, **changes):
+    """train.run in this process with _cmd's settings (no interpreter start-up)."""
+    base = dict(data__global_batch=8, data__seq_len=64, train__log_every=1)
+    return train.run(_config(**(base | changes)), str(workdir))
+
+
 def _logged_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -157,11 +163,11 @@ def _final_state(workdir, step):
     )
 
 
-def test_loss_falls_on_real_text(tmp_path):
-    out = _run(tmp_path, "--config.train.steps=60", "--config.train.log_every=20")
+def test_loss_falls_on_real_text(tmp_path, capsys):
+    _run_here(tmp_path, train__steps=60, train__log_every=20)
     losses = _logged_losses(tmp_path)
     assert losses[60] < losses[20] - 1.0, losses
-    assert "step 60/60" in out.stdout
+    assert "step 60/60" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "config.json")
     assert os.listdir(tmp_path / "tensorboard")
 
@@ -192,16 +198,10 @@ def test_kill_minus_9_then_resume_is_bitwise_equal(tmp_path):
 
 
 def test_resume_on_another_mesh(tmp_path):
-    _run(tmp_path / "one", "--config.train.steps=6", "--config.mesh.fsdp=8")
+    _run_here(tmp_path / "one", train__steps=6, mesh__fsdp=8)
     two = tmp_path / "two"
-    _run(two, "--config.train.steps=3", "--config.mesh.fsdp=8")
-    _run(
-        two,
-        "--config.train.steps=6",
-        "--config.mesh.data=2",
-        "--config.mesh.tensor=2",
-        "--config.mesh.fsdp=-1",
-    )
+    _run_here(two, train__steps=3, mesh__fsdp=8)
+    _run_here(two, train__steps=6, mesh__data=2, mesh__tensor=2, mesh__fsdp=-1)
     a, b = _logged_losses(tmp_path / "one"), _logged_losses(two)
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
 
@@ -214,7 +214,7 @@ def _free_port():
 
 def test_two_processes_reproduce_single_process_losses(tmp_path):
     steps = ["--config.train.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
-    _run(tmp_path / "single", *steps)
+    _run_here(tmp_path / "single", train__steps=3, mesh__data=2, mesh__fsdp=-1)
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -241,23 +241,15 @@ def test_two_processes_reproduce_single_process_losses(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    proc = subprocess.run(
-        _cmd(
+    with pytest.raises(train.NonFiniteLossError, match="not finite"):
+        _run_here(
             tmp_path,
-            "--config.train.steps=20",
-            "--config.checkpoint.save_every=1",
-            "--config.train.learning_rate=1e30",
-            "--config.train.warmup_steps=0",
-            "--config.train.clip_norm=1e30",
-        ),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "NonFiniteLossError" in proc.stderr and "not finite" in proc.stderr
+            train__steps=20,
+            checkpoint__save_every=1,
+            train__learning_rate=1e30,
+            train__warmup_steps=0,
+            train__clip_norm=1e30,
+        )
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert saved, "expected the good steps before the blow-up to be saved"
     state = _final_state(tmp_path, saved[-1])
@@ -292,7 +284,7 @@ def test_bad_config_fails_before_compiling(tmp_path, changes, match):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_sigterm_saves_and_stops_then_resumes(tmp_path):
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, capsys):
     steps = ["--config.train.steps=400", "--config.checkpoint.save_every=1000"]
     proc = subprocess.Popen(
         _cmd(tmp_path, *steps),
@@ -312,8 +304,9 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path):
     assert "preemption notice" in out
     saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
     assert len(saved) == 1 and 0 < saved[0] < 400
-    resumed = _run(tmp_path, "--config.train.steps=" + str(saved[0] + 2))
-    assert f"resumed from step {saved[0]}" in resumed.stdout
+    capsys.readouterr()
+    _run_here(tmp_path, train__steps=saved[0] + 2)
+    assert f"resumed from step {saved[0]}" in capsys.readouterr().out
 
 
 def test_resume_with_other_data_settings_is_refused(tmp_path):
