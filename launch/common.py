@@ -2,6 +2,7 @@
 
 import contextlib
 import sys
+from typing import NamedTuple
 
 from absl import app, flags, logging
 
@@ -10,6 +11,34 @@ COORDINATOR = flags.DEFINE_string(
 )
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+class ModelToModelFlags(NamedTuple):
+    model_dir: flags.FlagHolder
+    out_dir: flags.FlagHolder
+    mesh: flags.FlagHolder
+    tokenizer: flags.FlagHolder
+    overwrite: flags.FlagHolder
+
+
+def model_to_model_flags(
+    model_help: str, verb: str, tokenizer_default: str = "the model's own"
+) -> ModelToModelFlags:
+    """Defines the flags of a command that writes one model directory from another:
+    --model_dir, --out_dir, --mesh (the one `verb` runs on), --tokenizer, --overwrite."""
+    return ModelToModelFlags(
+        flags.DEFINE_string("model_dir", None, model_help, required=True),
+        flags.DEFINE_string("out_dir", None, "Output model directory.", required=True),
+        flags.DEFINE_string("mesh", "fsdp=-1", f"Mesh to {verb} on, e.g. 'fsdp=-1,tensor=4'."),
+        flags.DEFINE_string(
+            "tokenizer",
+            None,
+            f"Tokenizer directory or file to ship (default: {tokenizer_default}).",
+        ),
+        flags.DEFINE_bool(
+            "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
+        ),
+    )
 
 
 def init_distributed() -> None:

@@ -14,8 +14,11 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "A LoRA training run.", required=True)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_IO = common.model_to_model_flags(
+    "A LoRA training run.", "merge", tokenizer_default="the run's or the base's"
+)
+# --help lists the shared flags beside this command's own.
+flags.adopt_module_key_flags(common)
 _BASE_DIR = flags.DEFINE_string(
     "base_dir", None, "The base model directory, if it moved (default: the recorded one)."
 )
@@ -24,13 +27,6 @@ _DTYPE = flags.DEFINE_enum(
     "auto",
     ["auto", "bfloat16", "float32", "float16"],
     "Dtype of the merged parameters; 'auto' is the base's float dtype.",
-)
-_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to merge on, e.g. 'fsdp=-1,tensor=4'.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file to ship (default: the run's or the base's)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
 )
 
 
@@ -43,13 +39,13 @@ def main(argv):
 
     with common.clear_errors():
         out = model_dir.merge_lora_dir(
-            _MODEL_DIR.value,
-            _OUT_DIR.value,
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+            _IO.model_dir.value,
+            _IO.out_dir.value,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
             dtype=_DTYPE.value,
             base_dir=_BASE_DIR.value,
-            tokenizer=_TOKENIZER.value,
-            overwrite=_OVERWRITE.value,
+            tokenizer=_IO.tokenizer.value,
+            overwrite=_IO.overwrite.value,
         )
     print(f"wrote {out}")
 

@@ -16,8 +16,9 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Float model directory.", required=True)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_IO = common.model_to_model_flags("Float model directory.", "prune")
+# --help lists the shared flags beside this command's own.
+flags.adopt_module_key_flags(common)
 _SPARSITY = flags.DEFINE_float(
     "sparsity",
     None,
@@ -39,13 +40,6 @@ _INCLUDE = flags.DEFINE_string(
     "Regex over the prunable kernels' paths (default: every block projection; the LM "
     "head is 'lm_head.kernel'; embeddings and norms are never pruned).",
 )
-_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to prune on, e.g. 'fsdp=-1,tensor=4'.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file to ship (default: the model's own)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
-)
 
 
 def main(argv):
@@ -63,12 +57,12 @@ def main(argv):
         if _INCLUDE.value is not None:
             options["include"] = _INCLUDE.value
         out, record = model_dir.prune_dir(
-            _MODEL_DIR.value,
-            _OUT_DIR.value,
+            _IO.model_dir.value,
+            _IO.out_dir.value,
             prune.PruneConfig(**options),
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
-            tokenizer=_TOKENIZER.value,
-            overwrite=_OVERWRITE.value,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
+            tokenizer=_IO.tokenizer.value,
+            overwrite=_IO.overwrite.value,
         )
     print(f"wrote {out}: {100 * record['overall']:.2f}% of the pruned kernels are zero")
 

@@ -12,18 +12,12 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Float model directory.", required=True)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
+_IO = common.model_to_model_flags("Float model directory.", "quantize")
+# --help lists the shared flags beside this command's own.
+flags.adopt_module_key_flags(common)
 _MODE = flags.DEFINE_string("mode", "int8", "Quantization mode: int8.")
 _HEAD = flags.DEFINE_bool("quantize_head", False, "Also the (untied) LM head.")
 _EMBED = flags.DEFINE_bool("quantize_embed", False, "Also the embedding table (and a tied head).")
-_MESH = flags.DEFINE_string("mesh", "fsdp=-1", "Mesh to quantize on, e.g. 'fsdp=-1,tensor=4'.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file to ship (default: the model's own)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
-)
 
 
 def main(argv):
@@ -35,14 +29,14 @@ def main(argv):
 
     with common.clear_errors():
         out = model_dir.quantize_dir(
-            _MODEL_DIR.value,
-            _OUT_DIR.value,
+            _IO.model_dir.value,
+            _IO.out_dir.value,
             mode=_MODE.value,
             quantize_head=_HEAD.value,
             quantize_embed=_EMBED.value,
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
-            tokenizer=_TOKENIZER.value,
-            overwrite=_OVERWRITE.value,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
+            tokenizer=_IO.tokenizer.value,
+            overwrite=_IO.overwrite.value,
         )
     print(f"wrote {out}")
 

@@ -214,7 +214,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     Config, teacher directory and architecture, vocabularies, mesh, batch split,
     tokenizer and data are all checked before anything is compiled or initialised.
     """
-    from llama_jax import checkpoint, model_dir
+    from llama_jax import model_dir
 
     _check_sections(cfg)
     loss_cfg = loss_config(cfg)
@@ -254,21 +254,10 @@ def run(cfg, workdir: str) -> dict[str, float]:
         "fingerprint": checkpoint.fingerprint(teacher_config, teacher_params),
     }
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
+    workdir, ckpt = train.open_run(cfg, workdir)
     if ckpt.latest_step() is not None:
-        abstract = train.abstract_train_state(abstract_student, tx, shardings)
-        restored_step, state, meta = ckpt.restore(abstract)
-        train._check_resumable(meta["config"], cfg)
+        state, meta = train.resume(ckpt, cfg, su.iterator, abstract_student, tx, shardings)
         check_same_teacher(meta["teacher"], teacher_meta, cfg.teacher.model_dir)
-        su.iterator.restore(meta["data"])
-        log_info("resumed from step %d", restored_step)
     else:
         params = _initial_student(cfg, student_config, make_student, teacher_params, su)
         state, _ = train.init_state(params, tx, su.mesh)

@@ -604,11 +604,10 @@ def merge_lora_dir(
         path, tokenizer or find_tokenizer(path) or find_tokenizer(base_dir)
     )
     _, abstract = abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
-    flat = _flatten(load_lora_run(path, config, abstract, base_dir=base_dir))
     return write_model_dir(
         out_dir,
         config,
-        ((name, flat.pop(name)) for name in list(flat)),
+        handed_out(load_lora_run(path, config, abstract, base_dir=base_dir)),
         metadata={
             "source": {"kind": "lora", "path": str(path.resolve()), "base": str(base_dir)},
             "dtype": dtype,
@@ -671,6 +670,17 @@ def fresh_tmp(out_dir: epath.Path) -> epath.Path:
         tmp.mkdir(parents=True)
     _sync("llama_jax.model_dir.tmp")
     return tmp
+
+
+def handed_out(params: Mapping[str, Any]) -> Iterator[tuple[str, jax.Array]]:
+    """(dotted path, array) pairs of a nested parameter dict for `write_model_dir`,
+    each dropped from the dict as it is handed out: once the caller holds no other
+    reference, a written parameter's memory is freed before the next is saved."""
+    flat = _flatten(params)
+    del params
+    while flat:
+        name = next(iter(flat))
+        yield name, flat.pop(name)
 
 
 def write_model_dir(
@@ -1094,12 +1104,12 @@ def quantize_dir(
         out_shardings=jax.tree.map(lambda x: x.sharding, q_abstract),
     )(params)
     del params
-    flat = _flatten(q_params)
+    arrays = handed_out(q_params)
     del q_params
     return write_model_dir(
         out_dir,
         config,
-        ((name, flat.pop(name)) for name in list(flat)),
+        arrays,
         metadata={
             "source": {"kind": detect(path), "path": str(path.resolve())},
             "dtype": str(float_dtype),
@@ -1161,12 +1171,12 @@ def prune_dir(
         "overall": report["sparsity"],
         "per_layer": [v for k, v in sorted(report.items()) if k.startswith("sparsity/")],
     }
-    flat = _flatten(params)
+    arrays = handed_out(params)
     del params
     out = write_model_dir(
         out_dir,
         config,
-        ((name, flat.pop(name)) for name in list(flat)),
+        arrays,
         metadata={
             "source": {"kind": detect(path), "path": str(path.resolve())},
             "dtype": str(dtype),

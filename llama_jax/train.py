@@ -637,6 +637,32 @@ def loop(
     return last
 
 
+def open_run(cfg, workdir) -> tuple[epath.Path, Any]:
+    """The run's workdir (created if missing) and its checkpoint manager."""
+    from llama_jax import checkpoint
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    return workdir, ckpt
+
+
+def resume(ckpt, cfg, iterator, abstract_params, tx, shardings) -> tuple[TrainState, dict]:
+    """Restores the latest checkpoint onto `shardings`, checks that it resumes this
+    config, and moves the data iterator to where it stopped. Returns (state, meta)."""
+    abstract = abstract_train_state(abstract_params, tx, shardings)
+    restored_step, state, meta = ckpt.restore(abstract)
+    _check_resumable(meta["config"], cfg)
+    iterator.restore(meta["data"])
+    log_info("resumed from step %d", restored_step)
+    return state, meta
+
+
 def run(cfg, workdir: str) -> dict[str, float]:
     """Trains per `cfg` (configs/base.py layout) in `workdir`, resuming from its latest
     complete checkpoint. Returns the last logged metrics.
@@ -645,7 +671,6 @@ def run(cfg, workdir: str) -> dict[str, float]:
     data) is checked before anything is compiled or initialised. With `lora.rank` > 0
     this is `run_lora`.
     """
-    from llama_jax import checkpoint
 
     if cfg.get("lora") is not None and cfg.lora.rank != 0:
         return run_lora(cfg, workdir)
@@ -656,20 +681,9 @@ def run(cfg, workdir: str) -> dict[str, float]:
     tx = build_optimizer(cfg, su.opt_cfg, abstract_params)
     shardings = state_shardings(abstract_params, tx, su.mesh)
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
+    workdir, ckpt = open_run(cfg, workdir)
     if ckpt.latest_step() is not None:
-        abstract = abstract_train_state(abstract_params, tx, shardings)
-        restored_step, state, meta = ckpt.restore(abstract)
-        _check_resumable(meta["config"], cfg)
-        su.iterator.restore(meta["data"])
-        log_info("resumed from step %d", restored_step)
+        state, _ = resume(ckpt, cfg, su.iterator, abstract_params, tx, shardings)
     else:
         params = _initial_params(cfg.model, su.model_config, make_model, su.mesh, su.rules)
         state, _ = init_state(params, tx, su.mesh)
@@ -784,14 +798,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     tx = make_optimizer(su.opt_cfg)
     shardings = state_shardings(abstract_adapters, tx, su.mesh)
 
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint.Checkpointer(
-        workdir / "checkpoints",
-        save_every=cfg.checkpoint.save_every,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-    )
+    workdir, ckpt = open_run(cfg, workdir)
     resuming = ckpt.latest_step() is not None
     lora_meta = lora.to_meta(lora_cfg)
     if resuming:
@@ -805,11 +812,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     }
     if resuming:
         model_dir.check_lora_base(saved, lora_meta["base"]["fingerprint"], base_dir)
-        abstract = abstract_train_state(abstract_adapters, tx, shardings)
-        restored_step, state, meta = ckpt.restore(abstract)
-        _check_resumable(meta["config"], cfg)
-        su.iterator.restore(meta["data"])
-        log_info("resumed from step %d", restored_step)
+        state, _ = resume(ckpt, cfg, su.iterator, abstract_adapters, tx, shardings)
     else:
         adapters = lora.init_adapters(make_model, abstract_adapters)
         state, _ = init_state(adapters, tx, su.mesh)
