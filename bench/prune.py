@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -134,8 +135,10 @@ def step_overhead(size: str, steps: int) -> dict:
 
 
 def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) -> dict:
+    from flax import traverse_util
+
     from launch import demo
-    from llama_jax import distill, model_dir, prune, sharding, train
+    from llama_jax import distill, model_dir, prune, quant, sharding, train
 
     s = dict(demo.SCALES[scale])
     start = time.perf_counter()
@@ -153,7 +156,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         ("2:4 one-shot", prune.PruneConfig(sparsity=0.0, pattern="2:4")),
     ):
         say(f"pruning: {name}")
-        out = os.path.join(workdir, name.replace(" ", "_").replace("%", "").replace(":", "of"))
+        out = os.path.join(workdir, re.sub(r"\W+", "_", name))
         model_dir.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
         runs[name] = out
     for name, block in (
@@ -180,9 +183,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         c.train.warmup_steps = 10
         for k, v in block.items():
             c.prune[k] = v
-        out = os.path.join(
-            workdir, name.replace(" ", "_").replace("%", "").replace(":", "of").replace("+", "plus")
-        )
+        out = os.path.join(workdir, re.sub(r"\W+", "_", name))
         shutil.rmtree(out, ignore_errors=True)
         distill.run(c, out)
         runs[name] = out
@@ -196,22 +197,10 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         config = model_dir.read_config(path)
         graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
         params = model_dir.load_params(path, config, abstract)
-        zeros = sum(
-            int((params["layers"][a][k]["kernel"] == 0).sum())
-            for a, ks in (
-                ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                ("mlp", ("gate_proj", "up_proj", "down_proj")),
-            )
-            for k in ks
-        )
-        total = sum(
-            params["layers"][a][k]["kernel"].size
-            for a, ks in (
-                ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                ("mlp", ("gate_proj", "up_proj", "down_proj")),
-            )
-            for k in ks
-        )
+        flat = traverse_util.flatten_dict(params, sep=".")
+        kernels = [flat[k] for k in quant.QUANTIZED_KERNELS]
+        zeros = sum(int((w == 0).sum()) for w in kernels)
+        total = sum(w.size for w in kernels)
         ppl = distill.perplexity(distill.make_eval_step(graphdef, 64), params, batches)
         rows.append(dict(model=name, sparsity=round(zeros / total, 4), eval_ppl=round(ppl, 3)))
     return dict(
