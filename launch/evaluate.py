@@ -14,6 +14,7 @@ scoring rules are described in llama_jax/evaluate.py. Progress goes to stderr.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -89,6 +90,9 @@ def main(argv):
     show = jax.process_index() == 0
     with common.clear_errors():
         # Everything about the inputs is checked before the model is read.
+        out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value)) if _OUTPUT.value else None
+        if out_dir is not None and not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"--output={_OUTPUT.value}: directory {out_dir} does not exist")
         documents = None
         if _DATA.value:
             documents = evaluate.read_documents(
@@ -133,8 +137,11 @@ def main(argv):
             )
             _emit(results[-1], show)
     if _OUTPUT.value and show:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+        # Written whole under a temporary name, then renamed: never half a file.
+        tmp = f"{_OUTPUT.value}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
+        os.replace(tmp, _OUTPUT.value)
 
 
 def _emit(result, show: bool) -> None:

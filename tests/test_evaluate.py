@@ -383,3 +383,9 @@ def test_command_prints_one_json_line_and_names_bad_input(hf, tmp_path, capsys, 
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err
+
+    # An --output that cannot be written is found before the model is read.
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(monkeypatch, f"--model_dir={tmp_path}", f"--data={text}", "--output=/no/such/x.jsonl")
+    assert exit_info.value.code == 2
+    assert "directory /no/such does not exist" in capsys.readouterr().err
