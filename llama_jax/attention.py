@@ -8,20 +8,39 @@
 Implementations:
   * 'xla'    plain einsums, softmax in float32: CPU, the reference, and any shape.
   * 'cudnn'  cuDNN flash attention via `jax.nn.dot_product_attention` (GPU, bf16/fp16).
-  * 'splash' Pallas splash attention (TPU).
+  * 'splash' Pallas splash attention (TPU), run under `shard_map` on a mesh: batch over
+             the mesh axes of the logical 'batch' axis, query heads over those of
+             'heads', each kv head kept with its query group. Memory is O(T).
   * 'auto'   cudnn on GPU and splash on TPU where the call fits them, else xla.
-A call that a fast kernel cannot express (a KV cache offset, unsupported dtype or
-head dim, lengths not a multiple of the splash block) runs on 'xla'.
+
+'auto' is resolved when the step is traced, by the platform of the mesh in
+`sharding.activation_sharding` (the platform of the default backend outside one), so a
+step traced on a CPU host for TPU devices (ahead-of-time compilation) gets splash.
+
+Where 'auto' meets a call its kernel cannot serve (a head dim or length the kernel does
+not take, an unsupported dtype) it runs 'xla' and logs why, once. A kernel named
+explicitly raises `AttentionError` for such a call instead. Decoding over a filled KV
+cache (`q_offset` given) always runs 'xla': its queries are a few new tokens against
+the whole cache, which the fast kernels here are not written for.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import struct
+
+from llama_jax import sharding
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+class AttentionError(ValueError):
+    """An unknown implementation, or a kernel named explicitly that cannot serve a call."""
 
 
 @struct.dataclass
@@ -30,13 +49,17 @@ class KVCache:
 
     k, v: dtype[L, B, S, K, H] (rotary embedding already applied to k);
     segment_ids: int32[B, S], 0 for empty or padding slots;
-    end: int32[] number of slots written (the next write position).
+    end: int32[] number of slots written (the next write position);
+    empty: static; True only for a cache nothing was written to (`zeros`). A call on an
+      empty cache (the prefill) attends over its own keys alone, which lets it use the
+      fast kernels; the cache it returns is not empty.
     """
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     end: jax.Array
+    empty: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def zeros(cls, num_layers, batch, max_len, num_kv_heads, head_dim, dtype) -> KVCache:
@@ -46,6 +69,7 @@ class KVCache:
             v=jnp.zeros(shape, dtype),
             segment_ids=jnp.zeros((batch, max_len), jnp.int32),
             end=jnp.zeros((), jnp.int32),
+            empty=True,
         )
 
     @property
@@ -80,13 +104,14 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float) -> jax.Array:
     return out.reshape(b, t, n, h)
 
 
-def _cudnn_fits(q_BTNH, k_BSKH) -> bool:
-    return (
-        q_BTNH.dtype in (jnp.bfloat16, jnp.float16)
-        and k_BSKH.dtype == q_BTNH.dtype
-        and q_BTNH.shape[-1] <= 256
-        and q_BTNH.shape[-1] % 8 == 0
-    )
+def _cudnn_unfit(q_BTNH, k_BSKH) -> str | None:
+    """Why cuDNN cannot serve this call, or None."""
+    h = q_BTNH.shape[-1]
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or k_BSKH.dtype != q_BTNH.dtype:
+        return f"it takes bfloat16 or float16 inputs, not {q_BTNH.dtype}/{k_BSKH.dtype}"
+    if h > 256 or h % 8:
+        return f"head dim {h} is not a multiple of 8 up to 256"
+    return None
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, packed):
@@ -102,11 +127,32 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, 
     )
 
 
-_SPLASH_BLOCK = 128
+# Splash processes whole blocks of 128 lanes; larger blocks are faster when they divide.
+_SPLASH_LANES = 128
+_SPLASH_BLOCKS = (512, 256, 128)
+_FLOAT32_PRECISIONS = ("highest", "float32", "tensorfloat32", "bfloat16_3x", "high")
 
 
-def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, interpret=False):
-    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly)."""
+def _splash_unfit(q_BTNH, k_BSKH) -> str | None:
+    """Why splash cannot serve this call, or None."""
+    t, s, h = q_BTNH.shape[1], k_BSKH.shape[1], q_BTNH.shape[-1]
+    if t != s:
+        return f"query length {t} differs from key length {s}"
+    if t % _SPLASH_LANES:
+        return f"sequence length {t} is not a multiple of {_SPLASH_LANES}"
+    if h != 64 and h % _SPLASH_LANES:
+        return f"head dim {h} is neither 64 nor a multiple of {_SPLASH_LANES}"
+    if q_BTNH.dtype not in (jnp.bfloat16, jnp.float32) or k_BSKH.dtype != q_BTNH.dtype:
+        return f"it takes bfloat16 or float32 inputs, not {q_BTNH.dtype}/{k_BSKH.dtype}"
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    if q_BTNH.dtype == jnp.bfloat16 and precision in _FLOAT32_PRECISIONS:
+        # Mosaic refuses bfloat16 operands at a float32 contract precision.
+        return f"jax_default_matmul_precision={precision!r} with bfloat16 inputs"
+    return None
+
+
+def _splash_local(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, *, scale, interpret):
+    """Splash over one device's rows and heads (inside `shard_map`, or unsharded)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
@@ -117,7 +163,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale,
     _, t, n, _ = q_BTNH.shape
     s = k_BSKH.shape[1]
     mask = sm.MultiHeadMask([sm.CausalMask((t, s)) for _ in range(n)])
-    block = min(_SPLASH_BLOCK, t, s)
+    block = next(b for b in _SPLASH_BLOCKS if t % b == 0 and s % b == 0)
     sizes = sk.BlockSizes(
         block_q=block,
         block_kv_compute=block,
@@ -149,20 +195,76 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale,
     return jnp.where((q_segment_BT != 0)[:, :, None, None], out, 0).astype(q_BTNH.dtype)
 
 
-def _splash_fits(q_BTNH, k_BSKH) -> bool:
-    t, s = q_BTNH.shape[1], k_BSKH.shape[1]
-    return t == s and t % _SPLASH_BLOCK == 0 and q_BTNH.shape[-1] % 128 == 0
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, interpret=False):
+    """Pallas splash attention (TPU; `interpret=True` runs it anywhere, slowly).
+
+    Under `sharding.activation_sharding` on a mesh of more than one device the kernel
+    runs inside `shard_map`: rows split over the mesh axes of the logical 'batch' axis,
+    query heads over those of 'heads', and the sequence whole on every device. When the
+    kv heads are split the same way as the query heads, each device holds the kv heads
+    of its own query groups; when they cannot be (fewer kv heads than the head split),
+    each kv head is repeated for its G query heads first.
+    """
+    local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+    active = sharding.active_mesh()
+    if active is None or active[0].size == 1:
+        return local(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS)
+    mesh, rules = active
+    q_spec = sharding.logical_to_spec(("batch", None, "heads", None), q_BTNH.shape, mesh, rules)
+    kv_spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), k_BSKH.shape, mesh, rules)
+    if kv_spec[2] != q_spec[2]:
+        g = q_BTNH.shape[2] // k_BSKH.shape[2]
+        k_BSKH = jnp.repeat(k_BSKH, g, axis=2)
+        v_BSKH = jnp.repeat(v_BSKH, g, axis=2)
+        kv_spec = q_spec
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS)
 
 
-def resolve_implementation(impl: str) -> str:
-    """Maps 'auto' to the platform's kernel; validates the name."""
+def check_implementation(impl: str) -> None:
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention implementation {impl!r} is unknown; expected {IMPLEMENTATIONS}"
+        raise AttentionError(
+            f"attention implementation {impl!r} is unknown; expected one of {IMPLEMENTATIONS}"
         )
+
+
+def platform() -> str:
+    """The platform steps are being traced for: the active mesh's devices, else the
+    default backend ('cpu', 'gpu', 'tpu')."""
+    active = sharding.active_mesh()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve_implementation(impl: str, on: str | None = None) -> str:
+    """Maps 'auto' to the kernel of platform `on` (default: `platform()`); validates
+    the name."""
+    check_implementation(impl)
     if impl != "auto":
         return impl
-    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    return {"gpu": "cudnn", "tpu": "splash"}.get(on or platform(), "xla")
+
+
+_fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def _cannot_serve(asked: str, kernel: str, why: str) -> None:
+    """A kernel cannot serve a call: an error when it was named, else a note (once)."""
+    if asked == kernel:
+        raise AttentionError(
+            f"attention_impl={kernel!r} cannot serve this call: {why}. Use 'auto' (falls "
+            "back to 'xla' where the kernel does not fit) or 'xla'."
+        )
+    if (kernel, why) not in _fallbacks_logged:
+        _fallbacks_logged.add((kernel, why))
+        logging.warning("attention: %s cannot serve a call (%s); using xla for it", kernel, why)
 
 
 def attend(
@@ -181,16 +283,23 @@ def attend(
     q_offset: slot of the first query in the kv sequence; None means the queries are
     the kv sequence itself (no cache). packed=False promises every segment id is 1
     (no packing, no padding), which lets cuDNN use its causal mode without a mask.
+    impl is resolved here, at trace time (see the module docstring).
     """
     scale = q_BTNH.shape[-1] ** -0.5
-    impl = resolve_implementation(impl)
+    kernel = resolve_implementation(impl)
     if q_offset is None:
-        if impl == "cudnn" and _cudnn_fits(q_BTNH, k_BSKH):
-            return cudnn_attention(
-                q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, packed
-            )
-        if impl == "splash" and _splash_fits(q_BTNH, k_BSKH):
-            return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale)
+        if kernel == "cudnn":
+            why = _cudnn_unfit(q_BTNH, k_BSKH)
+            if why is None:
+                return cudnn_attention(
+                    q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale, packed
+                )
+            _cannot_serve(impl, kernel, why)
+        elif kernel == "splash":
+            why = _splash_unfit(q_BTNH, k_BSKH)
+            if why is None:
+                return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale)
+            _cannot_serve(impl, kernel, why)
         q_offset = 0
     mask = attention_mask(q_segment_BT, kv_segment_BS, q_offset)
     return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask, scale)

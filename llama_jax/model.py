@@ -120,8 +120,8 @@ class Attention(nnx.Module):
         """x: dtype[B, T, D] -> (dtype[B, T, D], updated (k, v) cache or None).
 
         kv_cache: (k[B, S, K, H], v[B, S, K, H], segment_ids[B, S] already holding this
-        call's ids, end[] the slot of x's first token). dropout_keys: keys[B] for the
-        LoRA dropout, or None.
+        call's ids, end[] the slot of x's first token, empty: static, nothing written
+        before this call). dropout_keys: keys[B] for the LoRA dropout, or None.
         """
         q_BTNH = self.q_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 0))
         k_BTKH = self.k_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 1))
@@ -142,10 +142,23 @@ class Attention(nnx.Module):
                 impl=self.impl,
             )
             return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), None
-        k_BSKH, v_BSKH, kv_segment_BS, end = kv_cache
+        k_BSKH, v_BSKH, kv_segment_BS, end, empty = kv_cache
         start = (0, end, 0, 0)
         k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
         v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
+        if empty:
+            # Prefill: the cache held nothing, so this call's keys are all there is to
+            # see; attending over them alone lets the fast kernels serve the prompt.
+            out = attn_lib.attend(
+                q_BTNH,
+                k_BTKH.astype(k_BSKH.dtype).astype(q_BTNH.dtype),
+                v_BTKH.astype(v_BSKH.dtype).astype(q_BTNH.dtype),
+                q_segment_BT=segment_ids_BT,
+                kv_segment_BS=segment_ids_BT,
+                packed=packed,
+                impl=self.impl,
+            )
+            return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), (k_BSKH, v_BSKH)
         out = attn_lib.attend(
             q_BTNH,
             k_BSKH.astype(q_BTNH.dtype),
@@ -321,7 +334,9 @@ class Llama(nnx.Module):
                 f"LoRA targets {sorted(set(lora.targets) - set(LORA_TARGETS))} are not block "
                 f"projections; expected some of {list(LORA_TARGETS)}"
             )
-        impl = attn_lib.resolve_implementation(attention_impl)
+        # Checked here, resolved when traced ('auto' depends on the mesh's platform).
+        attn_lib.check_implementation(attention_impl)
+        impl = attention_impl
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.scan_layers = scan_layers
@@ -445,7 +460,7 @@ class Llama(nnx.Module):
         def body(x, xs):
             layer_params, kv, keys_B = xs
             block = nnx.merge(graphdef, layer_params)
-            kv_in = None if kv is None else (*kv, kv_segment_BS, cache.end)
+            kv_in = None if kv is None else (*kv, kv_segment_BS, cache.end, cache.empty)
             return block(x, positions_BT, segment_ids_BT, packed, kv_in, dropout_keys=keys_B)
 
         policy = REMAT_POLICIES[self.remat_policy]

@@ -249,6 +249,13 @@ def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one.
+    Kernels that cannot be partitioned automatically (Pallas) use it to run under
+    `shard_map` with the activations' own partitioning."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint from logical names; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()
