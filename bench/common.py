@@ -25,11 +25,14 @@ REPO = Path(__file__).parents[1]
 
 
 def device_name() -> str:
-    """'cpu', or the accelerator's kind with spaces as dashes (e.g. 'nvidia-h100-80gb-hbm3')."""
+    """'cpu', or the accelerator's kind with spaces as dashes and its platform after it
+    (e.g. 'nvidia-h200-gpu', 'tpu-v5p-tpu'), so results of one platform share a suffix."""
     import jax
 
     dev = jax.devices()[0]
-    return "cpu" if dev.platform == "cpu" else dev.device_kind.lower().replace(" ", "-")
+    if dev.platform == "cpu":
+        return "cpu"
+    return f"{dev.device_kind.lower().replace(' ', '-')}-{dev.platform}"
 
 
 def device_facts() -> dict:
