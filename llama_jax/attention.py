@@ -151,6 +151,16 @@ def _splash_unfit(q_BTNH, k_BSKH) -> str | None:
     return None
 
 
+def _splash_unplaced() -> str | None:
+    """Why splash cannot be placed on the devices (no mesh to shard_map over), or None."""
+    if sharding.active_mesh() is None and jax.device_count() > 1:
+        return (
+            f"no mesh is active and there are {jax.device_count()} devices; trace the step "
+            "under sharding.activation_sharding(mesh) so the kernel runs under shard_map"
+        )
+    return None
+
+
 def _splash_local(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, *, scale, interpret):
     """Splash over one device's rows and heads (inside `shard_map`, or unsharded)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -208,6 +218,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale,
     local = functools.partial(_splash_local, scale=scale, interpret=interpret)
     active = sharding.active_mesh()
     if active is None or active[0].size == 1:
+        # One device: nothing to partition (attend checks there is only one).
         return local(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS)
     mesh, rules = active
     q_spec = sharding.logical_to_spec(("batch", None, "heads", None), q_BTNH.shape, mesh, rules)
@@ -296,7 +307,7 @@ def attend(
                 )
             _cannot_serve(impl, kernel, why)
         elif kernel == "splash":
-            why = _splash_unfit(q_BTNH, k_BSKH)
+            why = _splash_unfit(q_BTNH, k_BSKH) or _splash_unplaced()
             if why is None:
                 return splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale)
             _cannot_serve(impl, kernel, why)

@@ -8,6 +8,7 @@ a static-shape KV cache: no Python runs per token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -16,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
+from llama_jax import sharding
 from llama_jax.model import Llama
 
 _PAD_MULTIPLE = 16  # prompt lengths are rounded up to this to reuse compilations
@@ -117,11 +120,13 @@ def generate(
     eos_ids: Sequence[int] | None = None,
     pad_id: int | None = None,
     seed: int = 0,
+    rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     A row stops after its first token in eos_ids (default: the config's), which is kept
     in its output. Returns the new tokens of each row. Deterministic for a given seed.
+    A model sharded over a mesh runs with its activations sharded by `rules`.
     """
     config = model.config
     if max_new_tokens < 1:
@@ -151,20 +156,36 @@ def generate(
         positions[i, t - len(p) :] = np.arange(len(p))
 
     graphdef, state = nnx.split(model)
-    out = _generate_jit(
-        graphdef,
-        state,
-        jnp.asarray(tokens),
-        jnp.asarray(segments),
-        jnp.asarray(positions),
-        jax.random.key(seed),
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        eos_ids=eos_ids,
-        pad_id=int(pad_id),
+    mesh = _mesh_of(state)
+    # On a mesh, the step is traced under its activation sharding, so kernels that must
+    # run under shard_map (splash attention in the prefill) see the mesh.
+    context = (
+        contextlib.nullcontext() if mesh is None else sharding.activation_sharding(mesh, rules)
     )
+    with context:
+        out = _generate_jit(
+            graphdef,
+            state,
+            jnp.asarray(tokens),
+            jnp.asarray(segments),
+            jnp.asarray(positions),
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_ids=eos_ids,
+            pad_id=int(pad_id),
+        )
     results = []
     for row in np.asarray(out).tolist():
         stop = next((j + 1 for j, x in enumerate(row) if x in eos_ids), len(row))
         results.append(row[:stop])
     return results
+
+
+def _mesh_of(state) -> jax.sharding.Mesh | None:
+    """The mesh a model's parameters are sharded over, if it has more than one device."""
+    for leaf in jax.tree.leaves(state):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None

@@ -166,3 +166,52 @@ def test_splash_compiles_for_a_tpu_mesh(head_dim, num_heads, num_kv_heads):
     # A length the kernel does not take: 'auto' compiles the reference instead.
     text = _compiled_train_step_text(devices, config, dict(fsdp=2, tensor=2), 200, "auto")
     assert "tpu_custom_call" not in text
+
+
+def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill():
+    from flax import nnx
+
+    from llama_jax import generate as gen
+    from llama_jax.model import Llama
+
+    devices = _tpu_devices()
+    mesh = sharding.create_mesh(devices=devices, fsdp=2, tensor=2)
+    config = LlamaConfig(
+        vocab_size=512,
+        embed_dim=256,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        mlp_dim=512,
+        max_position_embeddings=1024,
+    )
+
+    def make():
+        return Llama(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = sharding.state_shardings(abstract, mesh)
+    state = jax.tree.map(
+        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh), abstract, shardings
+    )
+    rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), (4, 256), mesh))
+    prompt = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
+    with sharding.activation_sharding(mesh), jax.default_matmul_precision("default"):
+        text = (
+            gen._generate_jit.lower(
+                graphdef,
+                state,
+                prompt,
+                prompt,
+                prompt,
+                jax.random.key(0),
+                max_new_tokens=16,
+                sampling=gen.Sampling(),
+                eos_ids=(2,),
+                pad_id=0,
+            )
+            .compile()
+            .as_text()
+        )
+    assert "tpu_custom_call" in text
