@@ -7,6 +7,19 @@ kernel's output names). The layers hand the int8 kernel and its scale to
 `int8_dot_general`, which contracts the activations with the int8 weights (widened to
 the compute dtype, float32 accumulation) and scales the output; on GPU, skinny
 products (decode) go to the Pallas kernel in `kernels/int8_matmul.py`.
+
+The kernel is an opaque custom call to XLA's partitioner: given sharded operands, XLA
+would gather the weights onto every device to run it. So on a mesh it runs only under
+`shard_map`, and only where that needs no weight movement: when the mesh of
+`sharding.activation_sharding` splits none of the parameters' logical axes (the
+weights are replicated, e.g. pure data parallelism), each device runs the kernel on its
+own rows of the batch. Where the weights are split (FSDP, tensor parallelism), the
+product takes the XLA path, which XLA partitions by the weights' own shardings: the
+hook receives arrays, not their logical names, so the kernel's partitioning of a split
+weight cannot be known here. The same holds for weights placed on a multi-device mesh
+outside `activation_sharding` (their mesh is visible while tracing, their partitioning
+is not). `kernel_route` makes this decision; an explicit `use_kernel=True` that it
+cannot honour without gathering the weights is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import PartitionSpec
 
+from llama_jax import sharding
 from llama_jax.kernels.int8_matmul import int8_matmul
 
 MODES = ("int8",)
@@ -58,8 +73,11 @@ SCALE_SUFFIX = "_scale"
 # by a constant into this product anyway: host-side (numpy) quantization then agrees
 # with on-device quantization bit for bit.
 INV_127 = np.float32(1 / 127)
-# Decode-sized products (rows of activations) that use the Pallas kernel on GPU.
+# Decode-sized products (rows of activations per device) that use the Pallas kernel on GPU.
 KERNEL_MAX_M = 64
+# The logical axes of the quantized parameters: a mesh that splits any of them shards
+# the weights.
+_PARAM_AXES = ("layers", "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp")
 
 
 class QuantizationError(ValueError):
@@ -96,6 +114,60 @@ def dequantize(q: jax.Array, scale: jax.Array, num_in: int, *, stacked: bool = T
     return (q.astype(jnp.float32) * s).astype(dtype or jnp.float32)
 
 
+def _batch_axes(x: jax.Array, num_in: int, mesh, rules) -> tuple[str, ...]:
+    """The mesh axes that split x's leading (batch) axis: those of the logical 'batch'
+    axis, or none where they do not divide it or x has no batch axes."""
+    if x.ndim == num_in:
+        return ()
+    entry = sharding.logical_to_spec(("batch",), x.shape[:1], mesh, rules)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def kernel_route(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    num_in: int = 1,
+    use_kernel: bool | None = None,
+    platform: str | None = None,
+) -> str:
+    """How `int8_dot_general` contracts x[..., in...] with an int8 kernel[in..., out...]
+    (num_in input axes), decided while tracing: 'kernel' (the Pallas kernel), 'shard_map'
+    (the kernel on each device's rows of the batch, weights replicated), or 'xla'.
+
+    use_kernel: None picks the kernel on GPU for at most KERNEL_MAX_M rows per device
+    where the module docstring's mesh rule allows it; True asks for the kernel and
+    raises QuantizationError where the rule forbids it; False is 'xla'. platform:
+    that of the devices (default: the active mesh's, else the default backend's)."""
+    if use_kernel is False:
+        return "xla"
+    active = sharding.active_mesh()
+    rows = math.prod(x.shape[: x.ndim - num_in])
+    blocker = ""
+    if active is not None and active[0].size > 1:
+        mesh, rules = active
+        route = "shard_map"
+        rows //= math.prod(mesh.shape[a] for a in _batch_axes(x, num_in, mesh, rules))
+        if any(sharding.axis_size(mesh, rules, a) > 1 for a in _PARAM_AXES):
+            blocker = "the rules of the active mesh split the weights"
+    else:
+        route = "kernel"
+        if jax.typeof(kernel).sharding.mesh.size > 1:
+            blocker = "the weights are on a multi-device mesh outside activation_sharding"
+    if use_kernel:
+        if blocker:
+            raise QuantizationError(
+                f"use_kernel=True, but {blocker}: the Pallas kernel would gather them onto "
+                "every device; use_kernel=None takes the XLA path there"
+            )
+        return route
+    if platform is None:
+        platform = active[0].devices.flat[0].platform if active else jax.default_backend()
+    if blocker or platform != "gpu" or rows > KERNEL_MAX_M:
+        return "xla"
+    return route
+
+
 def int8_dot_general(
     x: jax.Array,
     kernel: jax.Array,
@@ -105,37 +177,53 @@ def int8_dot_general(
     scale: jax.Array | None = None,
     precision=None,
     use_kernel: bool | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """`lax.dot_general` for an int8 kernel [in..., out...] with a float32 scale[out...]
     applied to the output. x contracts its trailing axes with the kernel's leading ones
-    (the layout `layers.Dense` uses). Accumulates in float32. use_kernel: the Pallas
-    kernel (True), XLA (False), or the kernel on GPU for at most KERNEL_MAX_M rows (None)."""
+    (the layout `layers.Dense` uses). Accumulates in float32. use_kernel: see
+    `kernel_route` (None: the kernel on GPU for decode-sized products). interpret: run
+    the Pallas kernel in interpret mode (CPU tests)."""
     if scale is None:
         raise QuantizationError("int8_dot_general needs the kernel's scale")
     (x_axes, k_axes), _ = dimension_numbers
     out_dtype = preferred_element_type or x.dtype
     num_in = len(k_axes)
-    batch_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[num_in:]
-    k = math.prod(kernel.shape[:num_in])
-    m = math.prod(batch_shape)
-    if use_kernel is None:
-        use_kernel = jax.devices()[0].platform == "gpu" and m <= KERNEL_MAX_M
-    if use_kernel:
+    route = kernel_route(x, kernel, num_in=num_in, use_kernel=use_kernel)
+    if route == "xla":
+        acc = jax.lax.dot_general(
+            x,
+            kernel.astype(x.dtype),
+            dimension_numbers,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return (acc * scale.astype(jnp.float32)).astype(out_dtype)
+
+    def matmul(x, kernel, scale):
+        batch_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[num_in:]
+        k = math.prod(kernel.shape[:num_in])
         y = int8_matmul(
-            x.reshape(m, k),
+            x.reshape(-1, k),
             kernel.reshape(k, -1),
             scale.reshape(-1),
             out_dtype=jnp.float32,
+            interpret=interpret,
         )
-        return y.reshape(*batch_shape, *out_shape).astype(out_dtype)
-    acc = jax.lax.dot_general(
-        x,
-        kernel.astype(x.dtype),
-        dimension_numbers,
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    return (acc * scale.astype(jnp.float32)).astype(out_dtype)
+        return y.reshape(*batch_shape, *out_shape)
+
+    if route == "shard_map":
+        mesh, rules = sharding.active_mesh()
+        rows = PartitionSpec(_batch_axes(x, num_in, mesh, rules) or None)
+        matmul = jax.shard_map(
+            matmul,
+            mesh=mesh,
+            in_specs=(rows, PartitionSpec(), PartitionSpec()),
+            out_specs=rows,
+            # pallas_call's output types carry no varying-axes annotation to check.
+            check_vma=False,
+        )
+    return matmul(x, kernel, scale).astype(out_dtype)
 
 
 def model_kwargs(
