@@ -108,6 +108,9 @@ def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     c.teacher = ml_collections.ConfigDict(
         dict(
             model_dir="",  # any model directory: Hugging Face, converted, or a run
+            # A llama_jax.config preset giving the teacher's shapes where model_dir
+            # cannot be read (launch.compile, ahead of time); runs need model_dir.
+            preset="",
             dtype="bfloat16",  # the teacher's compute and stored dtype
             scan_layers=True,
             attention_impl="auto",

@@ -139,11 +139,13 @@ def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
     return layers
 
 
-def _student_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
+def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
+    """The student's architecture: the teacher's with `model.teacher_layers` picked, or
+    from `model` (preset or model directory)."""
     if cfg.model.teacher_layers:
         from llama_jax import model_dir
 
-        if model_dir.quantization(cfg.teacher.model_dir):
+        if cfg.teacher.model_dir and model_dir.quantization(cfg.teacher.model_dir):
             raise TrainConfigError(
                 "model.teacher_layers needs a float teacher; this one is quantized"
             )
@@ -197,6 +199,54 @@ def loss_config(cfg) -> DistillLossConfig:
         raise TrainConfigError(str(e)) from e
 
 
+def check_pair(cfg, student_config: LlamaConfig, teacher_config: LlamaConfig) -> None:
+    """Raises unless the student and teacher share a vocabulary that distill.top_k fits."""
+    loss_cfg = loss_config(cfg)
+    teacher = cfg.teacher.model_dir or cfg.teacher.get("preset", "")
+    if student_config.vocab_size != teacher_config.vocab_size:
+        raise TrainConfigError(
+            f"student vocabulary {student_config.vocab_size} and teacher vocabulary "
+            f"{teacher_config.vocab_size} ({teacher}) differ; distillation "
+            "needs the same vocabulary"
+        )
+    if loss_cfg.top_k > teacher_config.vocab_size:
+        raise TrainConfigError(
+            f"distill.top_k={loss_cfg.top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
+        )
+
+
+def abstract_teacher(cfg, teacher_config: LlamaConfig, mesh, rules):
+    """(graphdef, abstract parameters with shardings) of the teacher: as stored in
+    `teacher.model_dir` (int8 or float), or float without one; computed in
+    teacher.dtype."""
+    from llama_jax import model_dir
+
+    quant = model_dir.quant_kwargs(cfg.teacher.model_dir) if cfg.teacher.model_dir else {}
+    return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **_teacher_kwargs(cfg))
+
+
+def distill_step(
+    cfg, p: train.Plan, student_graphdef, abstract_student, teacher_graphdef, abstract_teacher
+) -> train.Step:
+    """The jitted distillation step of `cfg`, step(state, batch, teacher_params), for a
+    student (graphdef, abstract parameters from `train.abstract_model`) and a teacher
+    (from `abstract_teacher`)."""
+    tx = train.build_optimizer(cfg, p.opt_cfg, abstract_student)
+    total = cfg.train.steps
+    step_fn = make_distill_step(
+        student_graphdef,
+        teacher_graphdef,
+        tx,
+        train.learning_rate_schedule(p.opt_cfg),
+        loss_config(cfg),
+        alpha_fn=linear_schedule(cfg.distill.alpha, cfg.distill.alpha_end, total),
+        temperature_fn=linear_schedule(cfg.distill.temperature, cfg.distill.temperature_end, total),
+        grad_accum=cfg.train.grad_accum,
+        loss_chunk=cfg.train.loss_chunk,
+    )
+    return train.jit_step(step_fn, tx, p, abstract_student, abstract_teacher, "teacher")
+
+
 def _eval_batches(cfg, su) -> list[dict[str, jax.Array]]:
     from llama_jax import data
 
@@ -217,38 +267,23 @@ def run(cfg, workdir: str) -> dict[str, float]:
     from llama_jax import model_dir
 
     _check_sections(cfg)
-    loss_cfg = loss_config(cfg)
     teacher_config = model_dir.read_config(cfg.teacher.model_dir)
-    student_config = _student_config(cfg, teacher_config)
-    if student_config.vocab_size != teacher_config.vocab_size:
-        raise TrainConfigError(
-            f"student vocabulary {student_config.vocab_size} and teacher vocabulary "
-            f"{teacher_config.vocab_size} ({cfg.teacher.model_dir}) differ; distillation "
-            "needs the same vocabulary"
-        )
-    if loss_cfg.top_k > teacher_config.vocab_size:
-        raise TrainConfigError(
-            f"distill.top_k={loss_cfg.top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
-        )
+    student_config = student_model_config(cfg, teacher_config)
+    check_pair(cfg, student_config, teacher_config)
     su = train.setup(cfg, student_config)
     eval_batches = _eval_batches(cfg, su) if cfg.distill.eval_path else []
 
     make_student, student_graphdef, abstract_student = train.abstract_model(
         student_config, cfg.model, su.mesh, su.rules, cfg.train.seed
     )
-    teacher_graphdef, abstract_teacher = model_dir.abstract_params(
-        teacher_config,
-        su.mesh,
-        su.rules,
-        **model_dir.quant_kwargs(cfg.teacher.model_dir),
-        **_teacher_kwargs(cfg),
+    teacher_graphdef, teacher_abstract = abstract_teacher(cfg, teacher_config, su.mesh, su.rules)
+    step = distill_step(
+        cfg, su, student_graphdef, abstract_student, teacher_graphdef, teacher_abstract
     )
-    tx = train.build_optimizer(cfg, su.opt_cfg, abstract_student)
-    shardings = train.state_shardings(abstract_student, tx, su.mesh)
-    teacher_sh = jax.tree.map(lambda x: x.sharding, abstract_teacher)
+    tx, shardings = step.tx, step.shardings
 
     log_info("loading the teacher from %s", cfg.teacher.model_dir)
-    teacher_params = model_dir.load_params(cfg.teacher.model_dir, teacher_config, abstract_teacher)
+    teacher_params = model_dir.load_params(cfg.teacher.model_dir, teacher_config, teacher_abstract)
     teacher_meta = {
         "source": str(cfg.teacher.model_dir),
         "fingerprint": checkpoint.fingerprint(teacher_config, teacher_params),
@@ -265,27 +300,9 @@ def run(cfg, workdir: str) -> dict[str, float]:
         train.write_json(workdir / "config.json", cfg.to_dict())
 
     total = cfg.train.steps
-    step_fn = train.jit_train_step(
-        make_distill_step(
-            student_graphdef,
-            teacher_graphdef,
-            tx,
-            train.learning_rate_schedule(su.opt_cfg),
-            loss_cfg,
-            alpha_fn=linear_schedule(cfg.distill.alpha, cfg.distill.alpha_end, total),
-            temperature_fn=linear_schedule(
-                cfg.distill.temperature, cfg.distill.temperature_end, total
-            ),
-            grad_accum=cfg.train.grad_accum,
-            loss_chunk=cfg.train.loss_chunk,
-        ),
-        shardings,
-        su.batch_sh,
-        teacher_sh,
-    )
 
-    def step(state, batch):
-        return step_fn(state, batch, teacher_params)
+    def step_fn(state, batch):
+        return step.fn(state, batch, teacher_params)
 
     student_eval = make_eval_step(student_graphdef, cfg.train.loss_chunk)
     teacher_ppl: list[float] = []
@@ -319,7 +336,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
             cfg,
             workdir,
             state,
-            step,
+            step_fn,
             su.iterator,
             ckpt,
             meta,

@@ -405,8 +405,6 @@ def _validate(cfg) -> None:
         value = cfg.model[name]
         if value not in ("float32", "bfloat16", "float16"):
             raise TrainConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
-    if not cfg.data.path:
-        raise TrainConfigError("data.path is empty; give the training data file")
 
 
 def _model_config(model_cfg):
@@ -477,33 +475,54 @@ def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
 
 
 @dataclasses.dataclass
-class Setup:
-    """What a run needs before anything is compiled: all of it checked."""
+class Plan:
+    """A run's checked settings and its mesh: all that building its step needs. The
+    global batch is int32[B, T] (`batch_shape`) sharded by `batch_sh`."""
 
     mesh: Any
     rules: Any
     opt_cfg: OptimizerConfig
     model_config: Any
-    tokenizer: Any
-    iterator: Any
     batch_sh: NamedSharding
+    batch_shape: tuple[int, int]
 
 
-def setup(cfg, model_config=None) -> Setup:
-    """Checks the config, mesh, batch split, model config, tokenizer and data, and
-    builds the mesh and the data iterator. model_config: default from cfg.model."""
-    from llama_jax import data
-    from llama_jax.tokenizer import Tokenizer
+@dataclasses.dataclass
+class Setup(Plan):
+    """A Plan, the tokenizer and the data iterator: all of it checked."""
 
+    tokenizer: Any = None
+    iterator: Any = None
+
+
+def plan(cfg, model_config=None, devices=None) -> Plan:
+    """Checks the config, mesh, batch split and model config, and builds the mesh over
+    `devices` (default: all), reading no data. model_config: default from cfg.model."""
     _validate(cfg)
     mesh = sharding.create_mesh(
-        dcn=cfg.mesh.dcn, data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor
+        dcn=cfg.mesh.dcn,
+        data=cfg.mesh.data,
+        fsdp=cfg.mesh.fsdp,
+        tensor=cfg.mesh.tensor,
+        devices=devices,
     )
     rules = sharding.rules_from_config(sharding.parse_rules(cfg.mesh.rules))
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
     opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
-    data_cfg = _from_section(data.DataConfig, cfg.data)
     model_config = model_config or _model_config(cfg.model)
+    shape = (cfg.data.global_batch, cfg.data.seq_len)
+    return Plan(mesh, rules, opt_cfg, model_config, batch_sharding(mesh, rules, shape), shape)
+
+
+def setup(cfg, model_config=None) -> Setup:
+    """`plan`, then checks the tokenizer and data and builds the data iterator."""
+    from llama_jax import data
+    from llama_jax.tokenizer import Tokenizer
+
+    if not cfg.data.path:
+        raise TrainConfigError("data.path is empty; give the training data file")
+    p = plan(cfg, model_config)
+    data_cfg = _from_section(data.DataConfig, cfg.data)
     if not epath.Path(cfg.data.path).exists():
         raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
@@ -511,16 +530,75 @@ def setup(cfg, model_config=None) -> Setup:
         tok_path = cfg.data.tokenizer
         is_dir = epath.Path(tok_path).is_dir()
         tokenizer = Tokenizer.from_dir(tok_path) if is_dir else Tokenizer.from_file(tok_path)
-        if tokenizer.vocab_size > model_config.vocab_size:
+        if tokenizer.vocab_size > p.model_config.vocab_size:
             raise TrainConfigError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
-                f"{model_config.vocab_size}"
+                f"{p.model_config.vocab_size}"
             )
     elif cfg.data.format != "tokens":
         raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
-    batch_sh = batch_sharding(mesh, rules, (cfg.data.global_batch, cfg.data.seq_len))
-    iterator = data.DataIterator(data_cfg, tokenizer, batch_sh, vocab_size=model_config.vocab_size)
-    return Setup(mesh, rules, opt_cfg, model_config, tokenizer, iterator, batch_sh)
+    iterator = data.DataIterator(
+        data_cfg, tokenizer, p.batch_sh, vocab_size=p.model_config.vocab_size
+    )
+    return Setup(**vars(p), tokenizer=tokenizer, iterator=iterator)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A run's step jitted with its shardings (the state donated), and the abstract
+    arguments it is called with: `fn(*args())`, i.e. fn(state, batch) or fn(state,
+    batch, frozen). Built from shapes alone, so it can also be compiled ahead of time.
+
+    state: TrainState of ShapeDtypeStructs with shardings; batch: data.FIELDS ->
+    int32[B, T]; frozen: parameters passed to the step but not trained (the teacher's,
+    a LoRA base's) as ShapeDtypeStructs with shardings, or None; frozen_name says which.
+    """
+
+    fn: Any
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    state: TrainState
+    batch: dict[str, jax.ShapeDtypeStruct]
+    frozen: Any = None
+    frozen_name: str = ""
+
+    def args(self) -> tuple:
+        return (self.state, self.batch) + (() if self.frozen is None else (self.frozen,))
+
+
+def jit_step(step_fn, tx, p: Plan, abstract_params, frozen=None, frozen_name="") -> Step:
+    """Jits step_fn(state, batch[, frozen]) (from `make_step`) for the parameters
+    `abstract_params` (ShapeDtypeStructs with shardings) on p's mesh."""
+    from llama_jax import data
+
+    shardings = state_shardings(abstract_params, tx, p.mesh)
+    extra = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
+    batch = {
+        k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sh) for k in data.FIELDS
+    }
+    return Step(
+        fn=jit_train_step(step_fn, shardings, p.batch_sh, *extra),
+        tx=tx,
+        shardings=shardings,
+        state=abstract_train_state(abstract_params, tx, shardings),
+        batch=batch,
+        frozen=frozen,
+        frozen_name=frozen_name,
+    )
+
+
+def train_step(cfg, p: Plan, graphdef, abstract_params) -> Step:
+    """The jitted training step of `cfg` for a model (graphdef, abstract parameters
+    with shardings, from `abstract_model`)."""
+    tx = build_optimizer(cfg, p.opt_cfg, abstract_params)
+    step_fn = make_train_step(
+        graphdef,
+        tx,
+        learning_rate_schedule(p.opt_cfg),
+        grad_accum=cfg.train.grad_accum,
+        loss_chunk=cfg.train.loss_chunk,
+    )
+    return jit_step(step_fn, tx, p, abstract_params)
 
 
 def abstract_model(model_config, model_cfg, mesh, rules, seed: int = 0):
@@ -678,29 +756,16 @@ def run(cfg, workdir: str) -> dict[str, float]:
     make_model, graphdef, abstract_params = abstract_model(
         su.model_config, cfg.model, su.mesh, su.rules, cfg.train.seed
     )
-    tx = build_optimizer(cfg, su.opt_cfg, abstract_params)
-    shardings = state_shardings(abstract_params, tx, su.mesh)
+    step = train_step(cfg, su, graphdef, abstract_params)
 
     workdir, ckpt = open_run(cfg, workdir)
     if ckpt.latest_step() is not None:
-        state, _ = resume(ckpt, cfg, su.iterator, abstract_params, tx, shardings)
+        state, _ = resume(ckpt, cfg, su.iterator, abstract_params, step.tx, step.shardings)
     else:
         params = _initial_params(cfg.model, su.model_config, make_model, su.mesh, su.rules)
-        state, _ = init_state(params, tx, su.mesh)
+        state, _ = init_state(params, step.tx, su.mesh)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.to_dict())
-
-    step_fn = jit_train_step(
-        make_train_step(
-            graphdef,
-            tx,
-            learning_rate_schedule(su.opt_cfg),
-            grad_accum=cfg.train.grad_accum,
-            loss_chunk=cfg.train.loss_chunk,
-        ),
-        shardings,
-        su.batch_sh,
-    )
 
     def meta() -> dict[str, Any]:
         return {
@@ -714,7 +779,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
             cfg,
             workdir,
             state,
-            step_fn,
+            step.fn,
             su.iterator,
             ckpt,
             meta,
@@ -723,7 +788,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
         )
 
 
-def _lora_options(cfg):
+def lora_options(cfg):
     """The run's checked LoraConfig (LoRA is on: lora.rank != 0)."""
     from llama_jax import lora, prune
 
@@ -731,11 +796,6 @@ def _lora_options(cfg):
         lora_cfg = lora.from_config(cfg.lora)
     except lora.LoraError as e:
         raise TrainConfigError(str(e)) from e
-    if not cfg.model.model_dir:
-        raise TrainConfigError(
-            f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model the "
-            "adapters are trained on (Hugging Face, converted, or a run)"
-        )
     try:
         pruning = prune.from_config(cfg.get("prune")) is not None
     except prune.PruneError as e:
@@ -763,6 +823,47 @@ def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any], wo
         )
 
 
+def abstract_lora(cfg, p: Plan, lora_cfg, base_dir: str = ""):
+    """(make_model, graphdef, abstract adapters, abstract frozen base) of a LoRA run,
+    the abstract parameters ShapeDtypeStructs with shardings. The base is as stored in
+    `base_dir` (dtype and quantization); without one, float in model.dtype."""
+    from llama_jax import lora, model_dir, quant
+    from llama_jax.model import Llama
+
+    base_quant = model_dir.quant_kwargs(base_dir) if base_dir else {"quantization": None}
+    dtype = model_dir.stored_float_dtype(base_dir) if base_dir else jnp.dtype(cfg.model.dtype)
+
+    def make_model():
+        return Llama(
+            p.model_config,
+            lora=lora_cfg,
+            rngs=nnx.Rngs(cfg.train.seed),
+            **_model_kwargs(cfg.model),
+            **quant.model_kwargs(**base_quant),
+        )
+
+    graphdef, abstract_adapters = lora.abstract_model(make_model, p.mesh, p.rules)
+    _, abstract_base = model_dir.abstract_params(
+        p.model_config, p.mesh, p.rules, dtype=dtype, **base_quant
+    )
+    return make_model, graphdef, abstract_adapters, abstract_base
+
+
+def lora_step(cfg, p: Plan, lora_cfg, graphdef, abstract_adapters, abstract_base) -> Step:
+    """The jitted LoRA step of `cfg`, step(state, batch, base_params), for the parts
+    from `abstract_lora`."""
+    tx = make_optimizer(p.opt_cfg)
+    step_fn = make_lora_train_step(
+        graphdef,
+        tx,
+        learning_rate_schedule(p.opt_cfg),
+        grad_accum=cfg.train.grad_accum,
+        loss_chunk=cfg.train.loss_chunk,
+        dropout_seed=cfg.train.seed if lora_cfg.dropout > 0 else None,
+    )
+    return jit_step(step_fn, tx, p, abstract_adapters, abstract_base, "frozen base")
+
+
 def run_lora(cfg, workdir: str) -> dict[str, float]:
     """Trains LoRA adapters per `cfg` (its `lora` block) over the frozen base in
     `model.model_dir` (any model directory kind, float or int8), resuming from the
@@ -774,29 +875,21 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     the base's path and fingerprint: a resume with other settings or another base is
     refused, and the model directory readers merge the adapters onto that base.
     """
-    from llama_jax import checkpoint, lora, model_dir, quant
-    from llama_jax.model import Llama
+    from llama_jax import checkpoint, lora, model_dir
 
-    lora_cfg = _lora_options(cfg)
+    lora_cfg = lora_options(cfg)
+    if not cfg.model.model_dir:
+        raise TrainConfigError(
+            f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model the "
+            "adapters are trained on (Hugging Face, converted, or a run)"
+        )
     su = setup(cfg)
     config, base_dir = su.model_config, cfg.model.model_dir
-    base_quant = model_dir.quant_kwargs(base_dir)
-
-    def make_model():
-        return Llama(
-            config,
-            lora=lora_cfg,
-            rngs=nnx.Rngs(cfg.train.seed),
-            **_model_kwargs(cfg.model),
-            **quant.model_kwargs(**base_quant),
-        )
-
-    graphdef, abstract_adapters = lora.abstract_model(make_model, su.mesh, su.rules)
-    _, abstract_base = model_dir.abstract_params(
-        config, su.mesh, su.rules, dtype=model_dir.stored_float_dtype(base_dir), **base_quant
+    make_model, graphdef, abstract_adapters, abstract_base = abstract_lora(
+        cfg, su, lora_cfg, base_dir
     )
-    tx = make_optimizer(su.opt_cfg)
-    shardings = state_shardings(abstract_adapters, tx, su.mesh)
+    step = lora_step(cfg, su, lora_cfg, graphdef, abstract_adapters, abstract_base)
+    tx, shardings = step.tx, step.shardings
 
     workdir, ckpt = open_run(cfg, workdir)
     resuming = ckpt.latest_step() is not None
@@ -819,22 +912,8 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.to_dict())
 
-    step_fn = jit_train_step(
-        make_lora_train_step(
-            graphdef,
-            tx,
-            learning_rate_schedule(su.opt_cfg),
-            grad_accum=cfg.train.grad_accum,
-            loss_chunk=cfg.train.loss_chunk,
-            dropout_seed=cfg.train.seed if lora_cfg.dropout > 0 else None,
-        ),
-        shardings,
-        su.batch_sh,
-        jax.tree.map(lambda x: x.sharding, abstract_base),
-    )
-
-    def step(state, batch):
-        return step_fn(state, batch, base)
+    def step_fn(state, batch):
+        return step.fn(state, batch, base)
 
     def meta() -> dict[str, Any]:
         return {
@@ -849,7 +928,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
             cfg,
             workdir,
             state,
-            step,
+            step_fn,
             su.iterator,
             ckpt,
             meta,

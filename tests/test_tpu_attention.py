@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from llama_jax import attention, sharding
+from llama_jax import attention, sharding, topology
 from llama_jax.config import LlamaConfig
 
 BTNH = ("batch", "length", "heads", "head_dim")
@@ -88,19 +88,10 @@ def test_auto_resolves_by_the_active_mesh_platform():
 
 def _tpu_devices():
     pytest.importorskip("libtpu", reason="libtpu is not installed (make test installs it)")
-    from jax.experimental import topologies
-
     try:
-        topo = topologies.get_topology_desc(
-            platform="tpu",
-            topology_name="v5p:2x2x1",
-            chip_config_name="default",
-            chips_per_host_bounds=(2, 2, 1),
-            num_slices=1,
-        )
-    except Exception as e:  # noqa: BLE001 - any libtpu failure means no TPU compiler here
+        return topology.tpu_target("v5p:2x2x1").devices
+    except topology.TopologyError as e:
         pytest.skip(f"the TPU compiler is unavailable here: {e}")
-    return topo.devices
 
 
 def _compiled_train_step_text(devices, config, mesh_axes, seq_len, impl):
@@ -144,7 +135,7 @@ def _compiled_train_step_text(devices, config, mesh_axes, seq_len, impl):
 
     step = jax.jit(jax.grad(loss), out_shardings=jax.tree.map(lambda x: x.sharding, params))
     # conftest asks for float32 matmuls (CPU parity); bfloat16 TPU kernels run at default.
-    with jax.default_matmul_precision("default"):
+    with jax.default_matmul_precision("default"), topology.uncached_compiles():
         return step.lower(params, tokens).compile().as_text()
 
 
@@ -197,7 +188,11 @@ def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill():
     )
     rows = NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), (4, 256), mesh))
     prompt = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=rows)
-    with sharding.activation_sharding(mesh), jax.default_matmul_precision("default"):
+    with (
+        sharding.activation_sharding(mesh),
+        jax.default_matmul_precision("default"),
+        topology.uncached_compiles(),
+    ):
         text = (
             gen._generate_jit.lower(
                 graphdef,
