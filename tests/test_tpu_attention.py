@@ -159,7 +159,8 @@ def test_splash_compiles_for_a_tpu_mesh(head_dim, num_heads, num_kv_heads):
     assert "tpu_custom_call" not in text
 
 
-def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill():
+@pytest.mark.parametrize("head_dim,num_heads", [(64, 8), (128, 4)])
+def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill(head_dim, num_heads):
     from flax import nnx
 
     from llama_jax import generate as gen
@@ -171,9 +172,9 @@ def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill():
         vocab_size=512,
         embed_dim=256,
         num_layers=2,
-        num_heads=8,
+        num_heads=num_heads,
         num_kv_heads=2,
-        head_dim=64,
+        head_dim=head_dim,
         mlp_dim=512,
         max_position_embeddings=1024,
     )
