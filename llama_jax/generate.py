@@ -88,7 +88,8 @@ def _generate_jit(
     logits_BV = model.unembed(h_BTD[:, -1:])[:, 0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     first = sample_logits(logits_BV, jax.random.fold_in(key, 0), sampling)
-    out_BN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    # int32[B, max_new_tokens]: the new tokens, padding after a row's EOS.
+    new_tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done_B = jnp.isin(first, eos)
     ones_B1 = jnp.ones((b, 1), jnp.int32)
 
@@ -106,9 +107,9 @@ def _generate_jit(
         out = out.at[:, step].set(new)
         return step + 1, new, pos_B + 1, cache, out, done | jnp.isin(new, eos)
 
-    carry = (jnp.int32(1), first, positions_BT[:, -1] + 1, cache, out_BN, done_B)
-    _, _, _, _, out_BN, _ = jax.lax.while_loop(cond, body, carry)
-    return out_BN
+    carry = (jnp.int32(1), first, positions_BT[:, -1] + 1, cache, new_tokens, done_B)
+    _, _, _, _, new_tokens, _ = jax.lax.while_loop(cond, body, carry)
+    return new_tokens
 
 
 def generate(

@@ -274,15 +274,17 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x_BTnH: jax.Array, positions_BT: jax.Array, inv_freq: Sequence[float]) -> jax.Array:
+def apply_rope(x: jax.Array, positions_BT: jax.Array, inv_freq: Sequence[float]) -> jax.Array:
     """Rotates halves (x1, x2) of the head dim by angle position * inv_freq.
 
-    x: dtype[B, T, n, H] (n = N or K); positions: int[B, T]. The rotation runs in
-    float32 and the result is cast back to x's dtype.
+    x: dtype[B, T, N, H] or dtype[B, T, K, H] (queries or keys); positions: int[B, T];
+    inv_freq: H / 2 frequencies. The rotation runs in float32 and the result is cast
+    back to x's dtype.
     """
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * np.asarray(inv_freq, np.float32)
-    cos = jnp.cos(angle_BTh)[:, :, None, :]
-    sin = jnp.sin(angle_BTh)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTnH.astype(jnp.float32), 2, axis=-1)
+    # [B, T, H/2]: one angle per position and frequency, broadcast over the heads.
+    angle = positions_BT.astype(jnp.float32)[..., None] * np.asarray(inv_freq, np.float32)
+    cos = jnp.cos(angle)[:, :, None, :]
+    sin = jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTnH.dtype)
+    return out.astype(x.dtype)

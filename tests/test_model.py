@@ -1,6 +1,7 @@
 """Model behaviour: KV-cache decoding, scanned vs unrolled layers, packed sequences,
 attention kernels against the reference, and parameter metadata."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,8 +63,7 @@ def test_gradients_equal_scanned_and_unrolled_with_remat():
     grad = nnx.jit(nnx.grad(loss))
     g_scan = grad(_model(remat_policy="full"))
     g_loop = grad(_model(scan_layers=False))
-    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_loop), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    chex.assert_trees_all_close(g_scan, g_loop, atol=1e-6, rtol=1e-4)
 
 
 def test_packed_batch_equals_documents_run_separately():
