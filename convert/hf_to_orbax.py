@@ -55,7 +55,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from convert.progress import Progress
     from llama_jax import model_dir, sharding
 
     with common.clear_errors():
@@ -71,7 +70,7 @@ def main(argv):
             quantize=_QUANTIZE.value,
             quantize_head=_QUANTIZE_HEAD.value,
             quantize_embed=_QUANTIZE_EMBED.value,
-            progress=Progress("converting"),
+            progress=common.Progress("converting"),
         )
     print(f"wrote {out}")
 

@@ -41,18 +41,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
-    from convert.progress import Progress
-    from llama_jax import hf, model_dir
+    from llama_jax import model_dir, safetensors_file
 
     with common.clear_errors():
         out = model_dir.export_hf(
             _MODEL_DIR.value,
             _OUT_DIR.value,
             dtype=_DTYPE.value,
-            max_shard_size=hf.parse_size(_MAX_SHARD.value),
+            max_shard_size=safetensors_file.parse_size(_MAX_SHARD.value),
             tokenizer=_TOKENIZER.value,
             overwrite=_OVERWRITE.value,
-            progress=Progress("exporting"),
+            progress=common.Progress("exporting"),
         )
     print(f"wrote {out}")
 

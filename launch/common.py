@@ -2,6 +2,7 @@
 
 import contextlib
 import sys
+import time
 from typing import NamedTuple
 
 from absl import app, flags, logging
@@ -79,3 +80,69 @@ def quiet_logs() -> None:
     --verbosity was given."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+class Progress:
+    """A progress line on stderr, from process 0 only: redrawn in place on a terminal,
+    otherwise one line at most every `every_s` seconds and one at the end (log files stay
+    short). Create it after `init_distributed`.
+
+    Fed either way:
+      progress(done, total)   counts: `what: done/total (rate/s, elapsed s)`; the library's
+                              evaluation calls it after each batch.
+      start(total, nbytes), then update(n, nbytes) per n items: tensors of a conversion,
+                              `what: done/total tensors, GB done/total, MB/s, time left`.
+    """
+
+    def __init__(self, what: str, every_s: float = 5.0):
+        import jax
+
+        self.what, self.every_s = what, every_s
+        self.total_tensors = self.total_bytes = self.tensors = self.bytes = 0
+        self.started = time.perf_counter()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+        self.show = jax.process_index() == 0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self._due(now, done >= total):
+            elapsed = now - self.started
+            rate = done / max(elapsed, 1e-9)
+            self._write(
+                f"{self.what}: {done}/{total} ({rate:.1f}/s, {elapsed:.0f} s)", done >= total
+            )
+
+    def start(self, total_tensors: int, total_bytes: int) -> None:
+        self.total_tensors, self.total_bytes = total_tensors, total_bytes
+        self.started = time.perf_counter()
+
+    def update(self, tensors: int, nbytes: int) -> None:
+        self.tensors += tensors
+        self.bytes += nbytes
+        now = time.perf_counter()
+        done = self.tensors >= self.total_tensors
+        if not self._due(now, done):
+            return
+        elapsed = now - self.started
+        rate = self.bytes / elapsed if elapsed > 0 else 0.0
+        left = (self.total_bytes - self.bytes) / rate if rate > 0 else float("nan")
+        self._write(
+            f"{self.what}: {self.tensors}/{self.total_tensors} tensors, "
+            f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, "
+            + (f"done in {elapsed:.1f} s" if done else f"{left:.0f} s left"),
+            done,
+        )
+
+    def _due(self, now: float, done: bool) -> bool:
+        if self.show and (self.tty or done or now - self.last >= self.every_s):
+            self.last = now
+            return True
+        return False
+
+    def _write(self, line: str, done: bool) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if done else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()

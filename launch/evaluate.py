@@ -10,13 +10,12 @@ JSON line per result on stdout: first the perplexity of --data ({"data", "perple
 "loss", "tokens", ...}), then one line per task file ({"task", "type", "num_fewshot", "n",
 "metrics"}). --output writes the same lines to a file, with every example's prompt, scores
 and prediction under "examples" when --details is set. The task file format and the
-scoring rules are described in llama_jax/evaluate.py. Progress goes to stderr.
+scoring rules are described in llama_jax/tasks.py,
+llama_jax/evaluate.py and llama_jax/perplexity.py. Progress goes to stderr.
 """
 
 import json
 import os
-import sys
-import time
 
 from absl import app, flags
 
@@ -54,27 +53,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON lines to this
 _DETAILS = flags.DEFINE_bool("details", False, "Per-example results in --output.")
 
 
-class _Progress:
-    """`what: done/total` with a rate on stderr from process 0: redrawn in place on a
-    terminal, otherwise one line every 10 s and one at the end."""
-
-    def __init__(self, what: str, show: bool):
-        self.what, self.show = what, show
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.show or not (self.tty or done == total or now - self.last >= 10):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        line = f"{self.what}: {done}/{total} ({rate:.1f}/s, {now - self.start:.0f} s)"
-        end = "\n" if done == total or not self.tty else ""
-        sys.stderr.write(("\r\033[K" if self.tty else "") + line + end)
-        sys.stderr.flush()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -85,7 +63,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import evaluate, model_dir, sharding
+    from llama_jax import evaluate, model_dir, perplexity, sharding
+    from llama_jax.tasks import load_task
 
     show = jax.process_index() == 0
     with common.clear_errors():
@@ -95,10 +74,10 @@ def main(argv):
             raise FileNotFoundError(f"--output={_OUTPUT.value}: directory {out_dir} does not exist")
         documents = None
         if _DATA.value:
-            documents = evaluate.read_documents(
+            documents = perplexity.read_documents(
                 _DATA.value, format=_FORMAT.value, field=_FIELD.value
             )
-        tasks = [evaluate.load_task(path) for path in _TASKS.value]
+        tasks = [load_task(path) for path in _TASKS.value]
         for task in tasks:
             task.check_fewshot(
                 task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
@@ -112,12 +91,12 @@ def main(argv):
         common_args = dict(batch_size=_BATCH_SIZE.value, mesh=mesh)
         results = []
         if documents is not None:
-            ppl = evaluate.eval_perplexity(
+            ppl = perplexity.eval_perplexity(
                 model,
                 tokenizer,
                 documents,
                 seq_len=seq_len,
-                progress=_Progress("perplexity rows", show),
+                progress=common.Progress("perplexity rows", every_s=10),
                 **common_args,
             )
             results.append({"data": _DATA.value, **ppl})
@@ -131,7 +110,7 @@ def main(argv):
                     num_fewshot=_NUM_FEWSHOT.value,
                     max_len=seq_len,
                     details=_DETAILS.value,
-                    progress=_Progress(task.spec.name, show),
+                    progress=common.Progress(task.spec.name, every_s=10),
                     **common_args,
                 )
             )

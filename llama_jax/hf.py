@@ -1,213 +1,25 @@
-"""Hugging Face model directories: safetensors read (validated up front) and written
-(streamed), and `HFReader`, which maps tensors onto the project's parameter tree, a
-slice at a time, with the layouts in `convert/hf_keymap.py`.
-
-Only safetensors are read: pickled weights (.bin, .pth, ...) can execute code when
-loaded and are refused.
+"""Hugging Face LLaMA directories in the project's layout: `HFReader` maps the
+safetensors tensors of a transformers `LlamaForCausalLM` directory onto the project's
+parameter tree, a slice at a time, with the names and layouts in
+`llama_jax/hf_keymap.py`; the layout helpers here also serve the way back. The file
+format itself is `llama_jax/safetensors_file.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from convert import hf_keymap
+from llama_jax import hf_keymap
 from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.safetensors_file import FLOAT_DTYPES, CheckpointError, open_safetensors_dir
 
-
-class CheckpointError(ValueError):
-    """A model directory or weight file that cannot be loaded as it is."""
-
-
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-FLOAT_DTYPES = tuple(SAFETENSORS_DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Bytes of a source tensor copied at a time when converting (see HFReader.read).
 _BLOCK_BYTES = 64 * 1024 * 1024
-
-
-class SafetensorsFile:
-    """One .safetensors file: header parsed and checked against the file size up front;
-    tensors are read-only memory-mapped views, so nothing is read until used."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"{self.path}: truncated safetensors file ({size} bytes, no header)"
-                )
-            n = int.from_bytes(head, "little")
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated or corrupt safetensors file: header claims "
-                    f"{n} bytes, file has {size}"
-                )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from e
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        data_len = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        regions = []
-        for name, entry in header.items():
-            try:
-                dtype_name, shape = entry["dtype"], entry["shape"]
-                begin, end = entry["data_offsets"]
-                if not all(isinstance(x, int) and x >= 0 for x in [*shape, begin, end]):
-                    raise ValueError(entry)
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has a malformed header entry {entry!r}; "
-                    "expected dtype, shape and data_offsets of non-negative integers"
-                ) from e
-            if dtype_name not in SAFETENSORS_DTYPES:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has dtype {dtype_name}; expected one of "
-                    f"{sorted(SAFETENSORS_DTYPES)}"
-                )
-            dtype = SAFETENSORS_DTYPES[dtype_name]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} {dtype_name}{list(shape)} needs {nbytes} "
-                    f"bytes but its offsets span {end - begin}"
-                )
-            if end > data_len:
-                raise CheckpointError(
-                    f"{self.path}: truncated safetensors file: tensor {name!r} ends at byte "
-                    f"{self._data_start + end}, file has {size}"
-                )
-            self._entries[name] = (dtype, tuple(shape), begin)
-            regions.append((begin, end, name))
-        regions.sort()
-        for (_, end_a, a), (begin_b, _, b) in zip(regions, regions[1:], strict=False):
-            if begin_b < end_a:
-                raise CheckpointError(
-                    f"{self.path}: corrupt header: tensors {a!r} and {b!r} overlap"
-                )
-        self._mmap: np.memmap | None = None
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name][1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return self._entries[name][0]
-
-    def get(self, name: str) -> np.ndarray:
-        """A read-only, memory-mapped view of one tensor."""
-        dtype, shape, begin = self._entries[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        start = self._data_start + begin
-        raw = self._mmap[start : start + math.prod(shape) * dtype.itemsize]
-        return raw.view(dtype).reshape(shape)
-
-    def read_rows(self, name: str, lo: int, hi: int, buffer: bytearray) -> np.ndarray:
-        """Rows [lo, hi) of a tensor's leading axis, read from the file into `buffer`
-        (grown as needed and reused), not memory-mapped: streaming readers then hold
-        one block, not every page they have touched. The result is a view of `buffer`."""
-        dtype, shape, begin = self._entries[name]
-        row = math.prod(shape[1:]) * dtype.itemsize
-        nbytes = (hi - lo) * row
-        if len(buffer) < nbytes:
-            buffer.extend(bytes(nbytes - len(buffer)))
-        view = memoryview(buffer)[:nbytes]
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._data_start + begin + lo * row)
-            got = f.readinto(view)
-        if got != nbytes:
-            raise CheckpointError(
-                f"{self.path}: tensor {name!r} is cut short (file changed while reading?)"
-            )
-        return np.frombuffer(view, dtype=dtype).reshape((hi - lo, *shape[1:]))
-
-    def close(self) -> None:
-        """Unmaps the file. The pages read so far count in this process's RSS until the
-        map is gone, so streaming readers close after each tensor they finish."""
-        self._mmap = None
-
-
-def _refuse_pickles(directory: str) -> None:
-    pickles = sorted(f for f in os.listdir(directory) if f.endswith(hf_keymap.PICKLE_SUFFIXES))
-    if pickles:
-        raise CheckpointError(
-            f"{directory} holds pickled weights ({', '.join(pickles)}) and no safetensors. "
-            "Pickle files can run arbitrary code when loaded and are refused; convert them "
-            "to safetensors with the tool that wrote them (e.g. save_pretrained(..., "
-            "safe_serialization=True))."
-        )
-
-
-def open_safetensors_dir(directory: str) -> dict[str, SafetensorsFile]:
-    """Maps every tensor name to its file, for a single `model.safetensors` or shards
-    listed in `model.safetensors.index.json`."""
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    single_path = os.path.join(directory, "model.safetensors")
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{index_path}: expected JSON with a 'weight_map' object ({e})"
-            ) from e
-        files: dict[str, SafetensorsFile] = {}
-        for shard in sorted(set(weight_map.values())):
-            path = os.path.join(directory, shard)
-            if not os.path.exists(path):
-                raise CheckpointError(f"{index_path} lists shard {shard!r}, which is missing")
-            files[shard] = SafetensorsFile(path)
-        tensors = {}
-        for name, shard in weight_map.items():
-            if name not in files[shard]._entries:
-                raise CheckpointError(
-                    f"{index_path} places tensor {name!r} in {shard}, which lacks it"
-                )
-            tensors[name] = files[shard]
-        for shard, f in files.items():
-            unlisted = [n for n in f.keys() if weight_map.get(n) != shard]
-            if unlisted:
-                raise CheckpointError(
-                    f"{os.path.join(directory, shard)} holds tensors the index does not place "
-                    f"there, e.g. {unlisted[:3]}; the index and shards disagree"
-                )
-        return tensors
-    if os.path.exists(single_path):
-        f = SafetensorsFile(single_path)
-        return {name: f for name in f.keys()}
-    _refuse_pickles(directory)
-    raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json")
-
-
-# --- layouts ---------------------------------------------------------------
 
 
 def _groups(layout: str) -> list[list[str]]:
@@ -289,7 +101,7 @@ class HFReader:
         used: set[str] = set()
         for path in paths:
             if path not in hf_keymap.PARAMS:
-                raise CheckpointError(f"parameter {path} has no entry in convert/hf_keymap.py")
+                raise CheckpointError(f"parameter {path} has no entry in llama_jax/hf_keymap.py")
             _, hf_layout, _ = hf_keymap.PARAMS[path]
             want = hf_shape(hf_layout, self.dims)
             for name in hf_tensor_names(path, self.config):
@@ -411,88 +223,3 @@ class HFReader:
         for f in set(self.tensors.values()):
             f.close()
         self._buffer = bytearray()
-
-
-# --- writing -----------------------------------------------------------------
-
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in units:
-        raise ValueError(f"size {text!r}; expected a number with an optional unit like 5GB")
-    size = int(float(match.group(1)) * units[match.group(2).upper()])
-    if size < 1:
-        raise ValueError(f"size {text!r} must be at least one byte")
-    return size
-
-
-def write_safetensors(
-    directory: str,
-    entries: list[tuple[str, tuple[int, ...], np.dtype]],
-    arrays: Iterable[tuple[str, np.ndarray]],
-    max_shard_size: int,
-) -> list[str]:
-    """Streams tensors into safetensors files in `directory`, one tensor in memory at
-    a time, the way transformers shards them.
-
-    entries: (name, shape, dtype) of every tensor, in the order `arrays` yields them.
-    Tensors are packed in that order into files of at most `max_shard_size` bytes (a
-    larger tensor gets a file of its own): `model.safetensors` if one file is enough,
-    else `model-0000i-of-0000n.safetensors` and `model.safetensors.index.json`.
-    Returns the file names.
-    """
-    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * np.dtype(entry[2]).itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    n = len(shards)
-    names = (
-        [WEIGHTS_FILE]
-        if n == 1
-        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    )
-    arrays = iter(arrays)
-    weight_map = {}
-    total = 0
-    for file_name, shard in zip(names, shards, strict=True):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype in shard:
-            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-            header[name] = {
-                "dtype": _SAFETENSORS_NAMES[np.dtype(dtype)],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-            weight_map[name] = file_name
-        total += offset
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        with open(os.path.join(directory, file_name), "wb") as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for name, shape, dtype in shard:
-                got_name, array = next(arrays)
-                if got_name != name or array.shape != tuple(shape) or array.dtype != dtype:
-                    raise CheckpointError(
-                        f"expected tensor {name} {np.dtype(dtype)}{list(shape)} next, got "
-                        f"{got_name} {array.dtype}{list(array.shape)}"
-                    )
-                f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-    if n > 1:
-        with open(os.path.join(directory, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names

@@ -35,20 +35,18 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
-from convert import hf_keymap
-from llama_jax import checkpoint, lora, prune, quant, sharding
+from llama_jax import checkpoint, hf_keymap, lora, prune, quant, sharding
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.hf import (
-    CheckpointError,
     HFReader,
     hf_shape,
     hf_tensor_names,
     layout_dims,
     project_to_hf,
     read_hf_config,
-    write_safetensors,
 )
 from llama_jax.model import Llama
+from llama_jax.safetensors_file import CheckpointError, write_safetensors
 
 FORMAT = "llama_jax.model"
 FORMAT_VERSION = 1

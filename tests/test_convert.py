@@ -16,7 +16,7 @@ import transformers
 from hf_models import make_hf_model, rewrite_config
 from safetensors.numpy import load_file, save_file
 
-from llama_jax import hf, model_dir, sharding
+from llama_jax import model_dir, safetensors_file, sharding
 from llama_jax.config import LlamaConfig
 
 REPO = str(Path(__file__).parents[1])
@@ -79,7 +79,10 @@ def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, dtype, overri
     ]
 
     model_dir.export_hf(out, back, max_shard_size=20_000)
-    src, dst = hf.open_safetensors_dir(str(tmp_path / "hf")), hf.open_safetensors_dir(str(back))
+    src, dst = (
+        safetensors_file.open_safetensors_dir(str(tmp_path / "hf")),
+        safetensors_file.open_safetensors_dir(str(back)),
+    )
     assert set(dst) == set(src)
     assert len({f.path for f in dst.values()}) > 1, "expected a sharded export with an index"
     for name in src:
@@ -260,7 +263,7 @@ def test_bad_input_is_refused_before_writing_anything(tmp_path, good_hf, case):
     shutil.copytree(good_hf, tmp_path / "hf")
     corrupt(tmp_path / "hf")
     out = tmp_path / "converted"
-    with pytest.raises(hf.CheckpointError, match=message):
+    with pytest.raises(safetensors_file.CheckpointError, match=message):
         model_dir.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
     assert _no_output(out)
 
@@ -270,11 +273,11 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     mesh = sharding.create_mesh(fsdp=8)
-    with pytest.raises(hf.CheckpointError, match="already exists; pass --overwrite"):
+    with pytest.raises(safetensors_file.CheckpointError, match="already exists; pass --overwrite"):
         model_dir.convert_hf(good_hf, out, mesh=mesh)
     shutil.copytree(good_hf, tmp_path / "bad")
     _truncated(tmp_path / "bad")
-    with pytest.raises(hf.CheckpointError, match="truncated"):
+    with pytest.raises(safetensors_file.CheckpointError, match="truncated"):
         model_dir.convert_hf(tmp_path / "bad", out, mesh=mesh, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
     model_dir.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
@@ -301,13 +304,13 @@ def test_export_needs_a_tokenizer_and_a_known_dtype(tmp_path, good_hf):
     out = tmp_path / "converted"
     model_dir.convert_hf(good_hf, out, mesh=sharding.create_mesh(fsdp=8))
     os.remove(out / "tokenizer.json")
-    with pytest.raises(hf.CheckpointError, match="no tokenizer to ship"):
+    with pytest.raises(safetensors_file.CheckpointError, match="no tokenizer to ship"):
         model_dir.export_hf(out, tmp_path / "back")
-    with pytest.raises(hf.CheckpointError, match="dtype='int8'"):
+    with pytest.raises(safetensors_file.CheckpointError, match="dtype='int8'"):
         model_dir.export_hf(out, tmp_path / "back", dtype="int8", tokenizer=TOKENIZER)
     assert _no_output(tmp_path / "back")
     model_dir.export_hf(out, tmp_path / "back", dtype="bfloat16", tokenizer=TOKENIZER)
-    tensors = hf.open_safetensors_dir(str(tmp_path / "back"))
+    tensors = safetensors_file.open_safetensors_dir(str(tmp_path / "back"))
     assert {str(f.dtype(n)) for n, f in tensors.items()} == {"bfloat16"}
 
 

@@ -1,8 +1,9 @@
-"""Evaluation: perplexity against transformers, multiple-choice log-likelihoods and
-accuracy, few-shot prompts, generation metrics, task-file errors, and `launch.evaluate`."""
+"""Evaluation with a model: perplexity against transformers, multiple-choice
+log-likelihoods and accuracy, generation, and `launch.evaluate`."""
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,7 @@ import torch
 from flax import nnx
 from hf_models import make_hf_model
 
-from llama_jax import evaluate, model_dir, sharding, train
-from llama_jax.evaluate import EvalError
+from llama_jax import evaluate, model_dir, perplexity, sharding, tasks, train
 from llama_jax.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -80,9 +80,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss_of_transformers(hf, tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text("\n\n".join(DOCS) + "\n")
     seq_len = 24
-    docs = evaluate.read_documents(text)
+    docs = perplexity.read_documents(text)
     assert docs == DOCS
-    got = evaluate.eval_perplexity(model, tokenizer, docs, seq_len=seq_len, batch_size=8)
+    got = perplexity.eval_perplexity(model, tokenizer, docs, seq_len=seq_len, batch_size=8)
 
     # Each document is BOS + bytes + EOS; windows of 24 predictions, each seen alone.
     total, tokens = 0.0, 0
@@ -99,14 +99,14 @@ def test_perplexity_is_exp_of_the_mean_token_loss_of_transformers(hf, tmp_path):
     assert got["perplexity"] == math.exp(got["loss"])
 
     # One window per row scores the same tokens; a JSONL copy reads the same documents.
-    alone = evaluate.eval_perplexity(
+    alone = perplexity.eval_perplexity(
         model, tokenizer, docs, seq_len=seq_len, batch_size=8, pack=False
     )
     assert alone["rows"] > got["rows"]
     assert alone["loss"] == pytest.approx(got["loss"], rel=1e-5)
     jsonl = tmp_path / "eval.jsonl"
     jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
-    assert evaluate.read_documents(jsonl, field="body") == DOCS
+    assert perplexity.read_documents(jsonl, field="body") == DOCS
 
 
 def test_choice_log_likelihoods_match_transformers_on_a_mesh(hf, tmp_path):
@@ -121,7 +121,7 @@ def test_choice_log_likelihoods_match_transformers_on_a_mesh(hf, tmp_path):
         {"q": "one", "options": ["x", "yes"], "answer": 0},
         {"q": "a much longer question " * 4, "options": ["y", "z", "w"], "answer": 2},
     ]
-    task = evaluate.load_task(_write_task(tmp_path / "t.jsonl", spec, examples))
+    task = tasks.load_task(_write_task(tmp_path / "t.jsonl", spec, examples))
     got = evaluate.eval_task(
         model, tokenizer, task, max_len=128, batch_size=8, details=True, loss_chunk=3
     )
@@ -203,7 +203,7 @@ def test_trained_preference_is_picked_and_generated(trained, tmp_path):
     model, tokenizer = trained
     sounds = [s for _, s in ANIMALS]
     examples = [{"animal": a, "sound": s} for a, s in ANIMALS]
-    mc = evaluate.load_task(
+    mc = tasks.load_task(
         _write_task(
             tmp_path / "mc.jsonl",
             {
@@ -240,7 +240,7 @@ def test_trained_preference_is_picked_and_generated(trained, tmp_path):
     for (_, sound), row in zip(ANIMALS, got["examples"], strict=True):
         assert sounds[row["pred"]] == sound and row["greedy"][row["answer"]]
 
-    gen = evaluate.load_task(
+    gen = tasks.load_task(
         _write_task(
             tmp_path / "gen.jsonl",
             {
@@ -258,78 +258,8 @@ def test_trained_preference_is_picked_and_generated(trained, tmp_path):
     assert got["metrics"]["exact_match"] == 1.0 and got["metrics"]["rouge_l"] == 1.0
 
 
-def test_few_shot_prompts_follow_the_template(tmp_path):
-    spec = {
-        "type": "multiple_choice",
-        "description": "Pick one.\n",
-        "prompt": "Q: {q}\nA:",
-        "target": " {choice}!",
-        "fewshot_separator": "\n---\n",
-        "choices": ["yes", "no"],
-        "num_fewshot": 2,
-    }
-    examples = [{"q": "q0", "answer": 0}, {"q": "q1", "answer": 1}, {"q": "q2", "answer": "yes"}]
-    task = evaluate.load_task(_write_task(tmp_path / "t.jsonl", spec, examples))
-    assert task.context(1, 0) == "Pick one.\nQ: q1\nA:"
-    assert task.context(1, 2) == "Pick one.\nQ: q0\nA: yes!\n---\nQ: q2\nA: yes!\n---\nQ: q1\nA:"
-    assert task.context(0, 2) == "Pick one.\nQ: q1\nA: no!\n---\nQ: q2\nA: yes!\n---\nQ: q0\nA:"
-
-    # Lines marked _fewshot are only shots; the draw is seeded and never the scored one.
-    pool = [{"q": f"s{i}", "answer": i % 2, "_fewshot": True} for i in range(6)]
-    task = evaluate.load_task(_write_task(tmp_path / "p.jsonl", spec, examples + pool))
-    assert len(task.examples) == 3 and len(task.fewshot) == 6
-    prompt = task.context(2, 2)
-    assert prompt == evaluate.load_task(tmp_path / "p.jsonl").context(2, 2)
-    shots = [line for line in prompt.split("\n") if line.startswith("Q: s")]
-    assert len(shots) == 2 and shots == sorted(shots)
-    plain = evaluate.load_task(_write_task(tmp_path / "q.jsonl", spec, examples * 4))
-    for i in range(len(plain.examples)):
-        assert all(s is not plain.examples[i] for s in plain.shots(i, 5))
-
-
-def test_rouge_l_and_exact_match_by_hand():
-    # LCS "the cat on the mat" = 5 of 6 words on both sides.
-    assert evaluate.rouge_l("the cat sat on the mat", "The cat is on the mat") == pytest.approx(
-        5 / 6
-    )
-    # LCS "b c": precision 2/3, recall 2/4, F1 = 2 * (1/3) / (7/6) = 4/7.
-    assert evaluate.rouge_l("A B C", "b c d e") == pytest.approx(4 / 7)
-    assert evaluate.rouge_l("x y", "y x") == pytest.approx(0.5)
-    assert evaluate.rouge_l("", "word") == 0.0 and evaluate.rouge_l("", "  ") == 1.0
-    assert evaluate.rouge_l("alpha", "beta") == 0.0
-    assert evaluate.exact_match(" 42\n", "42") == 1.0
-    assert evaluate.exact_match("42.", "42") == 0.0
-    assert evaluate.cut_at_stop(" woof\nQ: next", ["\n", "Q:"]) == " woof"
-    assert evaluate.cut_at_stop("no stop here", ["\n"]) == "no stop here"
-
-
 MC = {"type": "multiple_choice", "prompt": "{q}"}
 GOOD = {"q": "a", "choices": ["x", "y"], "answer": 1}
-
-
-@pytest.mark.parametrize(
-    "lines,message",
-    [
-        ([], "is empty"),
-        ([{"task": MC}, GOOD, '{"q": "b", '], r":3: not valid JSON"),
-        ([GOOD], r":1: the first line must be"),
-        ([{"task": {**MC, "type": "mc"}}, GOOD], r"task type 'mc' is unknown"),
-        ([{"task": {**MC, "prompts": "x"}}, GOOD], r"unknown task spec keys \['prompts'\]"),
-        ([{"task": MC}, GOOD, {"z": "b", "choices": ["x"], "answer": 0}], r":3: .*uses \{q\}"),
-        ([{"task": MC}, {**GOOD, "answer": 2}], r"answer index 2 is out of range for 2"),
-        ([{"task": MC}, {**GOOD, "answer": "z"}], r"answer 'z' is not one of"),
-        ([{"task": MC}, {**GOOD, "choices": []}], r"choices is \[\]; expected a non-empty"),
-        ([{"task": {**MC, "prompt": "{q} {choice}"}}, GOOD], r"exists only in the target"),
-        ([{"task": {**MC, "num_fewshot": 3}}, GOOD, GOOD], r"num_fewshot=3 but only 1"),
-        ([{"task": MC}], "no examples to score"),
-        ([{"task": {"type": "generate", "prompt": "{q}"}}, {"q": "a"}], r"no field 'answer'"),
-    ],
-)
-def test_bad_task_files_are_named_errors(tmp_path, lines, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    with pytest.raises(EvalError, match=message):
-        evaluate.load_task(path)
 
 
 def _cli(monkeypatch, *args):
@@ -351,10 +281,13 @@ def test_command_prints_one_json_line_and_names_bad_input(hf, tmp_path, capsys, 
     out = tmp_path / "out.jsonl"
     common = [f"--model_dir={directory}", "--dtype=float32", "--mesh=data=2,fsdp=2,tensor=2"]
     _cli(monkeypatch, *common, f"--data={text}", "--seq_len=24", f"--output={out}")
-    lines = capsys.readouterr().out.strip().split("\n")
+    captured = capsys.readouterr()
+    lines = captured.out.strip().split("\n")
     assert len(lines) == 1
+    # Progress goes to stderr, ending with a line for the last row.
+    assert re.search(r"^perplexity rows: (\d+)/\1 \(", captured.err, re.M)
     result = json.loads(lines[0])
-    want = evaluate.eval_perplexity(model, tokenizer, DOCS, seq_len=24, batch_size=8)
+    want = perplexity.eval_perplexity(model, tokenizer, DOCS, seq_len=24, batch_size=8)
     assert result["tokens"] == want["tokens"]
     assert result["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
     assert json.loads(out.read_text()) == result

@@ -17,9 +17,9 @@ from flax import nnx
 from configs import lora_tiny
 from llama_jax import lora, model_dir, quant, sharding, train
 from llama_jax.config import get_preset
-from llama_jax.hf import CheckpointError
 from llama_jax.layers import LoraConfig
 from llama_jax.model import LORA_TARGETS, Llama
+from llama_jax.safetensors_file import CheckpointError
 
 REPO = Path(__file__).parents[1]
 CFG = get_preset("tiny")

@@ -16,7 +16,7 @@ from flax import nnx
 from hf_models import make_hf_model
 
 from llama_jax import generate as gen
-from llama_jax import hf, model_dir, quant, sharding
+from llama_jax import model_dir, quant, safetensors_file, sharding
 from llama_jax.config import get_preset
 from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from llama_jax.model import Llama
@@ -155,16 +155,16 @@ def test_offline_and_on_the_fly_quantization_agree_and_round_trip(dirs):
 
 def test_bad_quantization_requests_are_refused(tmp_path, dirs, hf_dir):
     mesh = sharding.create_mesh(fsdp=8)
-    with pytest.raises(hf.CheckpointError, match="already quantized"):
+    with pytest.raises(safetensors_file.CheckpointError, match="already quantized"):
         model_dir.quantize_dir(dirs / "onthefly", tmp_path / "qq", mesh=mesh)
-    with pytest.raises(hf.CheckpointError, match="mode='int4'"):
+    with pytest.raises(safetensors_file.CheckpointError, match="mode='int4'"):
         model_dir.quantize_dir(hf_dir, tmp_path / "q4", mode="int4", mesh=mesh)
-    with pytest.raises(hf.CheckpointError, match="mode='int3'"):
+    with pytest.raises(safetensors_file.CheckpointError, match="mode='int3'"):
         model_dir.convert_hf(hf_dir, tmp_path / "q3", mesh=mesh, quantize="int3")
     tied = dataclasses.replace(model_dir.read_config(hf_dir), tie_word_embeddings=True)
-    with pytest.raises(hf.CheckpointError, match="ties its LM head"):
+    with pytest.raises(safetensors_file.CheckpointError, match="ties its LM head"):
         model_dir._quant_options(tied, "int8", True, False)
-    with pytest.raises(hf.CheckpointError, match="is quantized"):
+    with pytest.raises(safetensors_file.CheckpointError, match="is quantized"):
         model_dir.export_hf(dirs / "onthefly", tmp_path / "back")
     for d in ("qq", "q4", "q3", "back"):
         assert not (tmp_path / d).exists()

@@ -36,6 +36,3 @@ IGNORED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq",)
 
 # When embeddings are tied, a saved LM head duplicates the embedding; skipped on load.
 TIED_DUPLICATE = "lm_head.weight"
-
-# Weight formats that unpickle on load, which can run arbitrary code.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
