@@ -138,7 +138,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     from flax import traverse_util
 
     from launch import demo
-    from llama_jax import distill, model_dir, prune, quant, sharding, train
+    from llama_jax import distill, model_dir, prune, quant, sharding, train, transforms
 
     s = dict(demo.SCALES[scale])
     start = time.perf_counter()
@@ -157,7 +157,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     ):
         say(f"pruning: {name}")
         out = os.path.join(workdir, re.sub(r"\W+", "_", name))
-        model_dir.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
+        transforms.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
         runs[name] = out
     for name, block in (
         (

@@ -55,12 +55,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import model_dir, sharding
+    from llama_jax import sharding, transforms
 
     with common.clear_errors():
         mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
         rules = sharding.rules_from_config(sharding.parse_rules(_RULES.value))
-        out = model_dir.convert_hf(
+        out = transforms.convert_hf(
             _HF_DIR.value,
             _OUT_DIR.value,
             mesh=mesh,

@@ -41,10 +41,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
-    from llama_jax import model_dir, safetensors_file
+    from llama_jax import safetensors_file, transforms
 
     with common.clear_errors():
-        out = model_dir.export_hf(
+        out = transforms.export_hf(
             _MODEL_DIR.value,
             _OUT_DIR.value,
             dtype=_DTYPE.value,

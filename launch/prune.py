@@ -47,7 +47,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import model_dir, prune, sharding
+    from llama_jax import prune, sharding, transforms
 
     with common.clear_errors():
         sparsity = _SPARSITY.value
@@ -56,7 +56,7 @@ def main(argv):
         options = dict(sparsity=sparsity, pattern=_PATTERN.value, scope=_SCOPE.value)
         if _INCLUDE.value is not None:
             options["include"] = _INCLUDE.value
-        out, record = model_dir.prune_dir(
+        out, record = transforms.prune_dir(
             _IO.model_dir.value,
             _IO.out_dir.value,
             prune.PruneConfig(**options),

@@ -25,10 +25,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import model_dir, sharding
+    from llama_jax import sharding, transforms
 
     with common.clear_errors():
-        out = model_dir.quantize_dir(
+        out = transforms.quantize_dir(
             _IO.model_dir.value,
             _IO.out_dir.value,
             mode=_MODE.value,

@@ -68,11 +68,59 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The error's type and first line, without TensorStore's long spec dump."""
     lines = str(error).strip().splitlines()
     text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def step_damage(step_dir) -> str | None:
+    """Why the checkpoint in the step directory `step_dir` is incomplete (no commit
+    marker, a missing item), or None if it has all its parts."""
+    step_dir = epath.Path(step_dir)
+    if not (step_dir / COMMIT_MARKER).exists():
+        return f"{step_dir / COMMIT_MARKER} is missing: the save never finished"
+    for item in (STATE, META):
+        if not (step_dir / item).is_dir():
+            return f"its {item}/ directory is missing"
+    return None
+
+
+def latest_intact_step(directory) -> int:
+    """The latest step in a run's checkpoint directory whose checkpoint has all its
+    parts (`step_damage`) and readable state metadata. A damaged later step is skipped
+    with a warning, as `Checkpointer.restore` does; raises CheckpointError when no step
+    is left."""
+    directory = epath.Path(directory)
+    steps = sorted(
+        (int(p.name) for p in directory.iterdir() if p.name.isdigit())
+        if directory.is_dir()
+        else (),
+        reverse=True,
+    )
+    damaged = []
+    for step in steps:
+        reason = step_damage(directory / str(step))
+        if reason is None:
+            try:
+                ocp.PyTreeCheckpointHandler().metadata(directory / str(step) / STATE)
+            except Exception as e:
+                reason = f"reading its metadata failed with {first_line(e)}"
+            else:
+                return step
+        if (directory / str(step) / COMMIT_MARKER).exists():
+            logging.warning(
+                "checkpoint step %d in %s is damaged (%s); falling back to the previous step",
+                step,
+                directory,
+                reason,
+            )
+            damaged.append(f"step {step}: {reason}")
+    raise CheckpointError(
+        f"{directory} holds no complete checkpoint"
+        + (f"; damaged: {'; '.join(damaged)}" if damaged else "")
+    )
 
 
 # Relative tolerance when comparing two fingerprints' parameter statistics: sums taken
@@ -217,7 +265,7 @@ class Checkpointer:
         except Exception as e:
             self._manager.reload()
             raise CheckpointError(
-                f"saving step {step} to {self.directory} failed: {_first_line(e)}"
+                f"saving step {step} to {self.directory} failed: {first_line(e)}"
             ) from e
         self._pending = step
         return True
@@ -264,7 +312,7 @@ class Checkpointer:
             # Orbax dropped the steps it meant to prune from its list; read them again.
             self._manager.reload()
             raise CheckpointError(
-                f"saving step {step} to {self.directory} failed: {_first_line(e)}; "
+                f"saving step {step} to {self.directory} failed: {first_line(e)}; "
                 f"complete steps: {self.all_steps()}"
             ) from e
 
@@ -324,7 +372,7 @@ class Checkpointer:
                         ),
                     )
                 except Exception as e:
-                    reason = f"reading it failed with {_first_line(e)}"
+                    reason = f"reading it failed with {first_line(e)}"
                 else:
                     return s, restored[STATE], restored[META]
             self._damaged.add(s)
@@ -348,16 +396,13 @@ class Checkpointer:
         """Why `step` cannot be restored, or None if it looks complete. A checkpoint
         whose tree or shapes differ from `abstract_state` is the caller's mismatch, not
         damage, and raises instead of falling back to an older step."""
-        step_dir = self._step_dir(step)
-        if not self._committed(step):
-            return f"{step_dir / COMMIT_MARKER} is missing: the save never finished"
-        for item in (STATE, META):
-            if not (step_dir / item).is_dir():
-                return f"its {item}/ directory is missing"
+        reason = step_damage(self._step_dir(step))
+        if reason is not None:
+            return reason
         try:
             saved = self._manager.item_metadata(step)[STATE].tree
         except Exception as e:
-            return f"reading its metadata failed with {_first_line(e)}"
+            return f"reading its metadata failed with {first_line(e)}"
         saved_shapes, wanted = _shapes(saved), _shapes(abstract_state)
         if saved_shapes != wanted:
             problems = [f"missing {k}" for k in sorted(wanted.keys() - saved_shapes.keys())]

@@ -220,6 +220,22 @@ def create_sharded(
     return nnx.merge(graphdef, state)
 
 
+def build_sharded(shape, sharding_, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array in `sharding_` from `read(index)`, which returns one device's
+    slice as a new numpy array; each process reads only its own devices' slices.
+
+    Like `jax.make_array_from_callback`, but each slice is handed to its device without
+    a second host copy where the device is the host (CPU): a converting host then
+    holds each parameter once, not twice.
+    """
+    shards = []
+    for device, index in sharding_.addressable_devices_indices_map(shape).items():
+        host = read(index)
+        shards.append(jax.device_put(host, device, donate=device.platform == "cpu"))
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding_, shards)
+
+
 def rules_from_config(overrides: Mapping[str, str | Sequence[str] | None] | None) -> Rules:
     """DEFAULT_RULES with some logical names remapped (e.g. from a config file)."""
     table = dict(DEFAULT_RULES)

@@ -875,7 +875,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     the base's path and fingerprint: a resume with other settings or another base is
     refused, and the model directory readers merge the adapters onto that base.
     """
-    from llama_jax import checkpoint, lora, model_dir
+    from llama_jax import checkpoint, lora, lora_dir, model_dir
 
     lora_cfg = lora_options(cfg)
     if not cfg.model.model_dir:
@@ -904,7 +904,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
         "fingerprint": checkpoint.fingerprint(config, base),
     }
     if resuming:
-        model_dir.check_lora_base(saved, lora_meta["base"]["fingerprint"], base_dir)
+        lora_dir.check_lora_base(saved, lora_meta["base"]["fingerprint"], base_dir)
         state, _ = resume(ckpt, cfg, su.iterator, abstract_adapters, tx, shardings)
     else:
         adapters = lora.init_adapters(make_model, abstract_adapters)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
-from llama_jax.checkpoint import Checkpointer, CheckpointError, PreemptionWatch
+from llama_jax import model_dir, safetensors_file
+from llama_jax.checkpoint import Checkpointer, CheckpointError, PreemptionWatch, latest_intact_step
 
 META = {"data": {"epoch": 1, "offset": 4096}, "teacher": "sha256:abc"}
 
@@ -154,6 +156,34 @@ def test_damaged_latest_falls_back_with_a_warning(tmp_path, caplog, damage):
     step, restored, _ = Checkpointer(tmp_path, save_every=10, keep=3).restore(_replicated(new))
     assert step == 20
     _assert_bit_equal(restored, new)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_model_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    with Checkpointer(checkpoints, save_every=10, keep=3) as ckpt:
+        for step in (10, 20, 30):
+            ckpt.save(step, _state(seed=step), {"at": step})
+    assert latest_intact_step(checkpoints) == 30
+    assert model_dir.run_meta(tmp_path) == {"at": 30}
+
+    os.remove(checkpoints / "30" / "state" / "_METADATA")
+    shutil.rmtree(checkpoints / "20" / "meta")
+    with caplog.at_level(logging.WARNING):
+        assert latest_intact_step(checkpoints) == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step 30" in w and "damaged" in w and "metadata" in w for w in warnings), warnings
+    assert any("step 20" in w and "damaged" in w and "meta/" in w for w in warnings), warnings
+    assert model_dir.run_step_dir(tmp_path) == checkpoints / "10"
+    assert model_dir.run_meta(tmp_path) == {"at": 10}
+
+    shutil.rmtree(checkpoints / "10" / "state")
+    with pytest.raises(CheckpointError, match=r"checkpoints holds no complete checkpoint; damaged"):
+        latest_intact_step(checkpoints)
+    with pytest.raises(
+        safetensors_file.CheckpointError, match=r"checkpoints holds no complete checkpoint"
+    ):
+        model_dir.run_meta(tmp_path)
 
 
 def test_failed_save_keeps_the_previous_step_and_its_tmp_dir_is_ignored(tmp_path, monkeypatch):

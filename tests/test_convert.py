@@ -16,7 +16,7 @@ import transformers
 from hf_models import make_hf_model, rewrite_config
 from safetensors.numpy import load_file, save_file
 
-from llama_jax import model_dir, safetensors_file, sharding
+from llama_jax import model_dir, safetensors_file, sharding, transforms
 from llama_jax.config import LlamaConfig
 
 REPO = str(Path(__file__).parents[1])
@@ -64,7 +64,7 @@ def _no_output(out):
 def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, dtype, overrides):
     source = _hf_dir(tmp_path / "hf", dtype=dtype, **overrides)
     out, back = tmp_path / "converted", tmp_path / "back"
-    model_dir.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=2, tensor=4))
+    transforms.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=2, tensor=4))
 
     meta = json.loads((out / "metadata.json").read_text())
     want = "float32" if dtype == torch.float32 else "bfloat16"
@@ -78,7 +78,7 @@ def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, dtype, overri
         "tokenizer.json",
     ]
 
-    model_dir.export_hf(out, back, max_shard_size=20_000)
+    transforms.export_hf(out, back, max_shard_size=20_000)
     src, dst = (
         safetensors_file.open_safetensors_dir(str(tmp_path / "hf")),
         safetensors_file.open_safetensors_dir(str(back)),
@@ -104,7 +104,7 @@ def test_round_trip_is_bitwise_and_transformers_loads_it(tmp_path, dtype, overri
 def test_converted_model_restores_on_other_meshes_with_transformers_logits(tmp_path):
     source = _hf_dir(tmp_path / "hf", num_key_value_heads=1, rope_scaling=LLAMA3_ROPE)
     out = tmp_path / "converted"
-    model_dir.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
+    transforms.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
     tokens = _tokens(source.config.vocab_size)
     ref = _logits(source, tokens)
     results = []
@@ -264,7 +264,7 @@ def test_bad_input_is_refused_before_writing_anything(tmp_path, good_hf, case):
     corrupt(tmp_path / "hf")
     out = tmp_path / "converted"
     with pytest.raises(safetensors_file.CheckpointError, match=message):
-        model_dir.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
+        transforms.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
     assert _no_output(out)
 
 
@@ -274,13 +274,13 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_pat
     (out / "keep.txt").write_text("mine")
     mesh = sharding.create_mesh(fsdp=8)
     with pytest.raises(safetensors_file.CheckpointError, match="already exists; pass --overwrite"):
-        model_dir.convert_hf(good_hf, out, mesh=mesh)
+        transforms.convert_hf(good_hf, out, mesh=mesh)
     shutil.copytree(good_hf, tmp_path / "bad")
     _truncated(tmp_path / "bad")
     with pytest.raises(safetensors_file.CheckpointError, match="truncated"):
-        model_dir.convert_hf(tmp_path / "bad", out, mesh=mesh, overwrite=True)
+        transforms.convert_hf(tmp_path / "bad", out, mesh=mesh, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
-    model_dir.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
+    transforms.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "params").is_dir()
     assert not list(tmp_path.glob(".converted.*"))
 
@@ -302,14 +302,14 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
 def test_export_needs_a_tokenizer_and_a_known_dtype(tmp_path, good_hf):
     out = tmp_path / "converted"
-    model_dir.convert_hf(good_hf, out, mesh=sharding.create_mesh(fsdp=8))
+    transforms.convert_hf(good_hf, out, mesh=sharding.create_mesh(fsdp=8))
     os.remove(out / "tokenizer.json")
     with pytest.raises(safetensors_file.CheckpointError, match="no tokenizer to ship"):
-        model_dir.export_hf(out, tmp_path / "back")
+        transforms.export_hf(out, tmp_path / "back")
     with pytest.raises(safetensors_file.CheckpointError, match="dtype='int8'"):
-        model_dir.export_hf(out, tmp_path / "back", dtype="int8", tokenizer=TOKENIZER)
+        transforms.export_hf(out, tmp_path / "back", dtype="int8", tokenizer=TOKENIZER)
     assert _no_output(tmp_path / "back")
-    model_dir.export_hf(out, tmp_path / "back", dtype="bfloat16", tokenizer=TOKENIZER)
+    transforms.export_hf(out, tmp_path / "back", dtype="bfloat16", tokenizer=TOKENIZER)
     tensors = safetensors_file.open_safetensors_dir(str(tmp_path / "back"))
     assert {str(f.dtype(n)) for n, f in tensors.items()} == {"bfloat16"}
 
@@ -318,7 +318,7 @@ def test_a_training_run_starts_from_a_converted_model_and_exports_to_transformer
     # The project tokenizer has 256 ids; a model with more is fine.
     _hf_dir(tmp_path / "hf", vocab_size=263, num_key_value_heads=1)
     converted = tmp_path / "converted"
-    model_dir.convert_hf(tmp_path / "hf", converted, mesh=sharding.create_mesh(fsdp=8))
+    transforms.convert_hf(tmp_path / "hf", converted, mesh=sharding.create_mesh(fsdp=8))
     run = tmp_path / "run"
     proc = subprocess.run(
         [
@@ -353,7 +353,7 @@ def test_a_training_run_starts_from_a_converted_model_and_exports_to_transformer
         assert np.abs(start[n] - trained[n]).max() < 0.01, n
 
     back = tmp_path / "back"
-    model_dir.export_hf(run, back)
+    transforms.export_hf(run, back)
     assert (back / "tokenizer.json").exists()
     exported = transformers.LlamaForCausalLM.from_pretrained(back).eval()
     ours, _ = model_dir.load_model(run)
@@ -364,7 +364,7 @@ def test_a_training_run_starts_from_a_converted_model_and_exports_to_transformer
 def test_generate_cli_reads_a_converted_directory_like_the_source(tmp_path):
     _hf_dir(tmp_path / "hf", vocab_size=263)
     converted = tmp_path / "converted"
-    model_dir.convert_hf(tmp_path / "hf", converted, mesh=sharding.create_mesh(fsdp=8))
+    transforms.convert_hf(tmp_path / "hf", converted, mesh=sharding.create_mesh(fsdp=8))
     outputs = []
     for d in (tmp_path / "hf", converted):
         proc = subprocess.run(

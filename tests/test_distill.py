@@ -11,7 +11,7 @@ import pytest
 from hf_models import make_hf_model
 
 from configs import distill_tiny
-from llama_jax import distill, model_dir
+from llama_jax import distill, model_dir, transforms
 from llama_jax.train import TrainConfigError
 
 REPO = Path(__file__).parents[1]
@@ -59,7 +59,7 @@ def test_resume_is_exact_teacher_never_saved_and_another_teacher_refused(tmp_pat
     assert student.num_layers == 2 and student.embed_dim == 32
     q = straight["params"]["layers"]["attn"]["q_proj"]["kernel"]
     assert q.shape == (2, 32, 4, 8)
-    meta = model_dir._run_meta(work)
+    meta = model_dir.run_meta(work)
     assert meta["teacher"]["source"] == str(teachers[0])
     assert meta["teacher"]["fingerprint"]["params"]
 
@@ -132,7 +132,7 @@ def test_an_int8_teacher_distils(tmp_path, teachers):
     from llama_jax import sharding
 
     teacher = tmp_path / "teacher-int8"
-    model_dir.quantize_dir(
+    transforms.quantize_dir(
         teachers[0],
         teacher,
         mesh=sharding.create_mesh(fsdp=8),
@@ -140,5 +140,5 @@ def test_an_int8_teacher_distils(tmp_path, teachers):
     )
     last = distill.run(_cfg(teacher, steps=2), str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and last["kd"] > 0
-    meta = model_dir._run_meta(tmp_path / "run")
+    meta = model_dir.run_meta(tmp_path / "run")
     assert meta["teacher"]["source"] == str(teacher)

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import tiny
-from llama_jax import checkpoint, model_dir, prune, sharding, train
+from llama_jax import checkpoint, model_dir, prune, sharding, train, transforms
 from llama_jax.config import get_preset
 from llama_jax.model import Llama
 from tests.hf_models import make_hf_model
@@ -259,7 +259,7 @@ def test_training_prunes_and_masks_survive_checkpoints_and_export(tmp_path):
         train.run(cfg, str(tmp_path / "run"))
 
     # A params-only export keeps the zeros (the masks themselves are not exported).
-    model_dir.export_hf(tmp_path / "run", tmp_path / "hf")
+    transforms.export_hf(tmp_path / "run", tmp_path / "hf")
     exported = dict(model_dir.iter_host_params(tmp_path / "hf", su.model_config))
     for k, m in masks.items():
         np.testing.assert_array_equal(exported[k] == 0, ~m, err_msg=k)
@@ -270,7 +270,7 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("prune")
     make_hf_model(root / "hf", vocab_size=263, intermediate_size=72, num_key_value_heads=1)
     shutil.copy(TOKENIZER, root / "hf" / "tokenizer.json")
-    model_dir.convert_hf(root / "hf", root / "converted", mesh=sharding.create_mesh(fsdp=8))
+    transforms.convert_hf(root / "hf", root / "converted", mesh=sharding.create_mesh(fsdp=8))
     return root
 
 

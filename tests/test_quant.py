@@ -16,7 +16,7 @@ from flax import nnx
 from hf_models import make_hf_model
 
 from llama_jax import generate as gen
-from llama_jax import model_dir, quant, safetensors_file, sharding
+from llama_jax import model_dir, quant, safetensors_file, sharding, transforms
 from llama_jax.config import get_preset
 from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from llama_jax.model import Llama
@@ -62,8 +62,8 @@ def _float_and_quantized(config, embed=False):
 def test_quantized_model_has_the_float_tree_and_close_logits(embed):
     config = dataclasses.replace(get_preset("tiny"), tie_word_embeddings=embed)
     model, q_model, q_params = _float_and_quantized(config, embed=embed)
-    float_paths = set(model_dir._flatten(nnx.to_pure_dict(nnx.split(model)[1])))
-    q_flat = model_dir._flatten(q_params)
+    float_paths = set(model_dir.flatten(nnx.to_pure_dict(nnx.split(model)[1])))
+    q_flat = model_dir.flatten(q_params)
     assert float_paths <= set(q_flat)
     targets = quant.quantized_paths(embed=embed)
     assert set(q_flat) - float_paths == {k + "_scale" for k in targets}
@@ -112,10 +112,10 @@ def dirs(tmp_path_factory, hf_dir):
     """A float conversion, its offline quantization, and a quantized conversion."""
     root = tmp_path_factory.mktemp("qdirs")
     mesh = sharding.create_mesh(fsdp=2, tensor=4)
-    model_dir.convert_hf(hf_dir, root / "float", mesh=mesh)
+    transforms.convert_hf(hf_dir, root / "float", mesh=mesh)
     both = dict(quantize_head=True, quantize_embed=True)
-    model_dir.quantize_dir(root / "float", root / "offline", mesh=mesh, **both)
-    model_dir.convert_hf(hf_dir, root / "onthefly", mesh=mesh, quantize="int8", **both)
+    transforms.quantize_dir(root / "float", root / "offline", mesh=mesh, **both)
+    transforms.convert_hf(hf_dir, root / "onthefly", mesh=mesh, quantize="int8", **both)
     return root
 
 
@@ -156,16 +156,16 @@ def test_offline_and_on_the_fly_quantization_agree_and_round_trip(dirs):
 def test_bad_quantization_requests_are_refused(tmp_path, dirs, hf_dir):
     mesh = sharding.create_mesh(fsdp=8)
     with pytest.raises(safetensors_file.CheckpointError, match="already quantized"):
-        model_dir.quantize_dir(dirs / "onthefly", tmp_path / "qq", mesh=mesh)
+        transforms.quantize_dir(dirs / "onthefly", tmp_path / "qq", mesh=mesh)
     with pytest.raises(safetensors_file.CheckpointError, match="mode='int4'"):
-        model_dir.quantize_dir(hf_dir, tmp_path / "q4", mode="int4", mesh=mesh)
+        transforms.quantize_dir(hf_dir, tmp_path / "q4", mode="int4", mesh=mesh)
     with pytest.raises(safetensors_file.CheckpointError, match="mode='int3'"):
-        model_dir.convert_hf(hf_dir, tmp_path / "q3", mesh=mesh, quantize="int3")
+        transforms.convert_hf(hf_dir, tmp_path / "q3", mesh=mesh, quantize="int3")
     tied = dataclasses.replace(model_dir.read_config(hf_dir), tie_word_embeddings=True)
     with pytest.raises(safetensors_file.CheckpointError, match="ties its LM head"):
-        model_dir._quant_options(tied, "int8", True, False)
+        transforms.quant_options(tied, "int8", True, False)
     with pytest.raises(safetensors_file.CheckpointError, match="is quantized"):
-        model_dir.export_hf(dirs / "onthefly", tmp_path / "back")
+        transforms.export_hf(dirs / "onthefly", tmp_path / "back")
     for d in ("qq", "q4", "q3", "back"):
         assert not (tmp_path / d).exists()
 
