@@ -109,7 +109,7 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     make_student, s_graphdef, s_abstract = train.abstract_model(
         student_config, model_cfg, mesh, rules
     )
-    teacher_kwargs = dict(train._model_kwargs(model_cfg), param_dtype=jax.numpy.dtype(dtype))
+    teacher_kwargs = dict(train.model_kwargs(model_cfg), param_dtype=jax.numpy.dtype(dtype))
     teacher = sharding.create_sharded(
         lambda: Llama(teacher_config, rngs=nnx.Rngs(1), **teacher_kwargs), mesh, rules
     )

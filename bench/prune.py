@@ -138,7 +138,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     from flax import traverse_util
 
     from launch import demo
-    from llama_jax import distill, model_dir, prune, quant, sharding, train, transforms
+    from llama_jax import distill, losses, model_dir, prune, quant, sharding, train, transforms
 
     s = dict(demo.SCALES[scale])
     start = time.perf_counter()
@@ -147,7 +147,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     tok = demo.train_tokenizer(text, workdir, s["vocab"])
     teacher = os.path.join(workdir, "dense")
     say(f"training the dense model ({teacher_steps} steps)")
-    train.run(demo._config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
 
     mesh = sharding.create_mesh()
     runs = {"dense": teacher}
@@ -172,7 +172,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         ("2:4 + KD", dict(sparsity=0.5, pattern="2:4")),
     ):
         say(f"recovering: {name} ({recover_steps} steps)")
-        c = demo._config("distill", s, train_data, tok, recover_steps, s["teacher"])
+        c = demo.run_config("distill", s, train_data, tok, recover_steps, s["teacher"])
         c.model.overrides = ""
         c.model.model_dir = teacher
         c.teacher.model_dir = teacher
@@ -189,7 +189,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         runs[name] = out
 
     say("scoring held-out perplexity")
-    ev = demo._config("train", s, eval_data, tok, 1, s["teacher"])
+    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
     su = train.setup(ev, model_dir.read_config(teacher))
     batches = [next(su.iterator) for _ in range(8)]
     rows = []
@@ -201,7 +201,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         kernels = [flat[k] for k in quant.QUANTIZED_KERNELS]
         zeros = sum(int((w == 0).sum()) for w in kernels)
         total = sum(w.size for w in kernels)
-        ppl = distill.perplexity(distill.make_eval_step(graphdef, 64), params, batches)
+        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
         rows.append(dict(model=name, sparsity=round(zeros / total, 4), eval_ppl=round(ppl, 3)))
     return dict(
         scale=scale,

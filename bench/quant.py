@@ -88,7 +88,7 @@ def quality(model_path: str, eval_data: str) -> dict:
     from flax import nnx
 
     from configs.base import base_config
-    from llama_jax import distill, model_dir, quant, train
+    from llama_jax import distill, losses, model_dir, quant, train
 
     config = model_dir.read_config(model_path)
     c = base_config()
@@ -106,7 +106,7 @@ def quality(model_path: str, eval_data: str) -> dict:
             params = quant.quantize_params(params)
         model = nnx.merge(graphdef, _state(graphdef, abstract, params))
         out[mode or "float"] = dict(
-            ppl=distill.perplexity(distill.make_eval_step(graphdef, 64), params, batches),
+            ppl=distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches),
             logits=np.asarray(model(batches[0]["tokens"][:2]), np.float32),
         )
     err = float(np.abs(out["int8"]["logits"] - out["float"]["logits"]).max())

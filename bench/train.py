@@ -68,7 +68,7 @@ def jax_worker(spec: dict) -> dict:
     make_model, graphdef, _ = train.abstract_model(
         model_config, cfg.model, mesh, rules, cfg.train.seed
     )
-    opt_cfg = train._from_section(train.OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
+    opt_cfg = train.from_section(train.OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
     tx = train.make_optimizer(opt_cfg)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_model, mesh, rules))[1])
     state, shardings = train.init_state(params, tx, mesh)

@@ -108,7 +108,9 @@ def train_tokenizer(text_path: str, out_dir: str, vocab: int) -> str:
     return prefix + ".model"
 
 
-def _config(kind: str, s: dict, data: str, tokenizer: str, steps: int, arch: str):
+def run_config(kind: str, s: dict, data: str, tokenizer: str, steps: int, arch: str):
+    """The config of one demo run: `kind` "train" or "distill" of the tiny preset with
+    `arch` overrides, at scale `s`, for `steps` steps."""
     from configs.base import base_config, distill_config
 
     c = distill_config() if kind == "distill" else base_config()
@@ -158,7 +160,7 @@ def _plot(path: str, curves: dict[str, list[tuple[int, float]]]) -> None:
 def run(workdir: str, scale: str) -> dict:
     import jax
 
-    from llama_jax import distill, model_dir, train
+    from llama_jax import distill, losses, model_dir, train
     from llama_jax import generate as gen
     from llama_jax.tokenizer import Tokenizer
 
@@ -179,11 +181,11 @@ def run(workdir: str, scale: str) -> dict:
         shutil.rmtree(path, ignore_errors=True)
     say(f"training the teacher ({s['teacher_steps']} steps)")
     train.run(
-        _config("train", s, train_data, tok_path, s["teacher_steps"], s["teacher"]),
+        run_config("train", s, train_data, tok_path, s["teacher_steps"], s["teacher"]),
         runs["teacher"],
     )
     say(f"distilling the student with KD ({s['student_steps']} steps)")
-    kd = _config("distill", s, train_data, tok_path, s["student_steps"], s["student"])
+    kd = run_config("distill", s, train_data, tok_path, s["student_steps"], s["student"])
     kd.teacher.model_dir = runs["teacher"]
     kd.teacher.dtype = "float32"
     kd.distill.alpha = 0.5
@@ -191,12 +193,12 @@ def run(workdir: str, scale: str) -> dict:
     distill.run(kd, runs["student_kd"])
     say(f"training the same student with cross-entropy only ({s['student_steps']} steps)")
     train.run(
-        _config("train", s, train_data, tok_path, s["student_steps"], s["student"]),
+        run_config("train", s, train_data, tok_path, s["student_steps"], s["student"]),
         runs["student_ce"],
     )
 
     say("scoring held-out perplexity")
-    ev = _config("train", s, eval_data, tok_path, 1, s["student"])
+    ev = run_config("train", s, eval_data, tok_path, 1, s["student"])
     su = train.setup(ev, model_dir.read_config(runs["teacher"]))
     batches = [next(su.iterator) for _ in range(8)]
     results = {}
@@ -204,7 +206,7 @@ def run(workdir: str, scale: str) -> dict:
         config = model_dir.read_config(path)
         graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
         params = model_dir.load_params(path, config, abstract)
-        ppl = distill.perplexity(distill.make_eval_step(graphdef, 64), params, batches)
+        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
         model, _ = model_dir.load_model(path)
         ids = tokenizer.encode_batch(list(PROMPTS), add_bos=True)
         outs = gen.generate(

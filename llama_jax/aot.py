@@ -22,7 +22,8 @@ from typing import Any
 
 import jax
 
-from llama_jax import sharding, topology, train
+from llama_jax import attention, distill, model_dir, sharding, topology, train
+from llama_jax.config import ConfigError, get_preset
 from llama_jax.topology import Target, TopologyError
 
 GiB = 1 << 30
@@ -50,8 +51,6 @@ class Build:
 
 def _readable(path: str) -> tuple[bool, str]:
     """Whether a model directory's config can be read here, and why not."""
-    from llama_jax import model_dir
-
     if not path:
         return False, "not set"
     try:
@@ -80,9 +79,6 @@ def build(cfg, target: Target) -> Build:
     that can be read here, else from presets (`model.preset` with `model.overrides`,
     `teacher.preset`); a LoRA base that cannot be read is taken as float in model.dtype.
     Config, mesh and batch problems raise ValueErrors, as a run would."""
-    from llama_jax import distill, model_dir
-    from llama_jax.config import ConfigError, get_preset
-
     cfg = cfg.copy_and_resolve_references()
     notes: list[str] = []
     if cfg.mesh.dcn not in (1, target.num_slices):
@@ -439,8 +435,6 @@ def compile_step(b: Build, target: Target) -> Report:
 
 
 def _attention_line(impl: str, target: Target) -> str:
-    from llama_jax import attention
-
     platform = target.devices[0].platform
     resolved = attention.resolve_implementation(impl, platform)
     return impl if resolved == impl else f"{impl} ({resolved} on {platform})"

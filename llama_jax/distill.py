@@ -19,9 +19,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from llama_jax import checkpoint, sharding, train
+from llama_jax import checkpoint, data, model_dir, sharding, train
 from llama_jax.config import LlamaConfig
-from llama_jax.losses import DistillLossConfig, chunked_distill_loss
+from llama_jax.losses import DistillLossConfig, chunked_distill_loss, make_eval_step
 from llama_jax.train import TrainConfigError, log_info
 
 
@@ -85,15 +85,6 @@ def make_distill_step(
     return train.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
 
-def make_eval_step(graphdef, loss_chunk: int = 512):
-    """Returns eval(params, batch) -> (float32[] summed token loss, float32[] count)."""
-
-    def evaluate(params, batch):
-        return train.token_loss_sum(nnx.merge(graphdef, params), batch, loss_chunk)
-
-    return jax.jit(evaluate)
-
-
 def perplexity(eval_fn, params, batches) -> float:
     """exp(mean token loss) over `batches`."""
     total = count = 0.0
@@ -143,8 +134,6 @@ def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
     """The student's architecture: the teacher's with `model.teacher_layers` picked, or
     from `model` (preset or model directory)."""
     if cfg.model.teacher_layers:
-        from llama_jax import model_dir
-
         if cfg.teacher.model_dir and model_dir.quantization(cfg.teacher.model_dir):
             raise TrainConfigError(
                 "model.teacher_layers needs a float teacher; this one is quantized"
@@ -153,7 +142,7 @@ def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
             raise TrainConfigError("set model.model_dir or model.teacher_layers, not both")
         layers = parse_layer_map(cfg.model.teacher_layers, teacher_config.num_layers)
         return dataclasses.replace(teacher_config, num_layers=len(layers))
-    return train._model_config(cfg.model)
+    return train.resolve_model_config(cfg.model)
 
 
 def _teacher_kwargs(cfg) -> dict[str, Any]:
@@ -219,8 +208,6 @@ def abstract_teacher(cfg, teacher_config: LlamaConfig, mesh, rules):
     """(graphdef, abstract parameters with shardings) of the teacher: as stored in
     `teacher.model_dir` (int8 or float), or float without one; computed in
     teacher.dtype."""
-    from llama_jax import model_dir
-
     quant = model_dir.quant_kwargs(cfg.teacher.model_dir) if cfg.teacher.model_dir else {}
     return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **_teacher_kwargs(cfg))
 
@@ -248,9 +235,7 @@ def distill_step(
 
 
 def _eval_batches(cfg, su) -> list[dict[str, jax.Array]]:
-    from llama_jax import data
-
-    eval_cfg = train._from_section(data.DataConfig, cfg.data, path=cfg.distill.eval_path)
+    eval_cfg = train.from_section(data.DataConfig, cfg.data, path=cfg.distill.eval_path)
     iterator = data.DataIterator(
         eval_cfg, su.tokenizer, su.batch_sh, vocab_size=su.model_config.vocab_size
     )
@@ -264,8 +249,6 @@ def run(cfg, workdir: str) -> dict[str, float]:
     Config, teacher directory and architecture, vocabularies, mesh, batch split,
     tokenizer and data are all checked before anything is compiled or initialised.
     """
-    from llama_jax import model_dir
-
     _check_sections(cfg)
     teacher_config = model_dir.read_config(cfg.teacher.model_dir)
     student_config = student_model_config(cfg, teacher_config)
@@ -348,7 +331,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
 def _initial_student(cfg, student_config, make_student, teacher_params, su):
     """Random, a model directory, or a subset of the teacher's layers."""
     if not cfg.model.teacher_layers:
-        return train._initial_params(cfg.model, student_config, make_student, su.mesh, su.rules)
+        return train.initial_params(cfg.model, student_config, make_student, su.mesh, su.rules)
     layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, len_layers(teacher_params)))
     _, abstract = nnx.split(nnx.eval_shape(make_student))
     target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, su.mesh, su.rules))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from llama_jax import sharding
 
@@ -88,6 +89,35 @@ def chunked_cross_entropy(
 
     (total,), count = _masked_sums(per_token, (h_BTD, targets_BT), mask_BT, chunk)
     return total, count
+
+
+def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int, dropout_keys=None):
+    """(float32[] summed cross-entropy, float32[] count) of `model` on a batch, the
+    unembedding chunked and in float32.
+
+    batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`.
+    dropout_keys: keys[B] for LoRA dropout, or None.
+    """
+    h, _ = model.hidden_states(
+        batch["tokens"], segment_ids_BT=batch["segment_ids"], dropout_keys=dropout_keys
+    )
+    return chunked_cross_entropy(
+        h,
+        lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
+        batch["targets"],
+        batch["loss_mask"],
+        chunk=loss_chunk,
+    )
+
+
+def make_eval_step(graphdef, loss_chunk: int = 512):
+    """Returns eval(params, batch) -> (float32[] summed token loss, float32[] count),
+    jitted; `token_loss_sum` of the model nnx.merge(graphdef, params)."""
+
+    def evaluate(params, batch):
+        return token_loss_sum(nnx.merge(graphdef, params), batch, loss_chunk)
+
+    return jax.jit(evaluate)
 
 
 @dataclasses.dataclass(frozen=True)

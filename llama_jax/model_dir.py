@@ -36,6 +36,7 @@ from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.hf import HFReader, hf_tensor_names, read_hf_config
 from llama_jax.model import Llama
 from llama_jax.safetensors_file import CheckpointError
+from llama_jax.tokenizer import Tokenizer
 
 PARAMS = "params"
 # Orbax's partial-save layout keeps the tree in this item of the checkpoint directory.
@@ -139,8 +140,6 @@ def find_tokenizer(path) -> str | None:
 def load_tokenizer(path):
     """The Tokenizer of a model directory (any kind), or of a tokenizer file or
     directory; raises CheckpointError if there is none."""
-    from llama_jax.tokenizer import Tokenizer
-
     path = epath.Path(path)
     if path.is_file():
         return Tokenizer.from_file(str(path))

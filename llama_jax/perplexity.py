@@ -23,15 +23,16 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from llama_jax import data, distill, sharding
+from llama_jax import data, sharding
 from llama_jax.evaluate import ENCODE_CHUNK, Progress, check_ids, on_mesh, setup_mesh
+from llama_jax.losses import make_eval_step
 from llama_jax.tasks import EvalError
 
 FORMATS = ("text", "jsonl")
 
 
 # Cached so that evaluating model after model of one architecture compiles once.
-_eval_step = functools.lru_cache(maxsize=8)(distill.make_eval_step)
+_eval_step = functools.lru_cache(maxsize=8)(make_eval_step)
 
 
 def _windows(ids: Sequence[int], seq_len: int):

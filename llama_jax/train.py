@@ -21,8 +21,11 @@ from etils import epath
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.losses import chunked_cross_entropy
+from llama_jax import checkpoint, data, lora, lora_dir, metrics, model_dir, prune, quant, sharding
+from llama_jax.config import ConfigError, LlamaConfig, get_preset
+from llama_jax.losses import token_loss_sum
+from llama_jax.model import Llama
+from llama_jax.tokenizer import Tokenizer
 
 
 class TrainConfigError(ValueError):
@@ -112,8 +115,6 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def build_optimizer(cfg, opt_cfg: OptimizerConfig, params) -> optax.GradientTransformation:
     """The run's optimizer: `make_optimizer`, wrapped in magnitude pruning when the
     config's `prune` block asks for it (params: arrays or shapes, for their paths)."""
-    from llama_jax import prune
-
     tx = make_optimizer(opt_cfg)
     try:
         prune_cfg = prune.from_config(cfg.get("prune"))
@@ -124,8 +125,6 @@ def build_optimizer(cfg, opt_cfg: OptimizerConfig, params) -> optax.GradientTran
 
 def prune_metrics(opt_state) -> dict[str, float]:
     """Sparsity overall and per layer when the optimizer prunes, else nothing."""
-    from llama_jax import prune
-
     found = prune.find_state(opt_state)
     return {} if found is None else prune.sparsity_report(found.masks)
 
@@ -215,22 +214,6 @@ def make_step(loss_fn, tx: optax.GradientTransformation, schedule: optax.Schedul
     return step
 
 
-def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int, dropout_keys=None):
-    """(float32[] summed cross-entropy, float32[] count) of `model` on a batch (see
-    `make_train_step`), the unembedding chunked and in float32. dropout_keys: keys[B]
-    for LoRA dropout, or None."""
-    h, _ = model.hidden_states(
-        batch["tokens"], segment_ids_BT=batch["segment_ids"], dropout_keys=dropout_keys
-    )
-    return chunked_cross_entropy(
-        h,
-        lambda h_BCD: model.unembed(h_BCD, out_dtype=jnp.float32),
-        batch["targets"],
-        batch["loss_mask"],
-        chunk=loss_chunk,
-    )
-
-
 def make_train_step(
     graphdef,
     tx: optax.GradientTransformation,
@@ -268,7 +251,6 @@ def make_lora_train_step(
     gradient. The loss is `make_train_step`'s. dropout_seed: the adapters' dropout
     masks come from (seed, step, global row); None applies no dropout.
     """
-    from llama_jax import lora
 
     def loss_sum(adapters, micro, step, base_params):
         keys = None
@@ -367,7 +349,9 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
         )
 
 
-def _model_kwargs(model_cfg) -> dict[str, Any]:
+def model_kwargs(model_cfg) -> dict[str, Any]:
+    """The `Llama` keyword arguments (dtypes, layer scan, remat, attention) of a
+    config's `model` section."""
     return dict(
         dtype=jnp.dtype(model_cfg.dtype),
         param_dtype=jnp.dtype(model_cfg.param_dtype),
@@ -377,19 +361,17 @@ def _model_kwargs(model_cfg) -> dict[str, Any]:
     )
 
 
-def _initial_params(model_cfg, config, make_model, mesh, rules):
+def initial_params(model_cfg, config, make_model, mesh, rules):
     """Parameters in their shardings: random (from `make_model`), or read from a model
     directory of any kind straight into their shards."""
     if model_cfg.model_dir:
-        from llama_jax import model_dir
-
-        _, abstract = model_dir.abstract_params(config, mesh, rules, **_model_kwargs(model_cfg))
+        _, abstract = model_dir.abstract_params(config, mesh, rules, **model_kwargs(model_cfg))
         return model_dir.load_params(model_cfg.model_dir, config, abstract)
     model = sharding.create_sharded(make_model, mesh, rules)
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
-def _from_section(cls, section, **extra):
+def from_section(cls, section, **extra):
     """A config dataclass from the ConfigDict section fields of the same names."""
     names = {f.name for f in dataclasses.fields(cls)} - set(extra)
     return cls(**{k: section[k] for k in names if k in section}, **extra)
@@ -407,12 +389,10 @@ def _validate(cfg) -> None:
             raise TrainConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
 
 
-def _model_config(model_cfg):
-    from llama_jax.config import ConfigError, get_preset
-
+def resolve_model_config(model_cfg) -> LlamaConfig:
+    """The LlamaConfig of a config's `model` section: read from `model_dir`, or its
+    `preset` with `overrides` applied."""
     if model_cfg.model_dir:
-        from llama_jax import model_dir
-
         if model_cfg.get("overrides"):
             raise TrainConfigError("model.overrides applies to presets, not to model.model_dir")
         return model_dir.read_config(model_cfg.model_dir)
@@ -463,8 +443,6 @@ def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
             "not see the batches the run would have. Use a new workdir or the old settings."
         )
     # The pruning masks and schedule live in the optimizer state being restored.
-    from llama_jax import prune
-
     prune_before, prune_now = saved.get("prune"), cfg.get("prune")
     if prune.from_config(prune_before) != prune.from_config(prune_now):
         raise TrainConfigError(
@@ -508,21 +486,18 @@ def plan(cfg, model_config=None, devices=None) -> Plan:
     )
     rules = sharding.rules_from_config(sharding.parse_rules(cfg.mesh.rules))
     check_batch(cfg.data.global_batch, cfg.train.grad_accum, mesh, rules)
-    opt_cfg = _from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
-    model_config = model_config or _model_config(cfg.model)
+    opt_cfg = from_section(OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
+    model_config = model_config or resolve_model_config(cfg.model)
     shape = (cfg.data.global_batch, cfg.data.seq_len)
     return Plan(mesh, rules, opt_cfg, model_config, batch_sharding(mesh, rules, shape), shape)
 
 
 def setup(cfg, model_config=None) -> Setup:
     """`plan`, then checks the tokenizer and data and builds the data iterator."""
-    from llama_jax import data
-    from llama_jax.tokenizer import Tokenizer
-
     if not cfg.data.path:
         raise TrainConfigError("data.path is empty; give the training data file")
     p = plan(cfg, model_config)
-    data_cfg = _from_section(data.DataConfig, cfg.data)
+    data_cfg = from_section(data.DataConfig, cfg.data)
     if not epath.Path(cfg.data.path).exists():
         raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
@@ -569,8 +544,6 @@ class Step:
 def jit_step(step_fn, tx, p: Plan, abstract_params, frozen=None, frozen_name="") -> Step:
     """Jits step_fn(state, batch[, frozen]) (from `make_step`) for the parameters
     `abstract_params` (ShapeDtypeStructs with shardings) on p's mesh."""
-    from llama_jax import data
-
     shardings = state_shardings(abstract_params, tx, p.mesh)
     extra = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
     batch = {
@@ -603,10 +576,9 @@ def train_step(cfg, p: Plan, graphdef, abstract_params) -> Step:
 
 def abstract_model(model_config, model_cfg, mesh, rules, seed: int = 0):
     """(make_model, graphdef, abstract params with their shardings) of a model."""
-    from llama_jax.model import Llama
 
     def make_model():
-        return Llama(model_config, rngs=nnx.Rngs(seed), **_model_kwargs(model_cfg))
+        return Llama(model_config, rngs=nnx.Rngs(seed), **model_kwargs(model_cfg))
 
     graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))
@@ -632,8 +604,6 @@ def matmul_flops_per_token(model_config, seq_len: int, *, frozen: bool = False) 
     """Training FLOPs per token; the input embedding is a lookup, not a matmul. frozen:
     the weights take no gradient (a LoRA base: 4 FLOPs per weight, not 6; the small
     adapters are not counted)."""
-    from llama_jax import metrics
-
     matmul_params = model_config.num_params() - (
         0 if model_config.tie_word_embeddings else model_config.vocab_size * model_config.embed_dim
     )
@@ -663,8 +633,6 @@ def loop(
     logs, checks finiteness, saves (and on SIGTERM saves and stops). on_log(step,
     metrics) may add entries to a logged step's metrics (e.g. an evaluation).
     Returns the last logged metrics."""
-    from llama_jax import checkpoint, metrics
-
     start = int(state.step)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     total = cfg.train.steps
@@ -717,8 +685,6 @@ def loop(
 
 def open_run(cfg, workdir) -> tuple[epath.Path, Any]:
     """The run's workdir (created if missing) and its checkpoint manager."""
-    from llama_jax import checkpoint
-
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint.Checkpointer(
@@ -762,7 +728,7 @@ def run(cfg, workdir: str) -> dict[str, float]:
     if ckpt.latest_step() is not None:
         state, _ = resume(ckpt, cfg, su.iterator, abstract_params, step.tx, step.shardings)
     else:
-        params = _initial_params(cfg.model, su.model_config, make_model, su.mesh, su.rules)
+        params = initial_params(cfg.model, su.model_config, make_model, su.mesh, su.rules)
         state, _ = init_state(params, step.tx, su.mesh)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.to_dict())
@@ -790,8 +756,6 @@ def run(cfg, workdir: str) -> dict[str, float]:
 
 def lora_options(cfg):
     """The run's checked LoraConfig (LoRA is on: lora.rank != 0)."""
-    from llama_jax import lora, prune
-
     try:
         lora_cfg = lora.from_config(cfg.lora)
     except lora.LoraError as e:
@@ -827,9 +791,6 @@ def abstract_lora(cfg, p: Plan, lora_cfg, base_dir: str = ""):
     """(make_model, graphdef, abstract adapters, abstract frozen base) of a LoRA run,
     the abstract parameters ShapeDtypeStructs with shardings. The base is as stored in
     `base_dir` (dtype and quantization); without one, float in model.dtype."""
-    from llama_jax import lora, model_dir, quant
-    from llama_jax.model import Llama
-
     base_quant = model_dir.quant_kwargs(base_dir) if base_dir else {"quantization": None}
     dtype = model_dir.stored_float_dtype(base_dir) if base_dir else jnp.dtype(cfg.model.dtype)
 
@@ -838,7 +799,7 @@ def abstract_lora(cfg, p: Plan, lora_cfg, base_dir: str = ""):
             p.model_config,
             lora=lora_cfg,
             rngs=nnx.Rngs(cfg.train.seed),
-            **_model_kwargs(cfg.model),
+            **model_kwargs(cfg.model),
             **quant.model_kwargs(**base_quant),
         )
 
@@ -875,8 +836,6 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     the base's path and fingerprint: a resume with other settings or another base is
     refused, and the model directory readers merge the adapters onto that base.
     """
-    from llama_jax import checkpoint, lora, lora_dir, model_dir
-
     lora_cfg = lora_options(cfg)
     if not cfg.model.model_dir:
         raise TrainConfigError(

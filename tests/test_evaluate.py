@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 from hf_models import make_hf_model
 
-from llama_jax import evaluate, model_dir, perplexity, sharding, tasks, train
+from llama_jax import evaluate, losses, model_dir, perplexity, sharding, tasks
 from llama_jax.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -186,7 +186,7 @@ def trained(hf):
     @jax.jit
     def step(params, opt_state):
         def loss(p):
-            total, count = train.token_loss_sum(nnx.merge(graphdef, p), batch, 64)
+            total, count = losses.token_loss_sum(nnx.merge(graphdef, p), batch, 64)
             return total / count
 
         value, grads = jax.value_and_grad(loss)(params)
