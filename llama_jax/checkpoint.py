@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -75,10 +76,17 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}"
 
 
+def absolute(path) -> epath.Path:
+    """`path` as Orbax needs it: a local path made absolute against the current
+    directory (Orbax refuses relative ones); a URI such as gs://... unchanged."""
+    text = str(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def step_damage(step_dir) -> str | None:
     """Why the checkpoint in the step directory `step_dir` is incomplete (no commit
     marker, a missing item), or None if it has all its parts."""
-    step_dir = epath.Path(step_dir)
+    step_dir = absolute(step_dir)
     if not (step_dir / COMMIT_MARKER).exists():
         return f"{step_dir / COMMIT_MARKER} is missing: the save never finished"
     for item in (STATE, META):
@@ -92,7 +100,7 @@ def latest_intact_step(directory) -> int:
     parts (`step_damage`) and readable state metadata. A damaged later step is skipped
     with a warning, as `Checkpointer.restore` does; raises CheckpointError when no step
     is left."""
-    directory = epath.Path(directory)
+    directory = absolute(directory)
     steps = sorted(
         (int(p.name) for p in directory.iterdir() if p.name.isdigit())
         if directory.is_dir()
@@ -202,7 +210,7 @@ class Checkpointer:
             raise ValueError(f"save_every={save_every}; expected a positive number of steps")
         if keep < 1:
             raise ValueError(f"keep={keep}; expected at least 1 checkpoint to keep")
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         self.save_every = save_every
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -20,6 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp_v1
 
+from llama_jax import checkpoint
 from llama_jax.config import LlamaConfig
 from llama_jax.model_dir import GENERATION_CONFIG, METADATA, PARAMS, flatten, nest
 from llama_jax.safetensors_file import CheckpointError
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 
 def check_out_dir(out_dir, overwrite: bool) -> epath.Path:
     """Refuses an existing output directory unless `overwrite`; returns it as a Path."""
-    out_dir = epath.Path(out_dir)
+    out_dir = checkpoint.absolute(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(
             f"{out_dir} already exists; pass --overwrite to replace it (it is replaced only "

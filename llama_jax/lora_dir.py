@@ -50,7 +50,7 @@ def check_base_config(info: Mapping[str, Any], config: LlamaConfig, base_dir) ->
 def locate_base(path, info: Mapping[str, Any], moved_to=None) -> epath.Path:
     """The base directory of the LoRA run at `path`: the recorded one, or `moved_to`
     when given; raises if it does not exist."""
-    base = epath.Path(moved_to or info["base"]["path"])
+    base = checkpoint.absolute(moved_to or info["base"]["path"])
     if not base.exists():
         raise CheckpointError(
             f"{path} holds LoRA adapters for the base {base}, which does not exist; "

@@ -56,7 +56,7 @@ KINDS = ("hf", "converted", "run")
 
 def detect(path) -> str:
     """The kind of model directory at `path`: 'hf', 'converted' or 'run'."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     if (path / METADATA).exists() and (path / PARAMS).is_dir():
@@ -73,7 +73,7 @@ def detect(path) -> str:
 
 def run_step_dir(path) -> epath.Path:
     """The latest intact step directory of a run (or `path` itself if it is one)."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     if (path / checkpoint.STATE).is_dir():
         return path
     try:
@@ -102,7 +102,7 @@ def run_meta(path) -> dict[str, Any]:
 
 def read_config(path) -> LlamaConfig:
     """The architecture of the model in any kind of model directory."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     kind = detect(path)
     try:
         if kind == "run":
@@ -123,7 +123,7 @@ def read_config(path) -> LlamaConfig:
 def find_tokenizer(path) -> str | None:
     """A directory or file holding the model's tokenizer, or None. A run names the
     tokenizer it trained with in its config."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     if detect(path) == "run":
         meta = run_meta(path)
         found = meta.get("config", {}).get("data", {}).get("tokenizer") or None
@@ -140,7 +140,7 @@ def find_tokenizer(path) -> str | None:
 def load_tokenizer(path):
     """The Tokenizer of a model directory (any kind), or of a tokenizer file or
     directory; raises CheckpointError if there is none."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     if path.is_file():
         return Tokenizer.from_file(str(path))
     has_own = path.is_dir() and any((path / n).exists() for n in TOKENIZER_FILES[:2])
@@ -266,7 +266,7 @@ def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[
 
     A Hugging Face directory is read slice by slice (each host reads only its devices'
     slices); Orbax checkpoints are restored directly into the target shardings."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     kind = detect(path)
     saved_config = read_config(path)
     if saved_config != config:
@@ -351,7 +351,7 @@ def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarra
     """Yields (dotted path, numpy array in its stored dtype) one parameter at a time, in
     the model's parameter order, so only one parameter is ever in host memory (a LoRA
     run's merged onto its base, see `load_lora_run`)."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     kind = detect(path)
     if lora_info(path) is not None:
         yield from _iter_lora_run(path, config)
@@ -397,7 +397,7 @@ def iter_host_params(path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarra
 
 def read_metadata(path) -> dict[str, Any]:
     """metadata.json of a converted directory ({} for other kinds)."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     return _read_json(path / METADATA) if detect(path) == "converted" else {}
 
 
@@ -419,7 +419,7 @@ def quant_kwargs(path) -> dict[str, Any]:
 def lora_info(path) -> dict[str, Any] | None:
     """The `lora` entry of a run's checkpoint metadata (the LoRA settings, and the
     base's path and fingerprint), or None for any other model directory."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     if detect(path) != "run":
         return None
     return run_meta(path).get("lora")
@@ -428,7 +428,7 @@ def lora_info(path) -> dict[str, Any] | None:
 def stored_float_dtype(path) -> np.dtype:
     """The dtype a model directory stores its float parameters in (a norm scale's: never
     quantized)."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     return stored_dtypes(path, read_config(path))["final_norm.scale"]
 
 
@@ -464,7 +464,7 @@ def load_lora_run(
     The base (the one the run recorded, or `base_dir` if it moved) is read as stored,
     float or int8, and must match the recorded fingerprint; the adapters are the latest
     intact step's."""
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     info = lora_info(path)
     base_dir = lora_dir.locate_base(path, info, base_dir)
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llama_jax import hf_keymap, lora_dir, prune, quant, sharding
+from llama_jax import checkpoint, hf_keymap, lora_dir, prune, quant, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.dir_writer import (
     check_out_dir,
@@ -82,7 +82,7 @@ def convert_hf(
     quantize_head / quantize_embed add the LM head / embedding table.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    hf_dir = epath.Path(hf_dir)
+    hf_dir = checkpoint.absolute(hf_dir)
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir} is not a directory")
     reader = HFReader(str(hf_dir))
@@ -169,7 +169,7 @@ def export_hf(
     on one process; written under a temporary name and renamed when complete.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     config = read_config(path)
     if quantization(path) is not None:
         raise CheckpointError(
@@ -227,7 +227,7 @@ def _export_tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str
         raise CheckpointError(
             f"{path} has no tokenizer to ship with the export; pass one with --tokenizer"
         )
-    source = epath.Path(source)
+    source = checkpoint.absolute(source)
     if source.is_dir():
         files = tokenizer_files(source)
         if not any(name in files for name in TOKENIZER_FILES[:2]):
@@ -266,7 +266,7 @@ def quantize_dir(
     parameter at a time. Norms, the embedding and the LM head keep their stored dtype.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     config = read_config(path)
     qopts = quant_options(config, mode, quantize_head, quantize_embed)
     already = quantization(path)
@@ -319,7 +319,7 @@ def prune_dir(
     overall and per-layer fractions). Returns (out_dir, that sparsity record).
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     config = read_config(path)
     already = quantization(path)
     if already is not None:
@@ -386,7 +386,7 @@ def merge_lora_dir(
     merged parameters are built in their shards on `mesh` and written one at a time.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = epath.Path(path)
+    path = checkpoint.absolute(path)
     info = lora_info(path)
     if info is None:
         raise CheckpointError(

@@ -3,6 +3,7 @@ kill -9, restore onto another mesh, learning, and errors before compilation."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -315,3 +316,41 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
     cfg = _config(train__steps=4, data__global_batch=8, data__seq_len=32, data__seed=7)
     with pytest.raises(train.TrainConfigError, match=r"data\.seed: 0 -> 7"):
         train.run(cfg, str(tmp_path))
+
+
+# A run written by an earlier version of the project (tiny preset, 2 steps on the
+# 32-token rows of run_before_redesign_tokens.npy, read by the relative path
+# "tokens.npy"): later versions must keep resuming and reading such runs.
+OLD_RUN = os.path.join(REPO, "tests", "data", "run_before_redesign")
+
+
+def test_a_run_written_by_an_earlier_version_resumes_and_loads(tmp_path, monkeypatch):
+    from llama_jax import model_dir
+
+    shutil.copytree(OLD_RUN, tmp_path / "run")
+    shutil.copy(OLD_RUN + "_tokens.npy", tmp_path / "tokens.npy")
+    monkeypatch.chdir(tmp_path)
+    saved = _final_state(tmp_path / "run", 2)
+    cfg = _config(
+        data__path="tokens.npy",
+        data__format="tokens",
+        data__tokenizer="",
+        data__seq_len=32,
+        data__global_batch=8,
+        train__steps=4,
+        train__log_every=1,
+        checkpoint__save_every=2,
+        checkpoint__keep=1,
+        checkpoint__async_save=False,
+    )
+    last = train.run(cfg, "run")
+    assert np.isfinite(last["loss"])
+    assert sorted(_logged_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    resumed = _final_state(tmp_path / "run", 4)
+    assert int(resumed["step"]) == 4
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), saved["params"], resumed["params"])
+    assert all(jax.tree.leaves(moved))
+    model, config = model_dir.load_model("run")
+    assert config == CFG
+    logits = model(np.arange(1, 9, dtype=np.int32)[None])
+    assert np.isfinite(np.asarray(logits)).all()
