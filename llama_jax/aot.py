@@ -23,14 +23,11 @@ from typing import Any
 import jax
 
 from llama_jax import attention, distill, model_dir, sharding, topology, train
-from llama_jax.config import ConfigError, get_preset
-from llama_jax.topology import Target, TopologyError
+from llama_jax.config import get_preset
+from llama_jax.errors import ConfigError, DoesNotFitError
+from llama_jax.topology import Target
 
 GiB = 1 << 30
-
-
-class DoesNotFitError(ValueError):
-    """The step needs more HBM per chip than the chip has."""
 
 
 # --- the step ----------------------------------------------------------------
@@ -82,7 +79,7 @@ def build(cfg, target: Target) -> Build:
     cfg = cfg.copy_and_resolve_references()
     notes: list[str] = []
     if cfg.mesh.dcn not in (1, target.num_slices):
-        raise TopologyError(
+        raise ConfigError(
             f"mesh.dcn={cfg.mesh.dcn} but the target has {target.num_slices} slice(s); the "
             "dcn axis is the number of slices"
         )
@@ -92,8 +89,8 @@ def build(cfg, target: Target) -> Build:
     def plan(model_config=None) -> train.Plan:
         try:
             return train.plan(cfg, model_config, devices=devices)
-        except sharding.MeshError as e:
-            raise sharding.MeshError(f"{e} of {target.describe()}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{target.describe()}: {e}") from e
 
     models: dict[str, Any] = {}
     if "teacher" in cfg:
@@ -106,9 +103,9 @@ def build(cfg, target: Target) -> Build:
             try:
                 teacher_config = get_preset(cfg.teacher.preset)
             except ConfigError as e:
-                raise train.TrainConfigError(f"teacher.preset: {e}") from e
+                raise ConfigError(f"teacher.preset: {e}") from e
         else:
-            raise train.TrainConfigError(
+            raise ConfigError(
                 "the teacher's shapes are unknown: give teacher.model_dir (a readable model "
                 "directory) or teacher.preset (e.g. --config.teacher.preset=llama3-8b)"
             )

@@ -19,7 +19,7 @@ step traced on a CPU host for TPU devices (ahead-of-time compilation) gets splas
 
 Where 'auto' meets a call its kernel cannot serve (a head dim or length the kernel does
 not take, an unsupported dtype) it runs 'xla' and logs why, once. A kernel named
-explicitly raises `AttentionError` for such a call instead. Decoding over a filled KV
+explicitly raises `ConfigError` for such a call instead. Decoding over a filled KV
 cache (`q_offset` given) always runs 'xla': its queries are a few new tokens against
 the whole cache, which the fast kernels here are not written for.
 """
@@ -34,13 +34,10 @@ from absl import logging
 from flax import struct
 
 from llama_jax import sharding
+from llama_jax.errors import ConfigError
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
-
-
-class AttentionError(ValueError):
-    """An unknown implementation, or a kernel named explicitly that cannot serve a call."""
 
 
 @struct.dataclass
@@ -240,7 +237,7 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, q_segment_BT, kv_segment_BS, scale,
 
 def check_implementation(impl: str) -> None:
     if impl not in IMPLEMENTATIONS:
-        raise AttentionError(
+        raise ConfigError(
             f"attention implementation {impl!r} is unknown; expected one of {IMPLEMENTATIONS}"
         )
 
@@ -269,7 +266,7 @@ _fallbacks_logged: set[tuple[str, str]] = set()
 def _cannot_serve(asked: str, kernel: str, why: str) -> None:
     """A kernel cannot serve a call: an error when it was named, else a note (once)."""
     if asked == kernel:
-        raise AttentionError(
+        raise ConfigError(
             f"attention_impl={kernel!r} cannot serve this call: {why}. Use 'auto' (falls "
             "back to 'xla' where the kernel does not fit) or 'xla'."
         )

@@ -41,14 +41,12 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llama_jax.errors import CheckpointError, ConfigError
+
 STATE = "state"
 META = "meta"
 # The file Orbax writes into a step directory just before it finalizes it.
 COMMIT_MARKER = "commit_success.txt"
-
-
-class CheckpointError(ValueError):
-    """A missing, damaged or mismatched checkpoint, or a failed save."""
 
 
 def _path_str(path) -> str:
@@ -207,9 +205,9 @@ class Checkpointer:
 
     def __init__(self, directory, *, save_every: int, keep: int, async_save: bool = True):
         if save_every < 1:
-            raise ValueError(f"save_every={save_every}; expected a positive number of steps")
+            raise ConfigError(f"save_every={save_every}; expected a positive number of steps")
         if keep < 1:
-            raise ValueError(f"keep={keep}; expected at least 1 checkpoint to keep")
+            raise ConfigError(f"keep={keep}; expected at least 1 checkpoint to keep")
         self.directory = absolute(directory)
         self.save_every = save_every
         self._manager = ocp.CheckpointManager(
@@ -253,7 +251,7 @@ class Checkpointer:
         run can save past them without losing them.
         """
         if step < 0:
-            raise ValueError(f"step={step}; expected a non-negative step")
+            raise ConfigError(f"step={step}; expected a non-negative step")
         if not force and step % self.save_every:
             return False
         try:
@@ -447,7 +445,7 @@ class PreemptionWatch:
 
     def __init__(self, *, check_every: int = 1, signum: int = signal.SIGTERM):
         if check_every < 1:
-            raise ValueError(f"check_every={check_every}; expected a positive number of steps")
+            raise ConfigError(f"check_every={check_every}; expected a positive number of steps")
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionWatch must be created in the main thread")
         self._check_every = check_every

@@ -11,12 +11,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from llama_jax.errors import ConfigError
+
 ROPE_TYPES = ("default", "linear", "llama3")
 HF_ARCHITECTURES = ("LlamaForCausalLM",)
-
-
-class ConfigError(ValueError):
-    """A model configuration that this project cannot represent faithfully."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, Sharding
 
+from llama_jax.errors import DataError
 from llama_jax.tokenizer import Tokenizer
 
 FORMATS = ("text", "jsonl", "tokens")
@@ -53,10 +54,6 @@ _ENCODE_CHUNK = 4096
 # A blank line is empty or whitespace only; runs of them separate documents. The pattern ends at
 # the last newline of the run, so the next document's leading indentation is kept.
 _BLANK_LINES = re.compile(r"\n\s*\n")
-
-
-class DataError(ValueError):
-    """A data config, file or batch sharding that cannot give the batches asked for."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,8 +22,8 @@ from orbax.checkpoint.experimental import v1 as ocp_v1
 
 from llama_jax import checkpoint
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError
 from llama_jax.model_dir import GENERATION_CONFIG, METADATA, PARAMS, flatten, nest
-from llama_jax.safetensors_file import CheckpointError
 
 FORMAT = "llama_jax.model"
 FORMAT_VERSION = 1

@@ -21,8 +21,9 @@ from flax import nnx
 
 from llama_jax import checkpoint, data, model_dir, sharding, train
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError
 from llama_jax.losses import DistillLossConfig, chunked_distill_loss, make_eval_step
-from llama_jax.train import TrainConfigError, log_info
+from llama_jax.train import log_info
 
 
 def linear_schedule(start: float, end: float, total_steps: int):
@@ -93,7 +94,7 @@ def perplexity(eval_fn, params, batches) -> float:
         total += float(t)
         count += float(c)
     if count == 0:
-        raise TrainConfigError("the evaluation data has no tokens to score")
+        raise ConfigError("the evaluation data has no tokens to score")
     return float(np.exp(total / count))
 
 
@@ -101,7 +102,7 @@ def check_same_teacher(saved: Mapping[str, Any], now: Mapping[str, Any], source:
     """Raises unless `now` (this run's teacher) matches the checkpoint's `saved`."""
     why = checkpoint.fingerprint_mismatch(saved["fingerprint"], now["fingerprint"])
     if why is not None:
-        raise TrainConfigError(
+        raise ConfigError(
             f"the teacher at {source} has {why} than the one this run was distilled from "
             f"({saved['source']}); use that teacher or a new workdir"
         )
@@ -118,12 +119,12 @@ def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
         try:
             layers = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise TrainConfigError(
+            raise ConfigError(
                 f"model.teacher_layers={spec!r}; expected '0,2,4', 'every_other' or 'first:N'"
             ) from None
     bad = [i for i in layers if not 0 <= i < teacher_layers]
     if not layers or bad:
-        raise TrainConfigError(
+        raise ConfigError(
             f"model.teacher_layers={spec!r} picks {layers}; expected indices in "
             f"[0, {teacher_layers}) of the teacher's layers"
         )
@@ -135,11 +136,9 @@ def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
     from `model` (preset or model directory)."""
     if cfg.model.teacher_layers:
         if cfg.teacher.model_dir and model_dir.quantization(cfg.teacher.model_dir):
-            raise TrainConfigError(
-                "model.teacher_layers needs a float teacher; this one is quantized"
-            )
+            raise ConfigError("model.teacher_layers needs a float teacher; this one is quantized")
         if cfg.model.model_dir:
-            raise TrainConfigError("set model.model_dir or model.teacher_layers, not both")
+            raise ConfigError("set model.model_dir or model.teacher_layers, not both")
         layers = parse_layer_map(cfg.model.teacher_layers, teacher_config.num_layers)
         return dataclasses.replace(teacher_config, num_layers=len(layers))
     return train.resolve_model_config(cfg.model)
@@ -157,22 +156,22 @@ def _teacher_kwargs(cfg) -> dict[str, Any]:
 
 def _check_sections(cfg) -> None:
     if not cfg.teacher.model_dir:
-        raise TrainConfigError("teacher.model_dir is empty; give the teacher's model directory")
+        raise ConfigError("teacher.model_dir is empty; give the teacher's model directory")
     if not epath.Path(cfg.teacher.model_dir).exists():
-        raise TrainConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
+        raise ConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
     if cfg.teacher.dtype not in ("float32", "bfloat16", "float16"):
-        raise TrainConfigError(
+        raise ConfigError(
             f"teacher.dtype={cfg.teacher.dtype!r}; expected float32, bfloat16 or float16"
         )
     if cfg.distill.eval_every < 0 or cfg.distill.eval_batches < 1:
-        raise TrainConfigError(
+        raise ConfigError(
             f"distill.eval_every={cfg.distill.eval_every} must be >= 0 and "
             f"distill.eval_batches={cfg.distill.eval_batches} >= 1"
         )
     if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
-        raise TrainConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
+        raise ConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
     if cfg.get("lora") is not None and cfg.lora.rank:
-        raise TrainConfigError(
+        raise ConfigError(
             f"lora.rank={cfg.lora.rank}: distillation trains the whole student; LoRA "
             "adapters are for launch.train (set lora.rank=0)"
         )
@@ -180,12 +179,9 @@ def _check_sections(cfg) -> None:
 
 def loss_config(cfg) -> DistillLossConfig:
     d = cfg.distill
-    try:
-        return DistillLossConfig(
-            kind=d.kind, temperature=d.temperature, alpha=d.alpha, beta=d.beta, top_k=d.top_k
-        )
-    except ValueError as e:
-        raise TrainConfigError(str(e)) from e
+    return DistillLossConfig(
+        kind=d.kind, temperature=d.temperature, alpha=d.alpha, beta=d.beta, top_k=d.top_k
+    )
 
 
 def check_pair(cfg, student_config: LlamaConfig, teacher_config: LlamaConfig) -> None:
@@ -193,13 +189,13 @@ def check_pair(cfg, student_config: LlamaConfig, teacher_config: LlamaConfig) ->
     loss_cfg = loss_config(cfg)
     teacher = cfg.teacher.model_dir or cfg.teacher.get("preset", "")
     if student_config.vocab_size != teacher_config.vocab_size:
-        raise TrainConfigError(
+        raise ConfigError(
             f"student vocabulary {student_config.vocab_size} and teacher vocabulary "
             f"{teacher_config.vocab_size} ({teacher}) differ; distillation "
             "needs the same vocabulary"
         )
     if loss_cfg.top_k > teacher_config.vocab_size:
-        raise TrainConfigError(
+        raise ConfigError(
             f"distill.top_k={loss_cfg.top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
         )
 

@@ -32,8 +32,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax import sharding
+from llama_jax.errors import DataError
 from llama_jax.generate import Sampling, generate
-from llama_jax.tasks import EvalError, Task, cut_at_stop, exact_match, rouge_l, summarize
+from llama_jax.tasks import Task, cut_at_stop, exact_match, rouge_l, summarize
 
 # Row lengths are rounded up to powers of two from this, so a run compiles a few shapes.
 _MIN_BUCKET = 16
@@ -57,22 +58,22 @@ def _model_mesh(model):
 def check_setup(
     config, tokenizer, max_len: int, batch_size: int, mesh, rules=sharding.DEFAULT_RULES
 ) -> None:
-    """Raises EvalError unless the tokenizer fits the model's vocabulary, max_len is in
+    """Raises DataError unless the tokenizer fits the model's vocabulary, max_len is in
     [2, max_position_embeddings] and batch_size splits over the mesh's batch shards. The
     evaluations check this themselves; call it to fail before a model is loaded."""
     if tokenizer.vocab_size > config.vocab_size:
-        raise EvalError(
+        raise DataError(
             f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) "
             f"exceeds the model's {config.vocab_size}"
         )
     if not isinstance(max_len, int) or not 2 <= max_len <= config.max_position_embeddings:
-        raise EvalError(
+        raise DataError(
             f"seq_len={max_len!r}; expected an integer from 2 to the model's "
             f"max_position_embeddings ({config.max_position_embeddings})"
         )
     shards = sharding.axis_size(mesh, rules, "batch")
     if not isinstance(batch_size, int) or batch_size < 1 or batch_size % shards:
-        raise EvalError(
+        raise DataError(
             f"batch_size={batch_size!r}; expected a positive multiple of the "
             f"{shards} batch shards of mesh {dict(mesh.shape)}"
         )
@@ -209,7 +210,7 @@ def _score_continuations(
 def _prefix_id(tokenizer) -> int:
     prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     if prefix is None:
-        raise EvalError(
+        raise DataError(
             f"a prompt encodes to no tokens and the tokenizer {tokenizer.path} has "
             "neither BOS nor EOS to start it with"
         )
@@ -308,9 +309,9 @@ def _multiple_choice(
     for (_, target), n_tokens, i in zip(pairs, cont_lens, owners, strict=True):
         where = task.where(task.examples[i])
         if n_tokens == 0:
-            raise EvalError(f"{where}: the target {target!r} encodes to no tokens after its prompt")
+            raise DataError(f"{where}: the target {target!r} encodes to no tokens after its prompt")
         if n_tokens > max_len:
-            raise EvalError(
+            raise DataError(
                 f"{where}: the target {target!r} is {n_tokens} tokens, more than seq_len={max_len}"
             )
     check_ids(sequences, model.config.vocab_size, task.path)
@@ -353,7 +354,7 @@ def _generation(model, tokenizer, task, contexts, *, max_len, batch_size, add_bo
     spec = task.spec
     keep = max_len - spec.max_new_tokens
     if keep < 1:
-        raise EvalError(
+        raise DataError(
             f"{task.path}: max_new_tokens={spec.max_new_tokens} leaves no room for "
             f"the prompt in seq_len={max_len}"
         )
@@ -404,11 +405,11 @@ def _generation(model, tokenizer, task, contexts, *, max_len, batch_size, add_bo
 
 
 def check_ids(sequences, vocab_size: int, where: str) -> None:
-    """Raises EvalError (naming `where`) if a token id of the int sequences is outside
+    """Raises DataError (naming `where`) if a token id of the int sequences is outside
     [0, vocab_size)."""
     for seq in sequences:
         bad = [t for t in seq if not 0 <= t < vocab_size]
         if bad:
-            raise EvalError(
+            raise DataError(
                 f"{where}: token ids {bad[:5]} are outside the model's vocabulary [0, {vocab_size})"
             )

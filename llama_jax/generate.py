@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from llama_jax import sharding
+from llama_jax.errors import ConfigError
 from llama_jax.model import Llama
 
 _PAD_MULTIPLE = 16  # prompt lengths are rounded up to this to reuse compilations
@@ -35,11 +36,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+            raise ConfigError(f"temperature={self.temperature} must be >= 0")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -131,15 +132,15 @@ def generate(
     """
     config = model.config
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not prompts:
-        raise ValueError("no prompts given")
+        raise ConfigError("no prompts given")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
+            raise ConfigError(f"prompt {i} is empty; it needs at least one token (e.g. BOS)")
         bad = [x for x in p if not 0 <= int(x) < config.vocab_size]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
                 f"[0, {config.vocab_size})"
             )

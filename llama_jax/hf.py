@@ -15,8 +15,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from llama_jax import hf_keymap
-from llama_jax.config import ConfigError, LlamaConfig
-from llama_jax.safetensors_file import FLOAT_DTYPES, CheckpointError, open_safetensors_dir
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.safetensors_file import FLOAT_DTYPES, open_safetensors_dir
 
 # Bytes of a source tensor copied at a time when converting (see HFReader.read).
 _BLOCK_BYTES = 64 * 1024 * 1024
@@ -74,7 +75,7 @@ def read_hf_config(hf_dir: str) -> LlamaConfig:
     try:
         return LlamaConfig.from_json_file(path)
     except ConfigError as e:
-        raise CheckpointError(str(e)) from e
+        raise CheckpointError(f"{hf_dir}: {e}") from e
 
 
 class HFReader:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -40,13 +41,13 @@ class LoraConfig:
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank={self.rank!r} must be a positive integer")
+            raise ConfigError(f"LoRA rank={self.rank!r} must be a positive integer")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha={self.alpha!r} must be > 0")
+            raise ConfigError(f"LoRA alpha={self.alpha!r} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+            raise ConfigError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
         if not self.targets:
-            raise ValueError("LoRA needs at least one target module")
+            raise ConfigError("LoRA needs at least one target module")
 
     @property
     def scale(self) -> float:
@@ -259,7 +260,7 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     if s.rope_type == "linear":
         return inv_freq / f32(s.factor)
     if s.rope_type != "llama3":
-        raise ValueError(f"rope_type={s.rope_type!r} is not supported")
+        raise ConfigError(f"rope_type={s.rope_type!r} is not supported")
     old_len = s.original_max_position_embeddings
     low_freq_wavelen = old_len / s.low_freq_factor
     high_freq_wavelen = old_len / s.high_freq_factor

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from llama_jax import quant, sharding
+from llama_jax.errors import ConfigError
 from llama_jax.layers import LoraConfig
 from llama_jax.model import LORA_TARGETS, Llama
 
@@ -55,10 +56,6 @@ DEFAULT_TARGETS = "q_proj,v_proj"
 ALL_LINEAR = "all-linear"
 ADAPTERS = ("lora_a", "lora_b")
 SETTINGS = ("rank", "alpha", "dropout", "targets")
-
-
-class LoraError(ValueError):
-    """LoRA options or adapters that cannot work, found before anything is compiled."""
 
 
 def _matches(pattern: str, regex: re.Pattern, module_path: str) -> bool:
@@ -73,16 +70,16 @@ def resolve_targets(spec: str) -> tuple[str, ...]:
         return LORA_TARGETS
     patterns = [p.strip() for p in spec.split(",") if p.strip()]
     if not patterns:
-        raise LoraError(f"lora.targets={spec!r} names no projection")
+        raise ConfigError(f"lora.targets={spec!r} names no projection")
     chosen: set[str] = set()
     for pattern in patterns:
         try:
             regex = re.compile(pattern)
         except re.error as e:
-            raise LoraError(f"lora.targets: {pattern!r} is not a name or a regex ({e})") from None
+            raise ConfigError(f"lora.targets: {pattern!r} is not a name or a regex ({e})") from None
         hits = [t for t in LORA_TARGETS if _matches(pattern, regex, t)]
         if not hits:
-            raise LoraError(
+            raise ConfigError(
                 f"lora.targets: {pattern!r} matches no block projection; the projections "
                 f"are {', '.join(LORA_TARGETS)} (give names such as 'q_proj', dotted "
                 f"suffixes, regexes over these paths, or '{ALL_LINEAR}')"
@@ -98,19 +95,16 @@ def from_config(section: Mapping[str, Any] | None) -> LoraConfig | None:
         return None
     unknown = sorted(set(section) - set(SETTINGS))
     if unknown:
-        raise LoraError(f"lora: unknown option(s) {unknown}; expected {list(SETTINGS)}")
+        raise ConfigError(f"lora: unknown option(s) {unknown}; expected {list(SETTINGS)}")
     rank = section["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise LoraError(f"lora.rank={rank!r} must be an integer >= 0 (0 turns LoRA off)")
+        raise ConfigError(f"lora.rank={rank!r} must be an integer >= 0 (0 turns LoRA off)")
     if rank == 0:
         return None
     targets = resolve_targets(section["targets"])
-    try:
-        return LoraConfig(
-            rank=rank, alpha=section["alpha"], dropout=section["dropout"], targets=targets
-        )
-    except ValueError as e:
-        raise LoraError(str(e)) from e
+    return LoraConfig(
+        rank=rank, alpha=section["alpha"], dropout=section["dropout"], targets=targets
+    )
 
 
 def to_meta(cfg: LoraConfig) -> dict[str, Any]:
@@ -162,7 +156,7 @@ def combine(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, A
     flat_adapters = traverse_util.flatten_dict(dict(adapters))
     clash = flat.keys() & flat_adapters.keys()
     if clash:
-        raise LoraError(f"the base already holds adapter parameters: {sorted(clash)[:3]}")
+        raise ConfigError(f"the base already holds adapter parameters: {sorted(clash)[:3]}")
     return traverse_util.unflatten_dict({**flat, **flat_adapters})
 
 
@@ -200,7 +194,7 @@ def merge(
     flat = traverse_util.flatten_dict(dict(adapters), sep=".")
     wanted = {f"{t}.{name}" for t in config.targets for name in ADAPTERS}
     if flat.keys() != wanted:
-        raise LoraError(
+        raise ConfigError(
             f"the adapters hold {sorted(flat)}, but the LoRA config targets {list(config.targets)}"
         )
     base = traverse_util.flatten_dict(quant.dequantize_params(base_params), sep=".")

@@ -21,8 +21,8 @@ from flax import nnx, traverse_util
 
 from llama_jax import checkpoint, lora, quant
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError
 from llama_jax.model import Llama
-from llama_jax.safetensors_file import CheckpointError
 
 
 def _other_base(info: Mapping[str, Any], base_dir, why: str):

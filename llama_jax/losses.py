@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax import sharding
+from llama_jax.errors import ConfigError
 
 DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -40,7 +41,7 @@ def _masked_sums(per_token, arrays_BT, mask_BT, chunk: int):
     carry mask 0. Returns (tuple of float32[] weighted sums, float32[] sum of the mask).
     """
     if chunk < 1:
-        raise ValueError(f"loss chunk={chunk} must be >= 1")
+        raise ConfigError(f"loss chunk={chunk} must be >= 1")
     chunk = min(chunk, mask_BT.shape[1])
     mask = mask_BT.astype(jnp.float32)
 
@@ -145,25 +146,25 @@ class DistillLossConfig:
 
     def __post_init__(self):
         if self.kind not in DISTILL_KINDS:
-            raise ValueError(f"distill kind={self.kind!r}; expected one of {DISTILL_KINDS}")
+            raise ConfigError(f"distill kind={self.kind!r}; expected one of {DISTILL_KINDS}")
         _check_temperature(self.temperature)
         _check_alpha(self.alpha)
         if not (isinstance(self.beta, int | float) and 0 < self.beta < 1):
-            raise ValueError(f"distill beta={self.beta!r}; expected a number in (0, 1)")
+            raise ConfigError(f"distill beta={self.beta!r}; expected a number in (0, 1)")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"distill top_k={self.top_k!r}; expected an int >= 0 (0: the full distribution)"
             )
 
 
 def _check_temperature(temperature):
     if not (isinstance(temperature, int | float) and 0 < temperature < math.inf):
-        raise ValueError(f"distill temperature={temperature!r}; expected a finite number > 0")
+        raise ConfigError(f"distill temperature={temperature!r}; expected a finite number > 0")
 
 
 def _check_alpha(alpha):
     if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
-        raise ValueError(f"distill alpha={alpha!r}; expected a number in [0, 1]")
+        raise ConfigError(f"distill alpha={alpha!r}; expected a number in [0, 1]")
 
 
 def _kl(log_a, log_b):
@@ -261,7 +262,7 @@ def chunked_distill_loss(
     temperature = jnp.asarray(temperature, jnp.float32)
 
     if h_student_BTD.shape[:2] != h_teacher_BTD.shape[:2]:
-        raise ValueError(
+        raise ConfigError(
             f"student hidden states {h_student_BTD.shape} and teacher hidden states "
             f"{h_teacher_BTD.shape} differ in [B, T]"
         )
@@ -273,12 +274,14 @@ def chunked_distill_loss(
         teacher_BCV = jax.lax.stop_gradient(_logits_f32(teacher_unembed, h_teacher_BCD))
         v_student, v_teacher = student_BCV.shape[-1], teacher_BCV.shape[-1]
         if v_student != v_teacher:
-            raise ValueError(
+            raise ConfigError(
                 f"student vocabulary V={v_student} and teacher vocabulary V={v_teacher} "
                 "differ; distillation needs the same vocabulary"
             )
         if cfg.top_k > v_teacher:
-            raise ValueError(f"distill top_k={cfg.top_k} exceeds the vocabulary size V={v_teacher}")
+            raise ConfigError(
+                f"distill top_k={cfg.top_k} exceeds the vocabulary size V={v_teacher}"
+            )
         kd = _divergence(cfg, student_BCV, teacher_BCV, temperature)
         return kd, _token_cross_entropy(student_BCV, targets_BC)
 

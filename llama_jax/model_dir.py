@@ -32,10 +32,10 @@ from etils import epath
 from flax import nnx, traverse_util
 
 from llama_jax import checkpoint, lora_dir, quant, sharding
-from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.hf import HFReader, hf_tensor_names, read_hf_config
 from llama_jax.model import Llama
-from llama_jax.safetensors_file import CheckpointError
 from llama_jax.tokenizer import Tokenizer
 
 PARAMS = "params"
@@ -76,10 +76,7 @@ def run_step_dir(path) -> epath.Path:
     path = checkpoint.absolute(path)
     if (path / checkpoint.STATE).is_dir():
         return path
-    try:
-        step = checkpoint.latest_intact_step(path / "checkpoints")
-    except checkpoint.CheckpointError as e:
-        raise CheckpointError(str(e)) from e
+    step = checkpoint.latest_intact_step(path / "checkpoints")
     return path / "checkpoints" / str(step)
 
 

@@ -24,9 +24,9 @@ from etils import epath
 from flax import nnx
 
 from llama_jax import data, sharding
+from llama_jax.errors import DataError
 from llama_jax.evaluate import ENCODE_CHUNK, Progress, check_ids, on_mesh, setup_mesh
 from llama_jax.losses import make_eval_step
-from llama_jax.tasks import EvalError
 
 FORMATS = ("text", "jsonl")
 
@@ -77,14 +77,14 @@ def read_documents(path, *, format: str | None = None, field: str = "text") -> l
     if format is None:
         format = "jsonl" if path.suffix in (".jsonl", ".json") else "text"
     if format not in FORMATS:
-        raise EvalError(f"data format {format!r} is unknown; expected one of {FORMATS}")
+        raise DataError(f"data format {format!r} is unknown; expected one of {FORMATS}")
     if format == "jsonl" and not field:
-        raise EvalError("field is empty; expected the JSONL key that holds each document")
+        raise DataError("field is empty; expected the JSONL key that holds each document")
     if not path.is_file():
-        raise EvalError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist")
     docs = data.read_text(path) if format == "text" else data.read_jsonl(path, field)
     if not docs:
-        raise EvalError(f"data file {path} holds no documents")
+        raise DataError(f"data file {path} holds no documents")
     return docs
 
 
@@ -121,7 +121,7 @@ def eval_perplexity(
         )
     tokens = sum(max(len(ids) - 1, 0) for ids in encoded)
     if tokens == 0:
-        raise EvalError(f"the {len(documents)} documents have no tokens to predict")
+        raise DataError(f"the {len(documents)} documents have no tokens to predict")
     check_ids(encoded, model.config.vocab_size, "the documents")
     rows = _pack_windows(encoded, seq_len, pack)
     num_rows = len(rows["tokens"])

@@ -36,6 +36,7 @@ import optax
 from flax import traverse_util
 
 from llama_jax import quant
+from llama_jax.errors import ConfigError
 
 # Kernels that can be pruned, with the axis of their stacked layout [L, in..., out...]
 # along which N:M groups run (the last input axis: the one contiguous in the
@@ -47,10 +48,6 @@ SCHEDULES = ("one_shot", "gradual")
 SCOPES = ("global", "per_layer")
 # Counts and flat indices are int32: one matrix slice must hold fewer weights.
 MAX_SLICE = 2**31 - 1
-
-
-class PruneError(ValueError):
-    """Pruning options that cannot work, found before anything is compiled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,38 +72,38 @@ class PruneConfig:
     def __post_init__(self):
         nm = parse_pattern(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
-            raise PruneError(f"prune sparsity={self.sparsity} must be in [0, 1)")
+            raise ConfigError(f"prune sparsity={self.sparsity} must be in [0, 1)")
         if nm is not None:
             n, m = nm
             implied = (m - n) / m
             if self.sparsity not in (0.0, implied):
-                raise PruneError(
+                raise ConfigError(
                     f"prune pattern {self.pattern} prunes {implied:g} of every group, but "
                     f"sparsity={self.sparsity}; give sparsity={implied:g} or 0"
                 )
             if self.schedule != "one_shot":
-                raise PruneError(
+                raise ConfigError(
                     f"prune pattern {self.pattern} is applied one-shot; schedule="
                     f"{self.schedule!r} needs an unstructured pattern"
                 )
         if self.schedule not in SCHEDULES:
-            raise PruneError(f"prune schedule={self.schedule!r}; expected one of {SCHEDULES}")
+            raise ConfigError(f"prune schedule={self.schedule!r}; expected one of {SCHEDULES}")
         if self.scope not in SCOPES:
-            raise PruneError(f"prune scope={self.scope!r}; expected one of {SCOPES}")
+            raise ConfigError(f"prune scope={self.scope!r}; expected one of {SCOPES}")
         if self.start_step < 0:
-            raise PruneError(f"prune start_step={self.start_step} must be >= 0")
+            raise ConfigError(f"prune start_step={self.start_step} must be >= 0")
         if self.schedule == "gradual":
             if self.end_step <= self.start_step:
-                raise PruneError(
+                raise ConfigError(
                     f"gradual pruning needs end_step > start_step; got start_step="
                     f"{self.start_step}, end_step={self.end_step}"
                 )
             if self.update_every < 1:
-                raise PruneError(f"prune update_every={self.update_every} must be >= 1")
+                raise ConfigError(f"prune update_every={self.update_every} must be >= 1")
         try:
             re.compile(self.include)
         except re.error as e:
-            raise PruneError(f"prune include={self.include!r} is not a regex: {e}") from None
+            raise ConfigError(f"prune include={self.include!r} is not a regex: {e}") from None
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -137,10 +134,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
     if not match:
-        raise PruneError(f"prune pattern={pattern!r}; expected 'unstructured' or 'N:M' (e.g. 2:4)")
+        raise ConfigError(f"prune pattern={pattern!r}; expected 'unstructured' or 'N:M' (e.g. 2:4)")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
-        raise PruneError(f"prune pattern {pattern}: N={n} must satisfy 0 < N < M={m}")
+        raise ConfigError(f"prune pattern {pattern}: N={n} must satisfy 0 < N < M={m}")
     return n, m
 
 
@@ -152,7 +149,7 @@ def from_config(section: Mapping[str, Any] | None) -> PruneConfig | None:
     fields = {f.name for f in dataclasses.fields(PruneConfig)}
     unknown = sorted(set(section) - fields)
     if unknown:
-        raise PruneError(f"prune: unknown option(s) {unknown}; expected {sorted(fields)}")
+        raise ConfigError(f"prune: unknown option(s) {unknown}; expected {sorted(fields)}")
     cfg = PruneConfig(**{k: section[k] for k in section})
     if cfg.sparsity == 0.0 and cfg.nm is None:
         return None
@@ -164,22 +161,22 @@ def pruned_paths(cfg: PruneConfig, params: Mapping[str, Any]) -> list[str]:
     checked: at least one, N:M groups dividing their axis, slices within int32."""
     flat = traverse_util.flatten_dict(dict(params), sep=".")
     if any(k.endswith(quant.SCALE_SUFFIX) for k in flat):
-        raise PruneError("these parameters are int8-quantized; prune the float model first")
+        raise ConfigError("these parameters are int8-quantized; prune the float model first")
     candidates = [p for p in PRUNABLE if p in flat]
     paths = [p for p in candidates if re.fullmatch(cfg.include, p)]
     if not paths:
-        raise PruneError(
+        raise ConfigError(
             f"prune include={cfg.include!r} matches no prunable kernel; the prunable ones "
             f"are {candidates} (embeddings and norms are never pruned)"
         )
     for path in paths:
         shape = _stacked_shape(path, flat[path].shape)
         if math.prod(shape[1:]) > MAX_SLICE:
-            raise PruneError(f"{path}: a slice of shape {shape[1:]} exceeds {MAX_SLICE} weights")
+            raise ConfigError(f"{path}: a slice of shape {shape[1:]} exceeds {MAX_SLICE} weights")
         if cfg.nm is not None:
             axis, m = PRUNABLE[path], cfg.nm[1]
             if shape[axis] % m:
-                raise PruneError(
+                raise ConfigError(
                     f"{path}: contracting axis of size {shape[axis]} (shape {shape[1:]}) "
                     f"is not divisible by M={m} of pattern {cfg.pattern}"
                 )
@@ -438,7 +435,7 @@ def masked(
 
     def update(updates, state: PruneState, params=None):
         if params is None:
-            raise PruneError("pruning needs the parameters: call update(grads, state, params)")
+            raise ConfigError("pruning needs the parameters: call update(grads, state, params)")
         due, point = _point_index(cfg, state.count)
 
         def refresh(inner_state):

@@ -35,6 +35,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec
 
 from llama_jax import sharding
+from llama_jax.errors import ConfigError
 from llama_jax.kernels.int8_matmul import int8_matmul
 
 MODES = ("int8",)
@@ -80,13 +81,9 @@ KERNEL_MAX_M = 64
 _PARAM_AXES = ("layers", "embed", "vocab", "heads", "kv_heads", "head_dim", "mlp")
 
 
-class QuantizationError(ValueError):
-    """An unknown mode, or a checkpoint that cannot be quantized as asked."""
-
-
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise QuantizationError(f"quantization mode={mode!r} is unknown; expected one of {MODES}")
+        raise ConfigError(f"quantization mode={mode!r} is unknown; expected one of {MODES}")
 
 
 def quantize_axes(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -137,7 +134,7 @@ def kernel_route(
 
     use_kernel: None picks the kernel on GPU for at most KERNEL_MAX_M rows per device
     where the module docstring's mesh rule allows it; True asks for the kernel and
-    raises QuantizationError where the rule forbids it; False is 'xla'. platform:
+    raises ConfigError where the rule forbids it; False is 'xla'. platform:
     that of the devices (default: the active mesh's, else the default backend's)."""
     if use_kernel is False:
         return "xla"
@@ -156,7 +153,7 @@ def kernel_route(
             blocker = "the weights are on a multi-device mesh outside activation_sharding"
     if use_kernel:
         if blocker:
-            raise QuantizationError(
+            raise ConfigError(
                 f"use_kernel=True, but {blocker}: the Pallas kernel would gather them onto "
                 "every device; use_kernel=None takes the XLA path there"
             )
@@ -185,7 +182,7 @@ def int8_dot_general(
     `kernel_route` (None: the kernel on GPU for decode-sized products). interpret: run
     the Pallas kernel in interpret mode (CPU tests)."""
     if scale is None:
-        raise QuantizationError("int8_dot_general needs the kernel's scale")
+        raise ConfigError("int8_dot_general needs the kernel's scale")
     (x_axes, k_axes), _ = dimension_numbers
     out_dtype = preferred_element_type or x.dtype
     num_in = len(k_axes)
@@ -250,9 +247,9 @@ def quantize_params(
     out_shardings to quantize in place on the devices."""
     flat = traverse_util.flatten_dict(dict(params), sep=".")
     if any(k.endswith(SCALE_SUFFIX) for k in flat):
-        raise QuantizationError("these parameters are already quantized")
+        raise ConfigError("these parameters are already quantized")
     if head and HEAD not in flat:
-        raise QuantizationError("head=True, but the model has no separate LM head (tied)")
+        raise ConfigError("head=True, but the model has no separate LM head (tied)")
     targets = set(quantized_paths(head=head, embed=embed))
     out: dict[str, Any] = {}
     for path, value in flat.items():

@@ -18,10 +18,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A model directory or weight file that cannot be loaded as it is."""
-
+from llama_jax.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),

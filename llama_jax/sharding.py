@@ -23,6 +23,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_jax.errors import ConfigError
+
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -41,10 +43,6 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class MeshError(ValueError):
-    """A mesh shape that does not fit the devices, or a bad rules table."""
-
-
 def mesh_shape(
     num_devices: int, *, data: int = 1, fsdp: int = -1, tensor: int = 1, dcn: int = 1
 ) -> dict[str, int]:
@@ -52,24 +50,24 @@ def mesh_shape(
     sizes = {"dcn": dcn, "data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
         if size == 0 or size < -1:
-            raise MeshError(f"mesh axis {name}={size}; expected a positive size or -1")
+            raise ConfigError(f"mesh axis {name}={size}; expected a positive size or -1")
     if dcn == -1:
-        raise MeshError("mesh axis dcn=-1 is not allowed; give the number of slices")
+        raise ConfigError("mesh axis dcn=-1 is not allowed; give the number of slices")
     if num_devices % dcn:
-        raise MeshError(f"{num_devices} devices do not split into dcn={dcn} slices")
+        raise ConfigError(f"{num_devices} devices do not split into dcn={dcn} slices")
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise MeshError(f"only one mesh axis may be -1, got {free}")
+        raise ConfigError(f"only one mesh axis may be -1, got {free}")
     known = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if num_devices % known:
-            raise MeshError(
+            raise ConfigError(
                 f"mesh {sizes}: the fixed axes ({known} devices) do not divide "
                 f"the {num_devices} devices"
             )
         sizes[free[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
-        raise MeshError(
+        raise ConfigError(
             f"mesh {sizes} has {math.prod(sizes.values())} devices; "
             f"expected the {num_devices} available"
         )
@@ -107,7 +105,7 @@ def parse_rules(spec: str) -> dict[str, tuple[str, ...] | None]:
     out: dict[str, tuple[str, ...] | None] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         if "=" not in item:
-            raise MeshError(f"mesh rule {item!r}; expected NAME=AXIS[+AXIS...]")
+            raise ConfigError(f"mesh rule {item!r}; expected NAME=AXIS[+AXIS...]")
         name, axes = (s.strip() for s in item.split("=", 1))
         out[name] = tuple(a for a in axes.split("+") if a) or None
     return out
@@ -121,11 +119,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, _, size = item.partition("=")
         name = name.strip()
         if name not in MESH_AXES:
-            raise MeshError(f"mesh axis {name!r} in {spec!r}; expected one of {MESH_AXES}")
+            raise ConfigError(f"mesh axis {name!r} in {spec!r}; expected one of {MESH_AXES}")
         try:
             out[name] = int(size)
         except ValueError:
-            raise MeshError(f"mesh size {item!r}; expected AXIS=INTEGER (-1: the rest)") from None
+            raise ConfigError(f"mesh size {item!r}; expected AXIS=INTEGER (-1: the rest)") from None
     return out
 
 
@@ -138,7 +136,7 @@ def _rules_table(rules: Rules) -> dict[str, tuple[str, ...]]:
             axes = (axes,)
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
-            raise MeshError(
+            raise ConfigError(
                 f"rule {name!r} -> {axes} names unknown mesh axes {unknown}; "
                 f"expected some of {MESH_AXES}"
             )
@@ -170,7 +168,7 @@ def logical_to_spec(
             spec.append(None)
             continue
         if name not in table:
-            raise MeshError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
+            raise ConfigError(f"logical axis {name!r} has no rule; rules cover {sorted(table)}")
         axes = tuple(a for a in table[name] if a not in used and mesh.shape[a] > 1)
         split = math.prod(mesh.shape[a] for a in axes)
         if axes and size % split:
@@ -241,7 +239,7 @@ def rules_from_config(overrides: Mapping[str, str | Sequence[str] | None] | None
     table = dict(DEFAULT_RULES)
     for name, axes in (overrides or {}).items():
         if name not in table:
-            raise MeshError(
+            raise ConfigError(
                 f"rule override for unknown logical axis {name!r}; known {sorted(table)}"
             )
         table[name] = axes

@@ -57,12 +57,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from llama_jax.errors import DataError
+
 TASK_TYPES = ("multiple_choice", "generate")
 FEWSHOT_KEY = "_fewshot"
-
-
-class EvalError(ValueError):
-    """A task file, data file or evaluation setting that cannot be evaluated."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +135,14 @@ class Task:
 
     def check_fewshot(self, k: int) -> None:
         if not isinstance(k, int) or k < 0:
-            raise EvalError(f"{self.path}: num_fewshot={k!r}; expected an integer >= 0")
+            raise DataError(f"{self.path}: num_fewshot={k!r}; expected an integer >= 0")
         if k > self.max_fewshot():
             source = (
                 f"{len(self.fewshot)} lines marked {FEWSHOT_KEY!r}"
                 if self.fewshot
                 else f"{len(self.examples)} examples less the one scored"
             )
-            raise EvalError(
+            raise DataError(
                 f"{self.path}: num_fewshot={k} but only {self.max_fewshot()} few-shot examples "
                 f"exist ({source})"
             )
@@ -181,7 +179,7 @@ def load_task(path) -> Task:
     choices and answers or references, and the spec's num_fewshot."""
     path = epath.Path(path)
     if not path.is_file():
-        raise EvalError(f"task file {path} does not exist")
+        raise DataError(f"task file {path} does not exist")
     records = []
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
@@ -190,20 +188,20 @@ def load_task(path) -> Task:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise EvalError(f"{path}:{line_no}: not valid JSON ({e})") from e
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
             if not isinstance(record, dict):
-                raise EvalError(
+                raise DataError(
                     f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}"
                 )
             records.append((line_no, record))
     if not records:
-        raise EvalError(
+        raise DataError(
             f'task file {path} is empty; expected a first line {{"task": {{...}}}} and then '
             "one example per line"
         )
     spec_line, first = records[0]
     if list(first) != ["task"] or not isinstance(first["task"], dict):
-        raise EvalError(
+        raise DataError(
             f'{path}:{spec_line}: the first line must be {{"task": {{...}}}} holding the task '
             f"spec; got an object with keys {sorted(first)}"
         )
@@ -212,10 +210,10 @@ def load_task(path) -> Task:
     for line_no, record in records[1:]:
         marked = record.pop(FEWSHOT_KEY, False)
         if not isinstance(marked, bool):
-            raise EvalError(f"{path}:{line_no}: {FEWSHOT_KEY} is {marked!r}; expected true/false")
+            raise DataError(f"{path}:{line_no}: {FEWSHOT_KEY} is {marked!r}; expected true/false")
         (fewshot if marked else examples).append(Example(line_no, record))
     if not examples:
-        raise EvalError(f"{path} has no examples to score after its spec line")
+        raise DataError(f"{path} has no examples to score after its spec line")
     task = Task(spec, str(path), tuple(examples), tuple(fewshot))
     for ex in task.examples + task.fewshot:
         _check_example(task, ex)
@@ -226,35 +224,35 @@ def load_task(path) -> Task:
 def _parse_spec(raw: Mapping[str, Any], where: str, default_name: str) -> TaskSpec:
     unknown = sorted(set(raw) - set(_SPEC_FIELDS))
     if unknown:
-        raise EvalError(
+        raise DataError(
             f"{where}: unknown task spec keys {unknown}; expected some of {sorted(_SPEC_FIELDS)}"
         )
     for key in ("type", "prompt"):
         if key not in raw:
-            raise EvalError(f"{where}: the task spec has no {key!r}")
+            raise DataError(f"{where}: the task spec has no {key!r}")
     if raw["type"] not in TASK_TYPES:
-        raise EvalError(
+        raise DataError(
             f"{where}: task type {raw['type']!r} is unknown; expected one of {TASK_TYPES}"
         )
     values = dict(raw, name=raw.get("name", default_name))
     for key in _STRING_KEYS:
         if key in values and not isinstance(values[key], str):
-            raise EvalError(f"{where}: {key} is {values[key]!r}; expected a string")
+            raise DataError(f"{where}: {key} is {values[key]!r}; expected a string")
     for key, low in (("num_fewshot", 0), ("seed", 0), ("max_new_tokens", 1)):
         value = values.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise EvalError(f"{where}: {key} is {value!r}; expected an integer >= {low}")
+            raise DataError(f"{where}: {key} is {value!r}; expected an integer >= {low}")
     choices = values.get("choices", "choices")
     if not isinstance(choices, str):
         if not _strings(choices):
-            raise EvalError(
+            raise DataError(
                 f"{where}: choices is {choices!r}; expected a field name or a "
                 "non-empty list of strings"
             )
         values["choices"] = tuple(choices)
     if "stop" in values:
         if not _strings(values["stop"]) or not all(values["stop"]):
-            raise EvalError(
+            raise DataError(
                 f"{where}: stop is {values['stop']!r}; expected a non-empty list "
                 "of non-empty strings"
             )
@@ -273,7 +271,7 @@ def _check_example(task: Task, ex: Example) -> None:
         if isinstance(spec.choices, str):
             _require_field(ex, spec.choices, where, "choices")
             if not _strings(ex.fields[spec.choices]):
-                raise EvalError(
+                raise DataError(
                     f"{where}: {spec.choices} is {ex.fields[spec.choices]!r}; "
                     "expected a non-empty list of strings"
                 )
@@ -282,13 +280,13 @@ def _check_example(task: Task, ex: Example) -> None:
         answer = ex.fields[spec.answer]
         if isinstance(answer, str):
             if answer not in choices:
-                raise EvalError(f"{where}: answer {answer!r} is not one of the choices {choices}")
+                raise DataError(f"{where}: answer {answer!r} is not one of the choices {choices}")
         elif not isinstance(answer, int) or isinstance(answer, bool):
-            raise EvalError(
+            raise DataError(
                 f"{where}: {spec.answer} is {answer!r}; expected a choice index or a choice's text"
             )
         elif not 0 <= answer < len(choices):
-            raise EvalError(
+            raise DataError(
                 f"{where}: answer index {answer} is out of range for "
                 f"{len(choices)} choices (expected 0 to {len(choices) - 1})"
             )
@@ -298,7 +296,7 @@ def _check_example(task: Task, ex: Example) -> None:
         _require_field(ex, spec.reference, where, "reference")
         value = ex.fields[spec.reference]
         if not (isinstance(value, str) or _strings(value)):
-            raise EvalError(
+            raise DataError(
                 f"{where}: {spec.reference} is {value!r}; expected a string or a "
                 "non-empty list of strings"
             )
@@ -307,7 +305,7 @@ def _check_example(task: Task, ex: Example) -> None:
 
 def _require_field(ex: Example, name: str, where: str, role: str) -> None:
     if name not in ex.fields:
-        raise EvalError(
+        raise DataError(
             f"{where}: the example has no field {name!r} (the task's {role}); "
             f"it has {sorted(ex.fields)}"
         )
@@ -318,26 +316,26 @@ def _render(template: str, fields: Mapping[str, Any], where: str, what: str) -> 
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise EvalError(f"{where}: the {what} template {template!r} is malformed ({e})") from e
+        raise DataError(f"{where}: the {what} template {template!r} is malformed ({e})") from e
     for _, name, _, _ in parsed:
         if name is None:
             continue
         root = re.split(r"[.\[]", name, maxsplit=1)[0]
         if not root or root.isdigit() or "." in name:
-            raise EvalError(
+            raise DataError(
                 f"{where}: the {what} template {template!r} has the field "
                 f"{{{name}}}; expected {{name}} or {{name[index]}}"
             )
         if root not in fields:
             hint = " ({choice} exists only in the target template)" if root == "choice" else ""
-            raise EvalError(
+            raise DataError(
                 f"{where}: the {what} template {template!r} uses {{{root}}} but "
                 f"the example has no field {root!r}{hint}; it has {sorted(fields)}"
             )
     try:
         return template.format_map(fields)
     except (LookupError, TypeError, ValueError) as e:
-        raise EvalError(f"{where}: cannot fill the {what} template {template!r} ({e!r})") from e
+        raise DataError(f"{where}: cannot fill the {what} template {template!r} ({e!r})") from e
 
 
 # --- metrics --------------------------------------------------------------------------

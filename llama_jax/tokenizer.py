@@ -23,12 +23,10 @@ import numpy as np
 import sentencepiece
 import tokenizers
 
+from llama_jax.errors import DataError
+
 HF_TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file or tokenizer setting that cannot be used as it is."""
 
 
 class _SentencePiece:
@@ -45,7 +43,7 @@ class _SentencePiece:
                     " It looks like a tiktoken BPE file (Meta's original LLaMA 3 download); "
                     "use the Hugging Face tokenizer.json instead."
                 )
-            raise TokenizerError(f"{path} is not a valid SentencePiece model: {e}.{hint}") from e
+            raise DataError(f"{path} is not a valid SentencePiece model: {e}.{hint}") from e
 
     @property
     def vocab_size(self) -> int:
@@ -87,7 +85,7 @@ class _HFTokenizers:
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception for unreadable files.
-            raise TokenizerError(f"{path} is not a valid tokenizer.json: {e}") from e
+            raise DataError(f"{path} is not a valid tokenizer.json: {e}") from e
 
     @property
     def vocab_size(self) -> int:
@@ -129,7 +127,7 @@ class Tokenizer:
         add_bos_default: bool,
     ):
         if add_bos_default and bos_id is None:
-            raise TokenizerError(
+            raise DataError(
                 f"{path}: add_bos_token is true but no BOS token is set (bos_token in "
                 "tokenizer_config.json, bos_token_id in generation_config.json or config.json)"
             )
@@ -289,7 +287,7 @@ class Tokenizer:
 
     def _require(self, token_id: int | None, what: str, flag: str) -> int:
         if token_id is None:
-            raise ValueError(f"{flag}=True but {self.path} has no {what} token")
+            raise DataError(f"{flag}=True but {self.path} has no {what} token")
         return token_id
 
     def _check_ids(self, ids: Iterable[int] | np.ndarray) -> list[int]:
@@ -298,14 +296,14 @@ class Tokenizer:
             ids if hasattr(ids, "__array__") or isinstance(ids, Sequence) else list(ids)
         )
         if arr.ndim != 1:
-            raise ValueError(f"expected a 1-D sequence of token ids, got shape {arr.shape}")
+            raise DataError(f"expected a 1-D sequence of token ids, got shape {arr.shape}")
         if arr.size == 0:
             return []
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"expected integer token ids, got dtype {arr.dtype}")
+            raise DataError(f"expected integer token ids, got dtype {arr.dtype}")
         bad = arr[(arr < 0) | (arr >= self.vocab_size)]
         if bad.size:
-            raise ValueError(
+            raise DataError(
                 f"token id {int(bad[0])} is outside this tokenizer's vocabulary "
                 f"[0, {self.vocab_size}) ({self.path})"
             )
@@ -333,12 +331,12 @@ class _ModelConfigs:
         where = os.path.join(self._dir, "tokenizer_config.json")
         content = value.get("content") if isinstance(value, dict) else value
         if not isinstance(content, str):
-            raise TokenizerError(
+            raise DataError(
                 f"{key} in {where} is {value!r}; expected a token string or a dict with 'content'"
             )
         token_id = self._backend.token_to_id(content)
         if token_id is None:
-            raise TokenizerError(
+            raise DataError(
                 f"{key} {content!r} in {where} is not in the vocabulary of {self._tokenizer_path}"
             )
         return token_id
@@ -347,7 +345,7 @@ class _ModelConfigs:
         value = self._configs["tokenizer_config.json"].get("add_bos_token")
         if value is not None and not isinstance(value, bool):
             where = os.path.join(self._dir, "tokenizer_config.json")
-            raise TokenizerError(f"add_bos_token in {where} is {value!r}; expected true or false")
+            raise DataError(f"add_bos_token in {where} is {value!r}; expected true or false")
         return value
 
     def ids(self, file: str, key: str) -> tuple[int, ...] | None:
@@ -362,9 +360,9 @@ class _ModelConfigs:
         for v in values:
             # bool is an int subclass, and `true` is no token id.
             if not isinstance(v, int) or isinstance(v, bool):
-                raise TokenizerError(f"{key} in {where} is {value!r}; expected ids")
+                raise DataError(f"{key} in {where} is {value!r}; expected ids")
             if not 0 <= v < self._backend.vocab_size:
-                raise TokenizerError(
+                raise DataError(
                     f"{key} {v} in {where} is outside the vocabulary [0, "
                     f"{self._backend.vocab_size}) of {self._tokenizer_path}"
                 )
@@ -377,7 +375,7 @@ class _ModelConfigs:
             return None
         if len(ids) != 1:
             where = os.path.join(self._dir, file)
-            raise TokenizerError(f"{key} in {where} is {list(ids)}; expected a single id")
+            raise DataError(f"{key} in {where} is {list(ids)}; expected a single id")
         return ids[0]
 
 
@@ -388,7 +386,7 @@ def _load_backend(path: str) -> _SentencePiece | _HFTokenizers:
         return _HFTokenizers(path)
     if path.endswith(".model"):
         return _SentencePiece(path)
-    raise TokenizerError(
+    raise DataError(
         f"cannot tell the kind of tokenizer file {path!r}: expected a name ending in .json "
         "(Hugging Face tokenizers) or .model (SentencePiece)"
     )
@@ -402,9 +400,9 @@ def _read_json_object(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from e
+        raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path} holds a {type(data).__name__}; expected a JSON object")
+        raise DataError(f"{path} holds a {type(data).__name__}; expected a JSON object")
     return data
 
 

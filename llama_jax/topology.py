@@ -16,11 +16,9 @@ from typing import Any
 
 import jax
 
+from llama_jax.errors import ConfigError
+
 GiB = 1 << 30
-
-
-class TopologyError(ValueError):
-    """A topology name that is not understood, or no devices to compile for."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +100,11 @@ def topology_name(name: str) -> tuple[Generation, str]:
     m = re.fullmatch(r"([a-z0-9]+)(?:-(\d+)|:(\d+(?:x\d+)+))", text)
     gen = m and GENERATIONS.get(_ALIASES.get(m.group(1), m.group(1)))
     if gen is None:
-        raise TopologyError(f"topology {name!r} is unknown; {_NAMES_HELP}")
+        raise ConfigError(f"topology {name!r} is unknown; {_NAMES_HELP}")
     if m.group(3):
         dims = [int(d) for d in m.group(3).split("x")]
         if len(dims) != gen.dims or min(dims) < 1:
-            raise TopologyError(
+            raise ConfigError(
                 f"topology {name!r}: a {gen.name} topology has {gen.dims} dimensions, "
                 f"e.g. {gen.name}:{'x'.join(map(str, _grid(16, gen.dims)))}"
             )
@@ -117,7 +115,7 @@ def topology_name(name: str) -> tuple[Generation, str]:
         if dims is None:
             unit = "TensorCores, 2 per chip" if gen.cores_per_chip == 2 else "chips"
             smallest = (4 if gen.dims == 3 else 1) * gen.cores_per_chip
-            raise TopologyError(
+            raise ConfigError(
                 f"topology {name!r}: {gen.name}-N counts {unit}; N is a power of two "
                 f"from {smallest}. For other slices give the shape, e.g. "
                 f"{gen.name}:{'x'.join(map(str, _grid(16, gen.dims)))}"
@@ -130,7 +128,7 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
     from libtpu: nothing needs to be attached to this host."""
     gen, topo_name = topology_name(name)
     if num_slices < 1:
-        raise TopologyError(f"num_slices={num_slices} must be >= 1")
+        raise ConfigError(f"num_slices={num_slices} must be >= 1")
     try:
         from jax.experimental import topologies
 
@@ -144,7 +142,7 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
             num_slices=num_slices,
         )
     except (ImportError, RuntimeError, ValueError) as e:
-        raise TopologyError(
+        raise ConfigError(
             f"topology {name!r} ({topo_name}): libtpu cannot describe it ({first_line(e)}); "
             "is libtpu installed (pip install 'jax[tpu]')?"
         ) from e
@@ -163,7 +161,7 @@ def local_target() -> Target:
     """This host's TPUs (all processes' devices of a multi-host slice)."""
     devices = jax.devices()
     if devices[0].platform != "tpu":
-        raise TopologyError(
+        raise ConfigError(
             f"this host has no TPU (its devices are {devices[0].platform}); name a TPU "
             "topology to compile for, e.g. v5p-64"
         )
@@ -189,7 +187,7 @@ def _hbm_bytes(device, gen: Generation | None) -> int:
         return int(limit)
     gen = gen or GENERATIONS.get(_KINDS.get(device.device_kind, ""))
     if gen is None:
-        raise TopologyError(f"HBM capacity of {device.device_kind!r} is unknown")
+        raise ConfigError(f"HBM capacity of {device.device_kind!r} is unknown")
     return gen.hbm_bytes
 
 

@@ -22,18 +22,11 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import checkpoint, data, lora, lora_dir, metrics, model_dir, prune, quant, sharding
-from llama_jax.config import ConfigError, LlamaConfig, get_preset
+from llama_jax.config import LlamaConfig, get_preset
+from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.losses import token_loss_sum
 from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer
-
-
-class TrainConfigError(ValueError):
-    """A training configuration that cannot run, found before any compilation."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient became NaN or Inf; the run stops without saving."""
 
 
 @struct.dataclass
@@ -58,19 +51,17 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.decay not in ("cosine", "linear", "constant"):
-            raise TrainConfigError(
-                f"lr decay={self.decay!r}; expected 'cosine', 'linear' or 'constant'"
-            )
+            raise ConfigError(f"lr decay={self.decay!r}; expected 'cosine', 'linear' or 'constant'")
         if not self.learning_rate > 0:
-            raise TrainConfigError(f"learning_rate={self.learning_rate} must be > 0")
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
         # warmup_steps > total_steps is allowed: short trial runs never reach the peak.
         if self.warmup_steps < 0 or self.total_steps < 1:
-            raise TrainConfigError(
+            raise ConfigError(
                 f"warmup_steps={self.warmup_steps} must be >= 0 and "
                 f"total_steps={self.total_steps} >= 1"
             )
         if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise TrainConfigError(f"end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
+            raise ConfigError(f"end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -116,11 +107,8 @@ def build_optimizer(cfg, opt_cfg: OptimizerConfig, params) -> optax.GradientTran
     """The run's optimizer: `make_optimizer`, wrapped in magnitude pruning when the
     config's `prune` block asks for it (params: arrays or shapes, for their paths)."""
     tx = make_optimizer(opt_cfg)
-    try:
-        prune_cfg = prune.from_config(cfg.get("prune"))
-        return tx if prune_cfg is None else prune.masked(tx, prune_cfg, params)
-    except prune.PruneError as e:
-        raise TrainConfigError(str(e)) from e
+    prune_cfg = prune.from_config(cfg.get("prune"))
+    return tx if prune_cfg is None else prune.masked(tx, prune_cfg, params)
 
 
 def prune_metrics(opt_state) -> dict[str, float]:
@@ -138,13 +126,13 @@ def check_batch(global_batch: int, grad_accum: int, mesh, rules):
     """Raises unless every microbatch splits evenly over the batch mesh axes (a batch
     the axes do not divide would silently be replicated)."""
     if grad_accum < 1 or global_batch % grad_accum:
-        raise TrainConfigError(
+        raise ConfigError(
             f"global_batch={global_batch} is not divisible by grad_accum={grad_accum}"
         )
     micro = global_batch // grad_accum
     shards = sharding.axis_size(mesh, rules, "batch")
     if micro % shards:
-        raise TrainConfigError(
+        raise ConfigError(
             f"microbatch of {micro} rows (global_batch={global_batch} / grad_accum="
             f"{grad_accum}) is not divisible by the {shards} batch shards of mesh "
             f"{dict(mesh.shape)}"
@@ -380,13 +368,13 @@ def from_section(cls, section, **extra):
 def _validate(cfg) -> None:
     """Checks the parts of a run config that need no devices or files."""
     if cfg.train.steps < 1:
-        raise TrainConfigError(f"train.steps={cfg.train.steps} must be >= 1")
+        raise ConfigError(f"train.steps={cfg.train.steps} must be >= 1")
     if cfg.train.log_every < 1:
-        raise TrainConfigError(f"train.log_every={cfg.train.log_every} must be >= 1")
+        raise ConfigError(f"train.log_every={cfg.train.log_every} must be >= 1")
     for name in ("dtype", "param_dtype"):
         value = cfg.model[name]
         if value not in ("float32", "bfloat16", "float16"):
-            raise TrainConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
+            raise ConfigError(f"model.{name}={value!r}; expected float32, bfloat16 or float16")
 
 
 def resolve_model_config(model_cfg) -> LlamaConfig:
@@ -394,13 +382,13 @@ def resolve_model_config(model_cfg) -> LlamaConfig:
     `preset` with `overrides` applied."""
     if model_cfg.model_dir:
         if model_cfg.get("overrides"):
-            raise TrainConfigError("model.overrides applies to presets, not to model.model_dir")
+            raise ConfigError("model.overrides applies to presets, not to model.model_dir")
         return model_dir.read_config(model_cfg.model_dir)
     try:
         config = get_preset(model_cfg.preset)
         return apply_overrides(config, model_cfg.get("overrides", ""))
     except ConfigError as e:
-        raise TrainConfigError(f"model: {e}") from e
+        raise ConfigError(f"model: {e}") from e
 
 
 def apply_overrides(config, spec: str):
@@ -413,7 +401,7 @@ def apply_overrides(config, spec: str):
         name, _, text = item.partition("=")
         name = name.strip()
         if name not in fields or name in ("rope_scaling", "eos_token_ids"):
-            raise TrainConfigError(
+            raise ConfigError(
                 f"model.overrides: {name!r} is not a scalar LlamaConfig field; expected one "
                 f"of {sorted(k for k in fields if k not in ('rope_scaling', 'eos_token_ids'))}"
             )
@@ -426,7 +414,7 @@ def apply_overrides(config, spec: str):
             else:
                 value = float(text)
         except (KeyError, ValueError):
-            raise TrainConfigError(f"model.overrides: {item!r} has an unreadable value") from None
+            raise ConfigError(f"model.overrides: {item!r} has an unreadable value") from None
         changes[name] = value
     return dataclasses.replace(config, **changes)
 
@@ -438,14 +426,14 @@ def _check_resumable(saved: Mapping[str, Any], cfg) -> None:
     changed = [k for k in keys if k in before and before[k] != now[k]]
     if changed:
         diffs = ", ".join(f"data.{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
-        raise TrainConfigError(
+        raise ConfigError(
             f"the checkpoint was written with other data settings ({diffs}); resuming would "
             "not see the batches the run would have. Use a new workdir or the old settings."
         )
     # The pruning masks and schedule live in the optimizer state being restored.
     prune_before, prune_now = saved.get("prune"), cfg.get("prune")
     if prune.from_config(prune_before) != prune.from_config(prune_now):
-        raise TrainConfigError(
+        raise ConfigError(
             f"the checkpoint was written with prune settings {prune_before}, not "
             f"{None if prune_now is None else prune_now.to_dict()}; resume with the same "
             "prune block or use a new workdir"
@@ -495,23 +483,23 @@ def plan(cfg, model_config=None, devices=None) -> Plan:
 def setup(cfg, model_config=None) -> Setup:
     """`plan`, then checks the tokenizer and data and builds the data iterator."""
     if not cfg.data.path:
-        raise TrainConfigError("data.path is empty; give the training data file")
+        raise ConfigError("data.path is empty; give the training data file")
     p = plan(cfg, model_config)
     data_cfg = from_section(data.DataConfig, cfg.data)
     if not epath.Path(cfg.data.path).exists():
-        raise TrainConfigError(f"data.path={cfg.data.path} does not exist")
+        raise ConfigError(f"data.path={cfg.data.path} does not exist")
     tokenizer = None
     if cfg.data.tokenizer:
         tok_path = cfg.data.tokenizer
         is_dir = epath.Path(tok_path).is_dir()
         tokenizer = Tokenizer.from_dir(tok_path) if is_dir else Tokenizer.from_file(tok_path)
         if tokenizer.vocab_size > p.model_config.vocab_size:
-            raise TrainConfigError(
+            raise ConfigError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
                 f"{p.model_config.vocab_size}"
             )
     elif cfg.data.format != "tokens":
-        raise TrainConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
+        raise ConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
     iterator = data.DataIterator(
         data_cfg, tokenizer, p.batch_sh, vocab_size=p.model_config.vocab_size
     )
@@ -756,16 +744,9 @@ def run(cfg, workdir: str) -> dict[str, float]:
 
 def lora_options(cfg):
     """The run's checked LoraConfig (LoRA is on: lora.rank != 0)."""
-    try:
-        lora_cfg = lora.from_config(cfg.lora)
-    except lora.LoraError as e:
-        raise TrainConfigError(str(e)) from e
-    try:
-        pruning = prune.from_config(cfg.get("prune")) is not None
-    except prune.PruneError as e:
-        raise TrainConfigError(str(e)) from e
-    if pruning:
-        raise TrainConfigError(
+    lora_cfg = lora.from_config(cfg.lora)
+    if prune.from_config(cfg.get("prune")) is not None:
+        raise ConfigError(
             "prune and lora cannot be combined: with LoRA only the adapters train, and "
             "pruning masks the trained weights; prune the merged model instead"
         )
@@ -775,13 +756,13 @@ def lora_options(cfg):
 def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any], workdir) -> None:
     """A resume must train the adapters it restores: same rank, alpha, dropout, targets."""
     if saved is None:
-        raise TrainConfigError(
+        raise ConfigError(
             f"{workdir} holds a full training run, not LoRA adapters; use a new workdir"
         )
     changed = [k for k in now if saved.get(k) != now[k]]
     if changed:
         diffs = ", ".join(f"lora.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise TrainConfigError(
+        raise ConfigError(
             f"the checkpoint's adapters were trained with other LoRA settings ({diffs}); "
             "resume with those or use a new workdir"
         )
@@ -838,7 +819,7 @@ def run_lora(cfg, workdir: str) -> dict[str, float]:
     """
     lora_cfg = lora_options(cfg)
     if not cfg.model.model_dir:
-        raise TrainConfigError(
+        raise ConfigError(
             f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model the "
             "adapters are trained on (Hugging Face, converted, or a run)"
         )

@@ -30,6 +30,7 @@ from llama_jax.dir_writer import (
     replace_dir,
     write_model_dir,
 )
+from llama_jax.errors import CheckpointError
 from llama_jax.hf import HFReader, hf_shape, hf_tensor_names, layout_dims, project_to_hf
 from llama_jax.model_dir import (
     GENERATION_CONFIG,
@@ -50,7 +51,7 @@ from llama_jax.model_dir import (
     stored_float_dtype,
     tokenizer_files,
 )
-from llama_jax.safetensors_file import CheckpointError, write_safetensors
+from llama_jax.safetensors_file import write_safetensors
 
 DTYPES = ("bfloat16", "float32", "float16")
 
@@ -327,10 +328,7 @@ def prune_dir(
     files = _export_tokenizer_files(path, tokenizer)
     dtype = stored_dtypes(path, config)["embed.embedding"]
     _, abstract = abstract_params(config, mesh, rules, dtype=dtype)
-    try:
-        paths = prune.pruned_paths(cfg, abstract)
-    except prune.PruneError as e:
-        raise CheckpointError(str(e)) from e
+    paths = prune.pruned_paths(cfg, abstract)
     params = load_params(path, config, abstract)
     last = len(cfg.points()) - 1
 
@@ -423,10 +421,7 @@ def quant_options(config: LlamaConfig, mode, head: bool, embed: bool) -> dict[st
         if head or embed:
             raise CheckpointError("quantize_head / quantize_embed need a quantization mode")
         return {}
-    try:
-        quant.check_mode(mode)
-    except quant.QuantizationError as e:
-        raise CheckpointError(str(e)) from e
+    quant.check_mode(mode)
     if head and config.tie_word_embeddings:
         raise CheckpointError(
             "quantize_head: this model ties its LM head to the embedding; use quantize_embed"

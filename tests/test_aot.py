@@ -15,6 +15,7 @@ import pytest
 from configs import distill_tiny, lora_tiny, tiny
 from llama_jax import aot, topology
 from llama_jax.config import get_preset
+from llama_jax.errors import ConfigError
 from llama_jax.train import apply_overrides
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (make test installs it)")
@@ -34,7 +35,7 @@ HEADS = {
 def target():
     try:
         return topology.tpu_target(TOPOLOGY)
-    except topology.TopologyError as e:
+    except ConfigError as e:
         pytest.skip(f"the TPU compiler is unavailable here: {e}")
 
 
@@ -164,12 +165,12 @@ def test_topology_names():
         ("v5p:4x4", "3 dimensions"),
         ("tpu-64", "unknown"),
     ]:
-        with pytest.raises(topology.TopologyError, match=why):
+        with pytest.raises(ConfigError, match=why):
             topology.topology_name(bad)
 
 
 def test_without_a_topology_only_a_tpu_host_is_a_target():
-    with pytest.raises(topology.TopologyError, match="this host has no TPU"):
+    with pytest.raises(ConfigError, match="this host has no TPU"):
         topology.local_target()
 
 

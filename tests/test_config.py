@@ -1,6 +1,7 @@
 import pytest
 
-from llama_jax.config import PRESETS, ConfigError, LlamaConfig, RopeScaling, get_preset
+from llama_jax.config import PRESETS, LlamaConfig, RopeScaling, get_preset
+from llama_jax.errors import ConfigError
 
 HF_BASE = {
     "architectures": ["LlamaForCausalLM"],

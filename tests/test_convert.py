@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from llama_jax import model_dir, safetensors_file, sharding, transforms
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError
 
 REPO = str(Path(__file__).parents[1])
 TOKENIZER = os.path.join(REPO, "configs", "data", "tokenizer.json")
@@ -263,7 +264,7 @@ def test_bad_input_is_refused_before_writing_anything(tmp_path, good_hf, case):
     shutil.copytree(good_hf, tmp_path / "hf")
     corrupt(tmp_path / "hf")
     out = tmp_path / "converted"
-    with pytest.raises(safetensors_file.CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         transforms.convert_hf(tmp_path / "hf", out, mesh=sharding.create_mesh(fsdp=8))
     assert _no_output(out)
 
@@ -273,11 +274,11 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_pat
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     mesh = sharding.create_mesh(fsdp=8)
-    with pytest.raises(safetensors_file.CheckpointError, match="already exists; pass --overwrite"):
+    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         transforms.convert_hf(good_hf, out, mesh=mesh)
     shutil.copytree(good_hf, tmp_path / "bad")
     _truncated(tmp_path / "bad")
-    with pytest.raises(safetensors_file.CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         transforms.convert_hf(tmp_path / "bad", out, mesh=mesh, overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
     transforms.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
@@ -304,9 +305,9 @@ def test_export_needs_a_tokenizer_and_a_known_dtype(tmp_path, good_hf):
     out = tmp_path / "converted"
     transforms.convert_hf(good_hf, out, mesh=sharding.create_mesh(fsdp=8))
     os.remove(out / "tokenizer.json")
-    with pytest.raises(safetensors_file.CheckpointError, match="no tokenizer to ship"):
+    with pytest.raises(CheckpointError, match="no tokenizer to ship"):
         transforms.export_hf(out, tmp_path / "back")
-    with pytest.raises(safetensors_file.CheckpointError, match="dtype='int8'"):
+    with pytest.raises(CheckpointError, match="dtype='int8'"):
         transforms.export_hf(out, tmp_path / "back", dtype="int8", tokenizer=TOKENIZER)
     assert _no_output(tmp_path / "back")
     transforms.export_hf(out, tmp_path / "back", dtype="bfloat16", tokenizer=TOKENIZER)

@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from llama_jax.data import FIELDS, DataConfig, DataError, DataIterator
+from llama_jax.data import FIELDS, DataConfig, DataIterator
+from llama_jax.errors import DataError
 from llama_jax.sharding import create_mesh
 from llama_jax.tokenizer import Tokenizer
 

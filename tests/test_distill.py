@@ -12,7 +12,7 @@ from hf_models import make_hf_model
 
 from configs import distill_tiny
 from llama_jax import distill, model_dir, transforms
-from llama_jax.train import TrainConfigError
+from llama_jax.errors import ConfigError
 
 REPO = Path(__file__).parents[1]
 
@@ -71,7 +71,7 @@ def test_resume_is_exact_teacher_never_saved_and_another_teacher_refused(tmp_pat
     chex.assert_trees_all_equal(straight, resumed)
 
     shutil.rmtree(work / "checkpoints" / "8")
-    with pytest.raises(TrainConfigError, match="other weights"):
+    with pytest.raises(ConfigError, match="other weights"):
         distill.run(
             _cfg(teachers[1], kind="jsd", alpha_end=1.0, temperature=2.0, top_k=7), str(work)
         )
@@ -109,7 +109,7 @@ def test_student_from_teacher_layers_and_eval(tmp_path, teachers):
 def test_bad_config_is_refused_before_any_work(tmp_path, teachers, change, message):
     cfg = _cfg(teachers[0])
     change(cfg)
-    with pytest.raises(TrainConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         distill.run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llama_jax import quant, sharding
+from llama_jax.errors import ConfigError
 from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference, tiling
 
 # The custom call a Triton pallas_call lowers to: XLA's Triton op up to jaxlib 0.10.2,
@@ -183,7 +184,7 @@ def test_split_weights_take_the_xla_path_without_gathering_them():
 
     with sharding.activation_sharding(mesh):
         assert _route(x, up, platform="gpu") == "xla"
-        with pytest.raises(quant.QuantizationError, match="split the weights"):
+        with pytest.raises(ConfigError, match="split the weights"):
             _route(x, up, use_kernel=True)
         lowered = jax.jit(mlp).lower(x, up, up_s, down, down_s)
         out = jax.jit(mlp)(x, up, up_s, down, down_s)
@@ -196,5 +197,5 @@ def test_split_weights_take_the_xla_path_without_gathering_them():
 
     # Weights on a multi-device mesh, traced outside activation_sharding: XLA too.
     assert _route(x, up, platform="gpu") == "xla"
-    with pytest.raises(quant.QuantizationError, match="outside activation_sharding"):
+    with pytest.raises(ConfigError, match="outside activation_sharding"):
         _route(x, up, use_kernel=True)

@@ -17,9 +17,9 @@ from flax import nnx
 from configs import lora_tiny
 from llama_jax import dir_writer, lora, model_dir, quant, sharding, train, transforms
 from llama_jax.config import get_preset
+from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.layers import LoraConfig
 from llama_jax.model import LORA_TARGETS, Llama
-from llama_jax.safetensors_file import CheckpointError
 
 REPO = Path(__file__).parents[1]
 CFG = get_preset("tiny")
@@ -83,7 +83,7 @@ def test_targets_resolve_from_names_suffixes_regexes_and_all_linear():
     )
     assert lora.resolve_targets(r"layers\.mlp\..*") == LORA_TARGETS[4:]
     assert lora.resolve_targets(r".*_proj\.kernel") == LORA_TARGETS
-    with pytest.raises(lora.LoraError, match="'qproj' matches no block projection.*q_proj"):
+    with pytest.raises(ConfigError, match="'qproj' matches no block projection.*q_proj"):
         lora.resolve_targets("q_proj,qproj")
 
 
@@ -117,7 +117,7 @@ def test_merged_equals_unmerged_and_adapters_matter(models):
     got = _logits(graphdef, jax.jit(lora.merge, static_argnums=2)(base, adapters, ALL), tokens)
     assert float(jnp.abs(ref - _logits(graphdef, base, tokens)).max()) > 0.1
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=1e-5)
-    with pytest.raises(lora.LoraError, match="targets"):
+    with pytest.raises(ConfigError, match="targets"):
         lora.merge(base, adapters, LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
 
 
@@ -340,7 +340,7 @@ def test_another_base_is_refused_when_resuming_or_merging(run, bases, tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match="other weights"):
         train.run(_cfg(bases[1]), str(run))
-    with pytest.raises(train.TrainConfigError, match=r"lora\.rank: 4 -> 8"):
+    with pytest.raises(ConfigError, match=r"lora\.rank: 4 -> 8"):
         train.run(_cfg(bases[0], rank=8), str(run))
     assert sorted(os.listdir(run / "checkpoints")) == ["3"]
 

@@ -19,6 +19,7 @@ from flax import nnx, traverse_util
 from configs import tiny
 from llama_jax import checkpoint, model_dir, prune, sharding, train, transforms
 from llama_jax.config import get_preset
+from llama_jax.errors import ConfigError
 from llama_jax.model import Llama
 from tests.hf_models import make_hf_model
 
@@ -186,25 +187,25 @@ def test_sharded_masks_equal_unsharded_ones():
 
 def test_bad_options_fail_clearly():
     params = _params()
-    with pytest.raises(prune.PruneError, match=r"sparsity=1.0 must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"sparsity=1.0 must be in \[0, 1\)"):
         prune.PruneConfig(sparsity=1.0)
-    with pytest.raises(prune.PruneError, match=r"sparsity=-0.1"):
+    with pytest.raises(ConfigError, match=r"sparsity=-0.1"):
         prune.PruneConfig(sparsity=-0.1)
-    with pytest.raises(prune.PruneError, match="N=5 must satisfy 0 < N < M=4"):
+    with pytest.raises(ConfigError, match="N=5 must satisfy 0 < N < M=4"):
         prune.PruneConfig(sparsity=0.0, pattern="5:4")
-    with pytest.raises(prune.PruneError, match="expected 'unstructured' or 'N:M'"):
+    with pytest.raises(ConfigError, match="expected 'unstructured' or 'N:M'"):
         prune.PruneConfig(pattern="half")
-    with pytest.raises(prune.PruneError, match="give sparsity=0.5 or 0"):
+    with pytest.raises(ConfigError, match="give sparsity=0.5 or 0"):
         prune.PruneConfig(sparsity=0.3, pattern="2:4")
-    with pytest.raises(prune.PruneError, match="end_step > start_step"):
+    with pytest.raises(ConfigError, match="end_step > start_step"):
         prune.PruneConfig(schedule="gradual", start_step=10, end_step=10)
-    with pytest.raises(prune.PruneError, match="scope='layer'"):
+    with pytest.raises(ConfigError, match="scope='layer'"):
         prune.PruneConfig(scope="layer")
-    with pytest.raises(prune.PruneError, match="matches no prunable kernel"):
+    with pytest.raises(ConfigError, match="matches no prunable kernel"):
         prune.pruned_paths(prune.PruneConfig(include="embed.*"), params)
-    with pytest.raises(prune.PruneError, match="not divisible by M=32"):
+    with pytest.raises(ConfigError, match="not divisible by M=32"):
         prune.pruned_paths(prune.PruneConfig(sparsity=0.0, pattern="16:32"), params)
-    with pytest.raises(prune.PruneError, match="unknown option"):
+    with pytest.raises(ConfigError, match="unknown option"):
         prune.from_config({"sparsity": 0.5, "sparsty": 0.5})
     assert prune.from_config({"sparsity": 0.0}) is None  # off
 
@@ -255,7 +256,7 @@ def test_training_prunes_and_masks_survive_checkpoints_and_export(tmp_path):
     # Resuming with another prune block is refused (the masks belong to this one).
     cfg.prune.sparsity = 0.6
     cfg.train.steps = 8
-    with pytest.raises(train.TrainConfigError, match="prune settings"):
+    with pytest.raises(ConfigError, match="prune settings"):
         train.run(cfg, str(tmp_path / "run"))
 
     # A params-only export keeps the zeros (the masks themselves are not exported).
@@ -341,6 +342,6 @@ def test_distillation_recovers_into_a_pruned_student(tmp_path, converted):
             assert (groups.reshape(*groups.shape[:-1], -1, 4).sum(-1) == 2).all(), name
 
     c.prune.pattern = "3:2"
-    with pytest.raises(train.TrainConfigError, match="0 < N < M"):
+    with pytest.raises(ConfigError, match="0 < N < M"):
         distill.run(c, str(tmp_path / "kd2"))
     assert not (tmp_path / "kd2" / "checkpoints").exists()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from llama_jax import tasks
-from llama_jax.tasks import EvalError
+from llama_jax.errors import DataError
 
 
 def _write_task(path, spec, examples):
@@ -84,7 +84,7 @@ GOOD = {"q": "a", "choices": ["x", "y"], "answer": 1}
 def test_bad_task_files_are_named_errors(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(DataError, match=message):
         tasks.load_task(path)
 
 

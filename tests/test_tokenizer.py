@@ -12,7 +12,8 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from llama_jax.tokenizer import Tokenizer, TokenizerError
+from llama_jax.errors import DataError
+from llama_jax.tokenizer import Tokenizer
 
 BOS, EOT, EOT_ID = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 IM_END = "<|im_end|>"  # a chat fine-tune's EOS that SentencePiece treats as plain text
@@ -285,7 +286,7 @@ def test_missing_tokenizer_names_the_directory_and_files(tmp_path):
 def test_corrupt_tokenizer_file_names_the_file(tmp_path, name, content, hint):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(TokenizerError, match=re.escape(str(path))) as e:
+    with pytest.raises(DataError, match=re.escape(str(path))) as e:
         Tokenizer.from_dir(tmp_path)
     assert hint in str(e.value)
 
@@ -294,7 +295,5 @@ def test_corrupt_tokenizer_file_names_the_file(tmp_path, name, content, hint):
 def test_config_token_missing_from_the_vocabulary(request, model_dir, token):
     model_dir = request.getfixturevalue(model_dir)
     write_json(model_dir / "tokenizer_config.json", {"bos_token": token})
-    with pytest.raises(
-        TokenizerError, match=rf"bos_token '{re.escape(token)}' in .*tokenizer_config"
-    ):
+    with pytest.raises(DataError, match=rf"bos_token '{re.escape(token)}' in .*tokenizer_config"):
         Tokenizer.from_dir(model_dir)

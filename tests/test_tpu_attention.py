@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding
 
 from llama_jax import attention, sharding, topology
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError
 
 BTNH = ("batch", "length", "heads", "head_dim")
 BTKH = ("batch", "length", "kv_heads", "head_dim")
@@ -59,17 +60,17 @@ def test_splash_under_shard_map_matches_reference(mesh_axes, n, k):
 def test_named_kernel_that_cannot_serve_raises_and_auto_falls_back(monkeypatch):
     q, k, v = _qkv(1, 100, 2, 1, 64)
     seg = jnp.ones((1, 100), jnp.int32)
-    with pytest.raises(attention.AttentionError, match="sequence length 100 is not a multiple"):
+    with pytest.raises(ConfigError, match="sequence length 100 is not a multiple"):
         attention.attend(q, k, v, q_segment_BT=seg, kv_segment_BS=seg, impl="splash")
     q, k, v = _qkv(1, 128, 2, 1, 96)
     seg = jnp.ones((1, 128), jnp.int32)
-    with pytest.raises(attention.AttentionError, match="head dim 96"):
+    with pytest.raises(ConfigError, match="head dim 96"):
         attention.attend(q, k, v, q_segment_BT=seg, kv_segment_BS=seg, impl="splash")
-    with pytest.raises(attention.AttentionError, match="bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="bfloat16 or float16"):
         attention.attend(q, k, v, q_segment_BT=seg, kv_segment_BS=seg, impl="cudnn")
     q, k, v = _qkv(1, 128, 2, 1, 64, jnp.bfloat16)
     with jax.default_matmul_precision("highest"):
-        with pytest.raises(attention.AttentionError, match="'highest' with bfloat16"):
+        with pytest.raises(ConfigError, match="'highest' with bfloat16"):
             attention.attend(q, k, v, q_segment_BT=seg, kv_segment_BS=seg, impl="splash")
     # 'auto' resolved for a TPU falls back to the reference for the same call.
     monkeypatch.setattr(attention, "platform", lambda: "tpu")
@@ -90,7 +91,7 @@ def _tpu_devices():
     pytest.importorskip("libtpu", reason="libtpu is not installed (make test installs it)")
     try:
         return topology.tpu_target("v5p:2x2x1").devices
-    except topology.TopologyError as e:
+    except ConfigError as e:
         pytest.skip(f"the TPU compiler is unavailable here: {e}")
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from configs import tiny
 from llama_jax import sharding, train
 from llama_jax.config import get_preset
+from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.model import Llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +243,7 @@ def test_two_processes_reproduce_single_process_losses(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(train.NonFiniteLossError, match="not finite"):
+    with pytest.raises(NonFiniteLossError, match="not finite"):
         _run_here(
             tmp_path,
             train__steps=20,
@@ -314,7 +315,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
     cfg = _config(train__steps=2, data__global_batch=8, data__seq_len=32)
     train.run(cfg, str(tmp_path))
     cfg = _config(train__steps=4, data__global_batch=8, data__seq_len=32, data__seed=7)
-    with pytest.raises(train.TrainConfigError, match=r"data\.seed: 0 -> 7"):
+    with pytest.raises(ConfigError, match=r"data\.seed: 0 -> 7"):
         train.run(cfg, str(tmp_path))
 
 
