@@ -81,51 +81,48 @@ def loss_memory(vocab: int = 128256, batch: int = 2, seq: int = 2048, width: int
 
 def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     import jax
-    import ml_collections
     from flax import nnx
 
-    from llama_jax import distill, metrics, sharding, train
+    from llama_jax import distill, metrics, optim, sharding, train_step
+    from llama_jax.config import get_preset
     from llama_jax.losses import DistillLossConfig
     from llama_jax.model import Llama
+    from llama_jax.run_config import ModelSpec, OptimizerConfig, apply_overrides
 
     preset, teacher_over, student_over, seq, batch = SIZES[size]
-    from llama_jax.config import get_preset
-
-    teacher_config = train.apply_overrides(get_preset(preset), teacher_over)
-    student_config = train.apply_overrides(teacher_config, student_over)
+    teacher_config = apply_overrides(get_preset(preset), teacher_over)
+    student_config = apply_overrides(teacher_config, student_over)
     on_cpu = jax.devices()[0].platform == "cpu"
     dtype = "float32" if on_cpu else "bfloat16"
-    model_cfg = ml_collections.ConfigDict(
-        dict(
-            dtype=dtype,
-            param_dtype="float32",
-            scan_layers=True,
-            remat_policy="none" if on_cpu else "dots_no_batch",
-            attention_impl="auto",
-        )
+    model_spec = ModelSpec(
+        dtype=dtype,
+        param_dtype="float32",
+        scan_layers=True,
+        remat_policy="none" if on_cpu else "dots_no_batch",
+        attention_impl="auto",
     )
     mesh = sharding.create_mesh()
     rules = sharding.DEFAULT_RULES
-    make_student, s_graphdef, s_abstract = train.abstract_model(
-        student_config, model_cfg, mesh, rules
+    make_student, s_graphdef, s_abstract = train_step.abstract_model(
+        student_config, model_spec, mesh, rules
     )
-    teacher_kwargs = dict(train.model_kwargs(model_cfg), param_dtype=jax.numpy.dtype(dtype))
+    teacher_kwargs = dict(model_spec.kwargs(), param_dtype=jax.numpy.dtype(dtype))
     teacher = sharding.create_sharded(
         lambda: Llama(teacher_config, rngs=nnx.Rngs(1), **teacher_kwargs), mesh, rules
     )
     t_graphdef, t_state = nnx.split(teacher)
     t_params = nnx.to_pure_dict(t_state)
-    opt = train.OptimizerConfig(total_steps=steps + 10, warmup_steps=2)
-    tx = train.make_optimizer(opt)
+    opt = OptimizerConfig(total_steps=steps + 10, warmup_steps=2)
+    tx = optim.make_optimizer(opt)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_student, mesh, rules))[1])
-    state, shardings = train.init_state(params, tx, mesh)
-    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
-    step_fn = train.jit_train_step(
+    state, shardings = train_step.init_state(params, tx, mesh)
+    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
+    step_fn = train_step.jit_train_step(
         distill.make_distill_step(
             s_graphdef,
             t_graphdef,
             tx,
-            train.learning_rate_schedule(opt),
+            optim.learning_rate_schedule(opt),
             DistillLossConfig(temperature=2.0, alpha=0.5),
             alpha_fn=distill.linear_schedule(0.5, -1, steps),
             temperature_fn=distill.linear_schedule(2.0, -1, steps),
@@ -159,8 +156,8 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     first_step_s = time.perf_counter() - start
     timed = common.time_calls(step, warmup=warmup - 1, repeats=steps)
     step_s = timed["median"]
-    flops = train.matmul_flops_per_token(student_config, seq) + (
-        train.matmul_flops_per_token(teacher_config, seq) / 3
+    flops = train_step.matmul_flops_per_token(student_config, seq) + (
+        train_step.matmul_flops_per_token(teacher_config, seq) / 3
     )
     tokens_per_s = batch * seq / step_s
     peak = metrics.peak_flops_per_device()

@@ -77,7 +77,7 @@ def hf_model(model_config: dict, dtype: str, device):
 
 
 def _lr_factor(cfg: dict, step: int) -> float:
-    """The learning rate of llama_jax's schedule (train.learning_rate_schedule) at
+    """The learning rate of llama_jax's schedule (optim.learning_rate_schedule) at
     `step`, over the peak: linear warmup from 0, then cosine or linear decay."""
     warmup, total, end = cfg["warmup_steps"], cfg["total_steps"], cfg["end_lr_ratio"]
     if step < warmup:

@@ -44,36 +44,34 @@ QUALITY = {"quick": ("small", 120, 40), "full": ("full", 400, 200)}
 def step_overhead(size: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from flax import nnx
 
-    from llama_jax import prune, sharding, train
+    from llama_jax import optim, prune, sharding, train_step
     from llama_jax.config import get_preset
+    from llama_jax.run_config import ModelSpec, OptimizerConfig, apply_overrides
 
     overrides, seq, batch = STEP_SIZES[size]
     config = (
         get_preset("llama3.2-1b")
         if overrides is None
-        else train.apply_overrides(get_preset("tiny"), overrides)
+        else apply_overrides(get_preset("tiny"), overrides)
     )
     on_cpu = jax.devices()[0].platform == "cpu"
-    model_cfg = ml_collections.ConfigDict(
-        dict(
-            dtype="float32" if on_cpu else "bfloat16",
-            param_dtype="float32",
-            scan_layers=True,
-            remat_policy="none" if on_cpu else "dots_no_batch",
-            attention_impl="auto",
-        )
+    model_spec = ModelSpec(
+        dtype="float32" if on_cpu else "bfloat16",
+        param_dtype="float32",
+        scan_layers=True,
+        remat_policy="none" if on_cpu else "dots_no_batch",
+        attention_impl="auto",
     )
     mesh = sharding.create_mesh()
     rules = sharding.DEFAULT_RULES
-    make_model, graphdef, abstract = train.abstract_model(config, model_cfg, mesh, rules)
-    opt = train.OptimizerConfig(total_steps=10_000, warmup_steps=2)
+    make_model, graphdef, abstract = train_step.abstract_model(config, model_spec, mesh, rules)
+    opt = OptimizerConfig(total_steps=10_000, warmup_steps=2)
     prune_cfg = prune.PruneConfig(
         sparsity=0.5, schedule="gradual", start_step=0, end_step=10_000, update_every=100
     )
-    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
+    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq), 0, config.vocab_size)
     ones = jnp.ones((batch, seq), jnp.int32)
     data = jax.device_put(
@@ -85,9 +83,9 @@ def step_overhead(size: str, steps: int) -> dict:
         """A step function over a fresh state, compiled, and its first (untimed) call."""
         params = sharding.create_sharded(make_model, mesh, rules)
         params = nnx.to_pure_dict(nnx.split(params)[1])
-        state, shardings = train.init_state(params, tx, mesh)
-        step_fn = train.jit_train_step(
-            train.make_train_step(graphdef, tx, train.learning_rate_schedule(opt)),
+        state, shardings = train_step.init_state(params, tx, mesh)
+        step_fn = train_step.jit_train_step(
+            train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(opt)),
             shardings,
             batch_sh,
         )
@@ -103,8 +101,8 @@ def step_overhead(size: str, steps: int) -> dict:
     out = dict(size=size, num_params=config.num_params(), seq=seq, batch=batch)
     with sharding.activation_sharding(mesh, rules):
         optimizers = {
-            "dense": train.make_optimizer(opt),
-            "pruned": prune.masked(train.make_optimizer(opt), prune_cfg, abstract),
+            "dense": optim.make_optimizer(opt),
+            "pruned": prune.masked(optim.make_optimizer(opt), prune_cfg, abstract),
         }
         steps_of = {name: compiled_step(tx) for name, tx in optimizers.items()}
         # Step 0 is a schedule point (the pruned one computes masks); later ones are not.

@@ -6,8 +6,8 @@ step, against transformers' LlamaForCausalLM on PyTorch in the same run.
   python -m bench.train --peer_compile       # the peer under torch.compile
   python -m bench.train --profile=/tmp/prof  # also trace 3 steps (TensorBoard, Perfetto)
 
-The step is the one `launch.train` runs (`train.make_train_step` jitted by
-`train.jit_train_step`, state donated) with the settings of configs/llama3_2_1b.py:
+The step is the one `launch.train` runs (`train_step.make_train_step` jitted by
+`train_step.jit_train_step`, state donated) with the settings of configs/llama3_2_1b.py:
 bf16 compute over float32 master weights, scanned layers, its remat policy, attention
 'auto' (cuDNN on GPU), AdamW with clipping, chunked float32 cross-entropy. The 1b size is
 the llama3.2-1b shape (1.24B parameters, vocab 128256) at seq 2048, batch 8, on one
@@ -18,7 +18,7 @@ Compile time is tracing + lowering + XLA compilation of the step (ahead of time)
 step time is the median of --steps synchronised steps after --warmup steps (the first
 step counts as one). The batch carries segment ids, as every training batch does, so
 on GPU cuDNN attention runs with the segment mask. MFU counts 6 x parameters + causal
-attention FLOPs per token (`train.matmul_flops_per_token`) against the device's dense
+attention FLOPs per token (`train_step.matmul_flops_per_token`) against the device's dense
 bf16 peak; on a CPU it is n/a unless --peak_tflops is given. JAX and the peer run one
 after the other, each in its own process (JAX holds most of an accelerator's memory
 until it exits), on random tokens of the same shape.
@@ -50,7 +50,8 @@ def jax_worker(spec: dict) -> dict:
     from flax import nnx
 
     from configs.llama3_2_1b import get_config
-    from llama_jax import attention, sharding, train
+    from llama_jax import attention, optim, sharding, train_step
+    from llama_jax.run_config import RunConfig
 
     facts = common.device_facts()
     on_cpu = facts["platform"] == "cpu"
@@ -63,21 +64,22 @@ def jax_worker(spec: dict) -> dict:
     )
     if spec["remat"]:
         cfg.model.remat_policy = spec["remat"]
+    run = RunConfig.of(cfg)
     mesh = sharding.create_mesh(devices=jax.devices()[:1])
-    rules = sharding.rules_from_config(sharding.parse_rules(cfg.mesh.rules))
-    make_model, graphdef, _ = train.abstract_model(
-        model_config, cfg.model, mesh, rules, cfg.train.seed
+    rules = run.mesh.rules_table()
+    make_model, graphdef, _ = train_step.abstract_model(
+        model_config, run.model, mesh, rules, cfg.train.seed
     )
-    opt_cfg = train.from_section(train.OptimizerConfig, cfg.train, total_steps=cfg.train.steps)
-    tx = train.make_optimizer(opt_cfg)
+    opt_cfg = run.train.optimizer
+    tx = optim.make_optimizer(opt_cfg)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_model, mesh, rules))[1])
-    state, shardings = train.init_state(params, tx, mesh)
-    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
-    step_fn = train.jit_train_step(
-        train.make_train_step(
+    state, shardings = train_step.init_state(params, tx, mesh)
+    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(
             graphdef,
             tx,
-            train.learning_rate_schedule(opt_cfg),
+            optim.learning_rate_schedule(opt_cfg),
             loss_chunk=cfg.train.loss_chunk,
         ),
         shardings,
@@ -133,7 +135,7 @@ def jax_worker(spec: dict) -> dict:
         ),
         loss_chunk=cfg.train.loss_chunk,
         optimizer=dataclasses.asdict(opt_cfg),
-        flops_per_token=train.matmul_flops_per_token(model_config, seq),
+        flops_per_token=train_step.matmul_flops_per_token(model_config, seq),
         peak_flops=common.peak_flops(facts["device_kind"], spec["peak_tflops"]),
         compile_s=compile_s,
         lower_s=lower_s,

@@ -63,13 +63,15 @@ def main(argv):
         import jax
 
         from llama_jax import aot, topology, train
+        from llama_jax.run_config import RunConfig
 
+        cfg = RunConfig.of(_CONFIG.value)
         if _TOPOLOGY.value:
             target = topology.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
         else:
             common.init_distributed()
             target = topology.local_target()
-        report = aot.compile_config(_CONFIG.value, target)
+        report = aot.compile_config(cfg, target)
         if jax.process_index() == 0:
             print(report.table(), flush=True)
             if _JSON.value:

@@ -29,12 +29,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+    with common.clear_errors():
+        from llama_jax.run_config import RunConfig
+
+        cfg = RunConfig.of(_CONFIG.value)
     common.init_distributed()
     import jax
 
     from llama_jax import train
 
-    last = train.run(_CONFIG.value, _WORKDIR.value)
+    last = train.run(cfg, _WORKDIR.value)
     if jax.process_index() == 0 and last:
         print(f"final step metrics: loss={last.get('loss'):.4f}")
 

@@ -2,13 +2,13 @@
 
 A target (`topology.tpu_target("v5p-64")`, a slice this host need not have, or
 `topology.local_target()`, this host's TPUs) gives the chips to compile for.
-`build(cfg, target)` makes the step that `train.run`, `run_lora` or `distill.run`
-would jit for `cfg` (same step function, shardings, donation and gradient
-accumulation) from shapes alone: no data, no checkpoint. `compile_step` compiles it
-for the target and reports, per chip, the HBM taken by each kind of argument (from
-the arguments' shard shapes, padded to the compiled layouts' tiles), XLA's
-temporaries and generated code, against the chip's capacity; the compile time; and
-the collectives in the compiled HLO.
+`build(cfg, target)` makes the step that `train.run` would jit for `cfg`, whatever
+its recipe (same step function, shardings, donation and gradient accumulation),
+from shapes alone: no data, no checkpoint. `compile_step` compiles it for the target
+and reports, per chip, the HBM taken by each kind of argument (from the arguments'
+shard shapes, padded to the compiled layouts' tiles), XLA's temporaries and generated
+code, against the chip's capacity; the compile time; and the collectives in the
+compiled HLO.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any
 
 import jax
 
-from llama_jax import attention, distill, model_dir, sharding, topology, train
+from llama_jax import attention, distill, model_dir, sharding, topology, train, train_step
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, DoesNotFitError
+from llama_jax.run_config import RunConfig
 from llama_jax.topology import Target
 
 GiB = 1 << 30
@@ -40,8 +41,8 @@ class Build:
 
     kind: str
     cfg: Any
-    plan: train.Plan
-    step: train.Step
+    plan: train_step.Plan
+    step: train_step.Step
     models: dict[str, Any]
     notes: list[str]
 
@@ -57,51 +58,45 @@ def _readable(path: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _model_source(cfg, section: str, notes: list[str]) -> None:
-    """Clears `<section>.model_dir` in cfg when it cannot be read here, noting it: the
-    shapes then come from the section's preset."""
-    path = cfg[section].model_dir
-    ok, why = _readable(path)
-    if path and not ok:
+def _model_source(spec, section: str, notes: list[str]):
+    """`spec` (a ModelSpec or TeacherSpec) with its model_dir cleared when it cannot be
+    read here, noting it: the shapes then come from the section's preset."""
+    ok, why = _readable(spec.model_dir)
+    if spec.model_dir and not ok:
         notes.append(
-            f"{section}.model_dir={path} cannot be read here ({why}); shapes from "
-            f"{section}.preset={cfg[section].get('preset')!r}"
+            f"{section}.model_dir={spec.model_dir} cannot be read here ({why}); shapes from "
+            f"{section}.preset={spec.preset!r}"
         )
-        cfg[section].model_dir = ""
+        return dataclasses.replace(spec, model_dir="")
+    return spec
 
 
 def build(cfg, target: Target) -> Build:
-    """The step of `cfg` (a train, LoRA or distillation config) jitted for the target's
-    devices, with its abstract arguments. Model shapes come from model directories
-    that can be read here, else from presets (`model.preset` with `model.overrides`,
-    `teacher.preset`); a LoRA base that cannot be read is taken as float in model.dtype.
-    Config, mesh and batch problems raise ValueErrors, as a run would."""
-    cfg = cfg.copy_and_resolve_references()
+    """The step of `cfg` (a train, LoRA or distillation config: a ConfigDict or a
+    RunConfig) jitted for the target's devices, with its abstract arguments. Model
+    shapes come from model directories that can be read here, else from presets
+    (`model.preset` with `model.overrides`, `teacher.preset`); a LoRA base that cannot
+    be read is taken as float in model.dtype. Config, mesh and batch problems raise
+    ConfigErrors, as a run would."""
+    cfg = RunConfig.of(cfg)
     notes: list[str] = []
     if cfg.mesh.dcn not in (1, target.num_slices):
         raise ConfigError(
             f"mesh.dcn={cfg.mesh.dcn} but the target has {target.num_slices} slice(s); the "
             "dcn axis is the number of slices"
         )
-    cfg.mesh.dcn = target.num_slices
-    devices = target.devices
+    mesh = dataclasses.replace(cfg.mesh, dcn=target.num_slices)
+    cfg = cfg.replace(mesh=mesh, model=_model_source(cfg.model, "model", notes))
 
-    def plan(model_config=None) -> train.Plan:
-        try:
-            return train.plan(cfg, model_config, devices=devices)
-        except ConfigError as e:
-            raise ConfigError(f"{target.describe()}: {e}") from e
-
-    models: dict[str, Any] = {}
-    if "teacher" in cfg:
-        _model_source(cfg, "teacher", notes)
-        _model_source(cfg, "model", notes)
-        distill.loss_config(cfg)
-        if cfg.teacher.model_dir:
-            teacher_config = model_dir.read_config(cfg.teacher.model_dir)
-        elif cfg.teacher.get("preset"):
+    recipe: train.Recipe
+    if cfg.teacher is not None:
+        teacher = _model_source(cfg.teacher, "teacher", notes)
+        cfg = cfg.replace(teacher=teacher)
+        if teacher.model_dir:
+            teacher_config = model_dir.read_config(teacher.model_dir)
+        elif teacher.preset:
             try:
-                teacher_config = get_preset(cfg.teacher.preset)
+                teacher_config = get_preset(teacher.preset)
             except ConfigError as e:
                 raise ConfigError(f"teacher.preset: {e}") from e
         else:
@@ -109,34 +104,20 @@ def build(cfg, target: Target) -> Build:
                 "the teacher's shapes are unknown: give teacher.model_dir (a readable model "
                 "directory) or teacher.preset (e.g. --config.teacher.preset=llama3-8b)"
             )
-        student_config = distill.student_model_config(cfg, teacher_config)
-        distill.check_pair(cfg, student_config, teacher_config)
-        p = plan(student_config)
-        _, s_graphdef, s_params = train.abstract_model(
-            student_config, cfg.model, p.mesh, p.rules, cfg.train.seed
-        )
-        t_graphdef, t_params = distill.abstract_teacher(cfg, teacher_config, p.mesh, p.rules)
-        step = distill.distill_step(cfg, p, s_graphdef, s_params, t_graphdef, t_params)
-        models = {"student": student_config, "teacher": teacher_config}
-        kind = "distill"
-    elif cfg.get("lora") is not None and cfg.lora.rank != 0:
-        _model_source(cfg, "model", notes)
-        lora_cfg = train.lora_options(cfg)
-        p = plan()
-        _, graphdef, adapters, base = train.abstract_lora(cfg, p, lora_cfg, cfg.model.model_dir)
-        step = train.lora_step(cfg, p, lora_cfg, graphdef, adapters, base)
-        models = {"base": p.model_config}
-        kind = "lora"
+        recipe = distill.Distillation(cfg, teacher_config)
+        kind, models = "distill", {"student": recipe.model_config, "teacher": teacher_config}
+    elif cfg.lora is not None:
+        base = None if cfg.model.model_dir else cfg.model.preset_config()
+        recipe = train.Lora(cfg, base_config=base)
+        kind, models = "lora", {"base": recipe.model_config}
     else:
-        _model_source(cfg, "model", notes)
-        p = plan()
-        _, graphdef, params = train.abstract_model(
-            p.model_config, cfg.model, p.mesh, p.rules, cfg.train.seed
-        )
-        step = train.train_step(cfg, p, graphdef, params)
-        models = {"model": p.model_config}
-        kind = "train"
-    return Build(kind, cfg, p, step, models, notes)
+        recipe = train.FullTraining(cfg)
+        kind, models = "train", {"model": recipe.model_config}
+    try:
+        p = train_step.plan(cfg, recipe.model_config, devices=target.devices)
+    except ConfigError as e:
+        raise ConfigError(f"{target.describe()}: {e}") from e
+    return Build(kind, cfg, p, recipe.build(p), models, notes)
 
 
 # --- compiling and measuring ---------------------------------------------------
@@ -437,7 +418,7 @@ def _attention_line(impl: str, target: Target) -> str:
     return impl if resolved == impl else f"{impl} ({resolved} on {platform})"
 
 
-def _weights_estimate(step: train.Step) -> tuple[int, int]:
+def _weights_estimate(step: train_step.Step) -> tuple[int, int]:
     """(state, frozen) bytes per chip from shard shapes alone (no compiled layouts)."""
 
     def n(tree):

@@ -1,4 +1,4 @@
-"""Teacher-student distillation: the distill step and its loop.
+"""Teacher-student distillation: the distill step and the `Distillation` recipe.
 
 The student trains exactly as in `train.py` (same state, optimizer, checkpoints, data,
 metrics, preemption and NaN guard); its loss is `losses.chunked_distill_loss` against
@@ -19,11 +19,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from llama_jax import checkpoint, data, model_dir, sharding, train
+from llama_jax import checkpoint, data, model_dir, optim, sharding, train, train_step
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError
 from llama_jax.losses import DistillLossConfig, chunked_distill_loss, make_eval_step
-from llama_jax.train import log_info
+from llama_jax.run_config import RunConfig
 
 
 def linear_schedule(start: float, end: float, total_steps: int):
@@ -83,7 +83,7 @@ def make_distill_step(
         }
         return out["loss_sum"], aux
 
-    return train.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
+    return train_step.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
 
 def perplexity(eval_fn, params, batches) -> float:
@@ -131,7 +131,7 @@ def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
     return layers
 
 
-def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
+def student_model_config(cfg: RunConfig, teacher_config: LlamaConfig) -> LlamaConfig:
     """The student's architecture: the teacher's with `model.teacher_layers` picked, or
     from `model` (preset or model directory)."""
     if cfg.model.teacher_layers:
@@ -144,201 +144,156 @@ def student_model_config(cfg, teacher_config: LlamaConfig) -> LlamaConfig:
     return train.resolve_model_config(cfg.model)
 
 
-def _teacher_kwargs(cfg) -> dict[str, Any]:
-    return dict(
-        dtype=jnp.dtype(cfg.teacher.dtype),
-        param_dtype=jnp.dtype(cfg.teacher.dtype),
-        scan_layers=cfg.teacher.scan_layers,
-        remat_policy="none",
-        attention_impl=cfg.teacher.attention_impl,
-    )
-
-
-def _check_sections(cfg) -> None:
-    if not cfg.teacher.model_dir:
-        raise ConfigError("teacher.model_dir is empty; give the teacher's model directory")
-    if not epath.Path(cfg.teacher.model_dir).exists():
-        raise ConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
-    if cfg.teacher.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(
-            f"teacher.dtype={cfg.teacher.dtype!r}; expected float32, bfloat16 or float16"
-        )
-    if cfg.distill.eval_every < 0 or cfg.distill.eval_batches < 1:
-        raise ConfigError(
-            f"distill.eval_every={cfg.distill.eval_every} must be >= 0 and "
-            f"distill.eval_batches={cfg.distill.eval_batches} >= 1"
-        )
-    if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
-        raise ConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
-    if cfg.get("lora") is not None and cfg.lora.rank:
-        raise ConfigError(
-            f"lora.rank={cfg.lora.rank}: distillation trains the whole student; LoRA "
-            "adapters are for launch.train (set lora.rank=0)"
-        )
-
-
-def loss_config(cfg) -> DistillLossConfig:
-    d = cfg.distill
-    return DistillLossConfig(
-        kind=d.kind, temperature=d.temperature, alpha=d.alpha, beta=d.beta, top_k=d.top_k
-    )
-
-
-def check_pair(cfg, student_config: LlamaConfig, teacher_config: LlamaConfig) -> None:
+def check_pair(cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig) -> None:
     """Raises unless the student and teacher share a vocabulary that distill.top_k fits."""
-    loss_cfg = loss_config(cfg)
-    teacher = cfg.teacher.model_dir or cfg.teacher.get("preset", "")
+    teacher = cfg.teacher.model_dir or cfg.teacher.preset
     if student_config.vocab_size != teacher_config.vocab_size:
         raise ConfigError(
             f"student vocabulary {student_config.vocab_size} and teacher vocabulary "
             f"{teacher_config.vocab_size} ({teacher}) differ; distillation "
             "needs the same vocabulary"
         )
-    if loss_cfg.top_k > teacher_config.vocab_size:
+    top_k = cfg.distill.loss.top_k
+    if top_k > teacher_config.vocab_size:
         raise ConfigError(
-            f"distill.top_k={loss_cfg.top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
+            f"distill.top_k={top_k} exceeds the vocabulary ({teacher_config.vocab_size})"
         )
 
 
-def abstract_teacher(cfg, teacher_config: LlamaConfig, mesh, rules):
+def abstract_teacher(cfg: RunConfig, teacher_config: LlamaConfig, mesh, rules):
     """(graphdef, abstract parameters with shardings) of the teacher: as stored in
     `teacher.model_dir` (int8 or float), or float without one; computed in
     teacher.dtype."""
     quant = model_dir.quant_kwargs(cfg.teacher.model_dir) if cfg.teacher.model_dir else {}
-    return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **_teacher_kwargs(cfg))
+    return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **cfg.teacher.kwargs())
 
 
-def distill_step(
-    cfg, p: train.Plan, student_graphdef, abstract_student, teacher_graphdef, abstract_teacher
-) -> train.Step:
-    """The jitted distillation step of `cfg`, step(state, batch, teacher_params), for a
-    student (graphdef, abstract parameters from `train.abstract_model`) and a teacher
-    (from `abstract_teacher`)."""
-    tx = train.build_optimizer(cfg, p.opt_cfg, abstract_student)
-    total = cfg.train.steps
-    step_fn = make_distill_step(
-        student_graphdef,
-        teacher_graphdef,
-        tx,
-        train.learning_rate_schedule(p.opt_cfg),
-        loss_config(cfg),
-        alpha_fn=linear_schedule(cfg.distill.alpha, cfg.distill.alpha_end, total),
-        temperature_fn=linear_schedule(cfg.distill.temperature, cfg.distill.temperature_end, total),
-        grad_accum=cfg.train.grad_accum,
-        loss_chunk=cfg.train.loss_chunk,
-    )
-    return train.jit_step(step_fn, tx, p, abstract_student, abstract_teacher, "teacher")
+class Distillation(train.Recipe):
+    """The student trains against a frozen teacher on the same mesh and rules. The
+    teacher is passed to the step as a non-donated argument and never saved; checkpoints
+    record its source and fingerprint, and a resume with another teacher is refused.
+    Logged steps add the student's held-out perplexity (`distill.eval_path`) and the
+    teacher's, computed once.
+
+    teacher_config: the teacher's architecture, read from teacher.model_dir, or from
+    teacher.preset when only shapes are needed (ahead-of-time compilation).
+    """
+
+    def __init__(self, cfg: RunConfig, teacher_config: LlamaConfig | None = None):
+        super().__init__(cfg)
+        if cfg.teacher is None or cfg.distill is None:
+            raise ConfigError("distillation needs a config with teacher and distill sections")
+        if teacher_config is None:
+            if not cfg.teacher.model_dir:
+                raise ConfigError("teacher.model_dir is empty; give the teacher's model directory")
+            if not epath.Path(cfg.teacher.model_dir).exists():
+                raise ConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
+            teacher_config = model_dir.read_config(cfg.teacher.model_dir)
+        if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
+            raise ConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
+        self.teacher_config = teacher_config
+        self.model_config = student_model_config(cfg, teacher_config)
+        check_pair(cfg, self.model_config, teacher_config)
+
+    def build(self, p: train_step.Plan) -> train_step.Step:
+        cfg = self.cfg
+        self.make_model, self.graphdef, abstract = train_step.abstract_model(
+            p.model_config, cfg.model, p.mesh, p.rules, cfg.train.seed
+        )
+        self.teacher_graphdef, self.abstract_teacher = abstract_teacher(
+            cfg, self.teacher_config, p.mesh, p.rules
+        )
+        tx = optim.build_optimizer(p.opt_cfg, cfg.prune, abstract)
+        total, d = cfg.train.steps, cfg.distill
+        step_fn = make_distill_step(
+            self.graphdef,
+            self.teacher_graphdef,
+            tx,
+            optim.learning_rate_schedule(p.opt_cfg),
+            d.loss,
+            alpha_fn=linear_schedule(d.loss.alpha, d.alpha_end, total),
+            temperature_fn=linear_schedule(d.loss.temperature, d.temperature_end, total),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+        )
+        return train_step.jit_step(step_fn, tx, p, abstract, self.abstract_teacher, "teacher")
+
+    def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
+        cfg = self.cfg
+        self.eval_batches = []
+        if cfg.distill.eval_path:
+            eval_cfg = dataclasses.replace(cfg.data, path=cfg.distill.eval_path)
+            iterator = data.DataIterator(
+                eval_cfg, su.tokenizer, su.batch_sh, vocab_size=self.model_config.vocab_size
+            )
+            self.eval_batches = [next(iterator) for _ in range(cfg.distill.eval_batches)]
+        train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
+        self.teacher_params = model_dir.load_params(
+            cfg.teacher.model_dir, self.teacher_config, self.abstract_teacher
+        )
+        self.teacher_meta = {
+            "source": str(cfg.teacher.model_dir),
+            "fingerprint": checkpoint.fingerprint(self.teacher_config, self.teacher_params),
+        }
+        if saved is not None:
+            check_same_teacher(saved["teacher"], self.teacher_meta, cfg.teacher.model_dir)
+        self.student_eval = make_eval_step(self.graphdef, cfg.train.loss_chunk)
+        self.teacher_ppl = None
+        return self.teacher_params
+
+    def initial_params(self, su: train.Setup):
+        """Random, a model directory, or a subset of the teacher's layers."""
+        cfg = self.cfg
+        if not cfg.model.teacher_layers:
+            return train.initial_params(
+                cfg.model, self.model_config, self.make_model, su.mesh, su.rules
+            )
+        teacher_layers = len_layers(self.teacher_params)
+        layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, teacher_layers))
+        _, abstract = nnx.split(nnx.eval_shape(self.make_model))
+        target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, su.mesh, su.rules))
+        dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(abstract))
+
+        def pick(params):
+            out = dict(params)
+            out["layers"] = jax.tree.map(lambda x: jnp.take(x, layers, axis=0), params["layers"])
+            return jax.tree.map(lambda x, dt: x.astype(dt), out, dtypes)
+
+        return jax.jit(pick, out_shardings=target_sh)(self.teacher_params)
+
+    def meta(self) -> dict[str, Any]:
+        return {"teacher": self.teacher_meta}
+
+    def flops_per_token(self) -> float:
+        seq = self.cfg.data.seq_len
+        # The teacher runs forward only: a third of its training FLOPs.
+        teacher = train_step.matmul_flops_per_token(self.teacher_config, seq) / 3
+        return train_step.matmul_flops_per_token(self.model_config, seq) + teacher
+
+    def on_log(self, step: int, state: train_step.TrainState) -> dict[str, float]:
+        out = optim.prune_metrics(state.opt_state)
+        every = self.cfg.distill.eval_every
+        if not self.eval_batches:
+            return out
+        if not (step == self.cfg.train.steps or (every and step % every == 0)):
+            return out
+        out["eval_ppl"] = perplexity(self.student_eval, state.params, self.eval_batches)
+        if self.teacher_ppl is None:
+            teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
+            self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)
+        return out | {"teacher_eval_ppl": self.teacher_ppl}
 
 
-def _eval_batches(cfg, su) -> list[dict[str, jax.Array]]:
-    eval_cfg = train.from_section(data.DataConfig, cfg.data, path=cfg.distill.eval_path)
-    iterator = data.DataIterator(
-        eval_cfg, su.tokenizer, su.batch_sh, vocab_size=su.model_config.vocab_size
-    )
-    return [next(iterator) for _ in range(cfg.distill.eval_batches)]
-
-
-def run(cfg, workdir: str) -> dict[str, float]:
-    """Distils per `cfg` (configs/base.py `distill_config` layout) in `workdir`,
-    resuming from its latest complete checkpoint. Returns the last logged metrics.
+def run(cfg, workdir) -> dict[str, float]:
+    """Distils per `cfg` (configs/base.py `distill_config` layout: a ConfigDict or a
+    RunConfig) in `workdir`, resuming from its latest complete checkpoint: `train.run`
+    with the `Distillation` recipe. Returns the last logged metrics.
 
     Config, teacher directory and architecture, vocabularies, mesh, batch split,
     tokenizer and data are all checked before anything is compiled or initialised.
     """
-    _check_sections(cfg)
-    teacher_config = model_dir.read_config(cfg.teacher.model_dir)
-    student_config = student_model_config(cfg, teacher_config)
-    check_pair(cfg, student_config, teacher_config)
-    su = train.setup(cfg, student_config)
-    eval_batches = _eval_batches(cfg, su) if cfg.distill.eval_path else []
-
-    make_student, student_graphdef, abstract_student = train.abstract_model(
-        student_config, cfg.model, su.mesh, su.rules, cfg.train.seed
-    )
-    teacher_graphdef, teacher_abstract = abstract_teacher(cfg, teacher_config, su.mesh, su.rules)
-    step = distill_step(
-        cfg, su, student_graphdef, abstract_student, teacher_graphdef, teacher_abstract
-    )
-    tx, shardings = step.tx, step.shardings
-
-    log_info("loading the teacher from %s", cfg.teacher.model_dir)
-    teacher_params = model_dir.load_params(cfg.teacher.model_dir, teacher_config, teacher_abstract)
-    teacher_meta = {
-        "source": str(cfg.teacher.model_dir),
-        "fingerprint": checkpoint.fingerprint(teacher_config, teacher_params),
-    }
-
-    workdir, ckpt = train.open_run(cfg, workdir)
-    if ckpt.latest_step() is not None:
-        state, meta = train.resume(ckpt, cfg, su.iterator, abstract_student, tx, shardings)
-        check_same_teacher(meta["teacher"], teacher_meta, cfg.teacher.model_dir)
-    else:
-        params = _initial_student(cfg, student_config, make_student, teacher_params, su)
-        state, _ = train.init_state(params, tx, su.mesh)
-    if jax.process_index() == 0:
-        train.write_json(workdir / "config.json", cfg.to_dict())
-
-    total = cfg.train.steps
-
-    def step_fn(state, batch):
-        return step.fn(state, batch, teacher_params)
-
-    student_eval = make_eval_step(student_graphdef, cfg.train.loss_chunk)
-    teacher_ppl: list[float] = []
-
-    def on_log(step_no, state) -> dict[str, float]:
-        out = train.prune_metrics(state.opt_state)
-        if not eval_batches:
-            return out
-        every = cfg.distill.eval_every
-        if not (step_no == total or (every and step_no % every == 0)):
-            return out
-        out["eval_ppl"] = perplexity(student_eval, state.params, eval_batches)
-        if not teacher_ppl:
-            teacher_eval = make_eval_step(teacher_graphdef, cfg.train.loss_chunk)
-            teacher_ppl.append(perplexity(teacher_eval, teacher_params, eval_batches))
-        return out | {"teacher_eval_ppl": teacher_ppl[0]}
-
-    def meta() -> dict[str, Any]:
-        return {
-            "data": su.iterator.state(),
-            "config": cfg.to_dict(),
-            "model": student_config.to_dict(),
-            "teacher": teacher_meta,
-        }
-
-    student_flops = train.matmul_flops_per_token(student_config, cfg.data.seq_len)
-    # The teacher runs forward only: a third of its training FLOPs.
-    teacher_flops = train.matmul_flops_per_token(teacher_config, cfg.data.seq_len) / 3
-    with sharding.activation_sharding(su.mesh, su.rules):
-        return train.loop(
-            cfg,
-            workdir,
-            state,
-            step_fn,
-            su.iterator,
-            ckpt,
-            meta,
-            flops_per_token=student_flops + teacher_flops,
-            on_log=on_log,
-        )
-
-
-def _initial_student(cfg, student_config, make_student, teacher_params, su):
-    """Random, a model directory, or a subset of the teacher's layers."""
-    if not cfg.model.teacher_layers:
-        return train.initial_params(cfg.model, student_config, make_student, su.mesh, su.rules)
-    layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, len_layers(teacher_params)))
-    _, abstract = nnx.split(nnx.eval_shape(make_student))
-    target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, su.mesh, su.rules))
-    dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(abstract))
-
-    def pick(params):
-        out = dict(params)
-        out["layers"] = jax.tree.map(lambda x: jnp.take(x, layers, axis=0), params["layers"])
-        return jax.tree.map(lambda x, dt: x.astype(dt), out, dtypes)
-
-    return jax.jit(pick, out_shardings=target_sh)(teacher_params)
+    cfg = RunConfig.of(cfg)
+    return train.run(cfg, workdir, Distillation(cfg))
 
 
 def len_layers(params) -> int:

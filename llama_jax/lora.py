@@ -29,7 +29,7 @@ gradient accumulation splits the batch.
 the base's dtype; an int8 base is dequantized first, and the merged model is a float
 model (float32 kernels).
 
-Training (`train.run_lora`) holds only the adapters in its state, optimizer state and
+Training (the `train.Lora` recipe) holds only the adapters in its state, optimizer state and
 checkpoints, with the frozen base a separate argument of the step; the checkpoint
 metadata names the base and its fingerprint, and `model_dir` reads such a run as the
 merged model (`model_dir.load_lora_run`).

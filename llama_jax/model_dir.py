@@ -13,15 +13,14 @@ Three kinds of directory hold a model, and every reader here accepts each of the
   its metadata records, check its fingerprint, and merge the adapters onto it
   (`load_lora_run`, with the LoRA logic in `lora_dir`).
 
-Parameters are read straight into the shardings the caller asks for, whatever mesh
-wrote them. Writing directories is `dir_writer`'s; directory-to-directory transforms
-(conversion, export, quantization, pruning, merging LoRA) are `transforms`'.
+Parameters are read straight into the shardings asked for, whatever mesh wrote them.
+Writing is `dir_writer`'s; directory-to-directory transforms are `transforms`'.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -267,9 +266,9 @@ def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[
     kind = detect(path)
     saved_config = read_config(path)
     if saved_config != config:
-        raise CheckpointError(
-            f"{path} holds a different architecture: {_config_diff(saved_config, config)}"
-        )
+        was, now = saved_config.to_dict(), config.to_dict()
+        diff = ", ".join(f"{k}: {was[k]!r} vs {now[k]!r}" for k in was if was[k] != now[k])
+        raise CheckpointError(f"{path} holds a different architecture: {diff}")
     if lora_info(path) is not None:
         return load_lora_run(path, config, abstract)
     if kind != "hf":
@@ -283,15 +282,10 @@ def load_params(path, config: LlamaConfig, abstract: Mapping[str, Any]) -> dict[
     reader = HFReader(str(path), config)
     reader.check(flat)
     out = {}
-    for name, array in sharded_arrays(abstract, reader.read):
+    for name, array in sharding.sharded_arrays(abstract, reader.read):
         out[name] = array
         reader.release()
     return nest(out)
-
-
-def _config_diff(a: LlamaConfig, b: LlamaConfig) -> str:
-    da, db = a.to_dict(), b.to_dict()
-    return ", ".join(f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k])
 
 
 def load_model(
@@ -335,9 +329,8 @@ def load_hf(
     rules=sharding.DEFAULT_RULES,
     **model_kwargs,
 ) -> tuple[Llama, LlamaConfig]:
-    """`load_model` for a transformers `save_pretrained` LLaMA directory: every tensor
-    is checked for presence, dtype and shape before any is read, and unknown tensors
-    are an error. With a mesh, each device's slice is read from disk on its own."""
+    """`load_model` for a transformers `save_pretrained` LLaMA directory (tensors are
+    checked before any is read; each device's slice is read from disk on its own)."""
     read_hf_config(str(hf_dir))
     return load_model(
         hf_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **model_kwargs
@@ -505,17 +498,3 @@ def tokenizer_files(directory) -> dict[str, str]:
         for name in (*TOKENIZER_FILES, GENERATION_CONFIG)
         if (directory / name).exists()
     }
-
-
-def sharded_arrays(
-    abstract: Mapping[str, Any], read: Callable[[str, tuple[slice, ...], Any], np.ndarray]
-) -> Iterator[tuple[str, jax.Array]]:
-    """Lazily builds each parameter of `abstract` in its sharding from
-    `read(path, index, dtype)`, which returns one device's slice."""
-    for name, leaf in flatten(abstract).items():
-        yield (
-            name,
-            sharding.build_sharded(
-                leaf.shape, leaf.sharding, lambda idx, n=name, dt=leaf.dtype: read(n, idx, dt)
-            ),
-        )

@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -232,6 +233,21 @@ def build_sharded(shape, sharding_, read: Callable[[tuple[slice, ...]], np.ndarr
         shards.append(jax.device_put(host, device, donate=device.platform == "cpu"))
         del host
     return jax.make_array_from_single_device_arrays(shape, sharding_, shards)
+
+
+def sharded_arrays(
+    abstract: Mapping[str, Any], read: Callable[[str, tuple[slice, ...], Any], np.ndarray]
+) -> Iterator[tuple[str, jax.Array]]:
+    """Lazily builds each parameter of `abstract` (a nested dict of ShapeDtypeStructs
+    with shardings) with `build_sharded` from `read(dotted path, index, dtype)`, which
+    returns one device's slice. Yields (dotted path, array) in `abstract`'s order."""
+    for path, leaf in traverse_util.flatten_dict(dict(abstract), sep=".").items():
+        yield (
+            path,
+            build_sharded(
+                leaf.shape, leaf.sharding, lambda idx, n=path, dt=leaf.dtype: read(n, idx, dt)
+            ),
+        )
 
 
 def rules_from_config(overrides: Mapping[str, str | Sequence[str] | None] | None) -> Rules:

@@ -46,7 +46,6 @@ from llama_jax.model_dir import (
     quantization,
     read_config,
     read_metadata,
-    sharded_arrays,
     stored_dtypes,
     stored_float_dtype,
     tokenizer_files,
@@ -124,7 +123,7 @@ def convert_hf(
         return np.clip(np.rint(w / s), -127, 127).astype(np.int8)
 
     def arrays():
-        for name, array in sharded_arrays(abstract, read):
+        for name, array in sharding.sharded_arrays(abstract, read):
             reader.release()
             yield name, array
             # Not held while the next one is read (with the host copy Orbax keeps).

@@ -15,7 +15,18 @@ import pytest
 from flax import nnx
 
 from configs import lora_tiny
-from llama_jax import dir_writer, lora, model_dir, quant, sharding, train, transforms
+from llama_jax import (
+    dir_writer,
+    lora,
+    model_dir,
+    optim,
+    quant,
+    run_config,
+    sharding,
+    train,
+    train_step,
+    transforms,
+)
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.layers import LoraConfig
@@ -195,16 +206,18 @@ def test_training_moves_only_the_adapters(models):
     base_sh = _shardings(model_dir.abstract_params(CFG, mesh)[1])
     base = jax.device_put(base, base_sh)
     before = jax.device_get(base)
-    opt = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-    tx = train.make_optimizer(opt)
-    state, shardings = train.init_state(jax.device_put(adapters, _shardings(abstract)), tx, mesh)
-    batch_sh = train.batch_sharding(mesh, sharding.DEFAULT_RULES, (8, 24))
+    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    tx = optim.make_optimizer(opt)
+    state, shardings = train_step.init_state(
+        jax.device_put(adapters, _shardings(abstract)), tx, mesh
+    )
+    batch_sh = train_step.batch_sharding(mesh, sharding.DEFAULT_RULES, (8, 24))
     batch = {k: jax.device_put(v, batch_sh) for k, v in _batch().items()}
     # With accumulation and dropout: each microbatch's rows carry their global index.
-    lora_step = train.make_lora_train_step(
-        graphdef, tx, train.learning_rate_schedule(opt), grad_accum=2, dropout_seed=3
+    lora_step = train_step.make_lora_train_step(
+        graphdef, tx, optim.learning_rate_schedule(opt), grad_accum=2, dropout_seed=3
     )
-    step_fn = train.jit_train_step(lora_step, shardings, batch_sh, base_sh)
+    step_fn = train_step.jit_train_step(lora_step, shardings, batch_sh, base_sh)
     losses = []
     with sharding.activation_sharding(mesh):
         for _ in range(3):

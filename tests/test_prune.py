@@ -17,10 +17,21 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import tiny
-from llama_jax import checkpoint, model_dir, prune, sharding, train, transforms
+from llama_jax import (
+    checkpoint,
+    model_dir,
+    optim,
+    prune,
+    run_config,
+    sharding,
+    train,
+    train_step,
+    transforms,
+)
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError
 from llama_jax.model import Llama
+from llama_jax.run_config import RunConfig
 from tests.hf_models import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +63,8 @@ def _expected(s, n):
 def _run_schedule(cfg, params, steps, seed=0):
     """AdamW (with weight decay) wrapped in pruning for `steps` steps on random
     gradients; yields (count, params, state) after every step."""
-    opt = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps)
-    tx = prune.masked(train.make_optimizer(opt), cfg, params)
+    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps)
+    tx = prune.masked(optim.make_optimizer(opt), cfg, params)
     state = tx.init(params)
 
     @jax.jit
@@ -239,13 +250,15 @@ def test_training_prunes_and_masks_survive_checkpoints_and_export(tmp_path):
 
     # Restore equals save, bit for bit; saved params are zero exactly where masked.
     ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", save_every=2, keep=3)
-    su = train.setup(cfg)
-    _, _, abstract = train.abstract_model(su.model_config, cfg.model, su.mesh, su.rules)
-    tx = train.build_optimizer(cfg, su.opt_cfg, abstract)
-    shardings = train.state_shardings(abstract, tx, su.mesh)
+    run_cfg = RunConfig.of(cfg)
+    recipe = train.FullTraining(run_cfg)
+    su = train.setup(run_cfg, recipe.model_config)
+    _, _, abstract = train_step.abstract_model(su.model_config, run_cfg.model, su.mesh, su.rules)
+    tx = optim.build_optimizer(su.opt_cfg, run_cfg.prune, abstract)
+    shardings = train_step.state_shardings(abstract, tx, su.mesh)
     mask_sh = prune.find_state(shardings.opt_state).masks["layers"]["mlp"]["up_proj"]["kernel"]
     assert mask_sh.spec == abstract["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
-    step, state, _ = ckpt.restore(train.abstract_train_state(abstract, tx, shardings))
+    step, state, _ = ckpt.restore(train_step.abstract_train_state(abstract, tx, shardings))
     assert step == 4
     masks = _flat(prune.find_state(state.opt_state).masks)
     weights = _flat(state.params)

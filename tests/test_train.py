@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from llama_jax import sharding, train
+from llama_jax import optim, run_config, sharding, train, train_step
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.model import Llama
@@ -44,16 +44,16 @@ def _batch(b=8, t=32):
 
 def _losses(mesh_axes, devices=8, grad_accum=1, steps=3):
     mesh = sharding.create_mesh(devices=jax.devices()[:devices], **mesh_axes)
-    opt = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-    tx = train.make_optimizer(opt)
+    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    tx = optim.make_optimizer(opt)
     model = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), mesh)
     graphdef, state = nnx.split(model)
-    state, shardings = train.init_state(nnx.to_pure_dict(state), tx, mesh)
-    batch_sh = train.batch_sharding(mesh, sharding.DEFAULT_RULES, (8, 32))
-    step_fn = train.make_train_step(
-        graphdef, tx, train.learning_rate_schedule(opt), grad_accum=grad_accum, loss_chunk=12
+    state, shardings = train_step.init_state(nnx.to_pure_dict(state), tx, mesh)
+    batch_sh = train_step.batch_sharding(mesh, sharding.DEFAULT_RULES, (8, 32))
+    step_fn = train_step.make_train_step(
+        graphdef, tx, optim.learning_rate_schedule(opt), grad_accum=grad_accum, loss_chunk=12
     )
-    step = train.jit_train_step(step_fn, shardings, batch_sh)
+    step = train_step.jit_train_step(step_fn, shardings, batch_sh)
     batch = {k: jax.device_put(v, batch_sh) for k, v in _batch().items()}
     losses = []
     with sharding.activation_sharding(mesh):
@@ -94,7 +94,7 @@ def test_gradient_accumulation_equals_one_big_batch(reference_losses):
 
 def test_weight_decay_skips_norms_and_biases():
     params = {"a_norm": {"scale": 1}, "proj": {"kernel": 1, "bias": 1}, "embed": {"e": 1}}
-    assert train.decay_mask(params) == {
+    assert optim.decay_mask(params) == {
         "a_norm": {"scale": False},
         "proj": {"kernel": True, "bias": False},
         "embed": {"e": True},
@@ -102,8 +102,10 @@ def test_weight_decay_skips_norms_and_biases():
 
 
 def test_learning_rate_schedule():
-    sched = train.learning_rate_schedule(
-        train.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    sched = optim.learning_rate_schedule(
+        run_config.OptimizerConfig(
+            learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1
+        )
     )
     assert float(sched(0)) == 0.0
     assert float(sched(5)) == pytest.approx(0.5)

@@ -1,0 +1,364 @@
+"""A run's configuration, typed and checked once.
+
+Experiments are written as `configs/*.py` files returning an `ml_collections`
+ConfigDict (overridable from the command line). `RunConfig.of` turns one into frozen
+dataclasses, checking every value that needs no devices or files; the library works on
+those. Two fields take either a nested mapping (in config files) or a short string
+(command-line sugar):
+
+    model.overrides   {"num_layers": 8, "embed_dim": 1024}  or  "num_layers=8,embed_dim=1024"
+    mesh.rules        {"vocab": "fsdp", "embed": ""}        or  "vocab=fsdp,embed="
+
+The config as written (`RunConfig.raw`) is what runs save to `config.json` and their
+checkpoints' metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from llama_jax import lora, prune, sharding
+from llama_jax.config import LlamaConfig, get_preset
+from llama_jax.data import DataConfig
+from llama_jax.errors import ConfigError
+from llama_jax.layers import LoraConfig
+from llama_jax.losses import DistillLossConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+# LlamaConfig fields that are not scalars, so `model.overrides` cannot set them.
+_NOT_OVERRIDABLE = ("rope_scaling", "eos_token_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with global-norm clipping, after a linear warmup a cosine, linear or
+    constant learning rate to `learning_rate * end_lr_ratio` at `total_steps`."""
+
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr decay={self.decay!r}; expected 'cosine', 'linear' or 'constant'")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
+        # warmup_steps > total_steps is allowed: short trial runs never reach the peak.
+        if self.warmup_steps < 0 or self.total_steps < 1:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and "
+                f"total_steps={self.total_steps} >= 1"
+            )
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ConfigError(f"end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The trained model: a preset with overrides, or a model directory; how it runs."""
+
+    preset: str = "tiny"
+    model_dir: str = ""
+    overrides: tuple[tuple[str, Any], ...] = ()
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str = "auto"
+    teacher_layers: str = ""  # distillation: teacher layers that initialise the student
+
+    def kwargs(self) -> dict[str, Any]:
+        """The `Llama` keyword arguments (dtypes, layer scan, remat, attention)."""
+        return dict(
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.param_dtype),
+            scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+        )
+
+    def preset_config(self) -> LlamaConfig:
+        """The preset with `overrides` applied."""
+        try:
+            config = get_preset(self.preset)
+        except ConfigError as e:
+            raise ConfigError(f"model: {e}") from e
+        return dataclasses.replace(config, **dict(self.overrides))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Mesh axis sizes (-1: the rest of the devices) and logical-axis rule overrides."""
+
+    dcn: int = 1
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: tuple[tuple[str, tuple[str, ...] | None], ...] = ()
+
+    def sizes(self) -> dict[str, int]:
+        return dict(dcn=self.dcn, data=self.data, fsdp=self.fsdp, tensor=self.tensor)
+
+    def rules_table(self) -> sharding.Rules:
+        return sharding.rules_from_config(dict(self.rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 1000
+    grad_accum: int = 1
+    loss_chunk: int = 1024
+    log_every: int = 10
+    seed: int = 0
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    save_every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """The frozen teacher: a model directory, or a preset for shapes alone (ahead of
+    time compilation); computed and held in `dtype`."""
+
+    model_dir: str = ""
+    preset: str = ""
+    dtype: str = "bfloat16"
+    scan_layers: bool = True
+    attention_impl: str = "auto"
+
+    def kwargs(self) -> dict[str, Any]:
+        """The teacher's `Llama` keyword arguments: no remat (it takes no gradient)."""
+        return dict(
+            dtype=jnp.dtype(self.dtype),
+            param_dtype=jnp.dtype(self.dtype),
+            scan_layers=self.scan_layers,
+            remat_policy="none",
+            attention_impl=self.attention_impl,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    """The distillation loss, its schedules (an `_end` < 0 keeps the value fixed), and
+    the held-out evaluation."""
+
+    loss: DistillLossConfig
+    alpha_end: float = -1.0
+    temperature_end: float = -1.0
+    eval_path: str = ""
+    eval_every: int = 0
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A checked run configuration (configs/base.py layout). `lora`, `prune`, `teacher`
+    and `distill` are None when that feature is off; `tokenizer` is data.tokenizer."""
+
+    model: ModelSpec
+    mesh: MeshSpec
+    data: DataConfig
+    tokenizer: str
+    train: TrainSpec
+    checkpoint: CheckpointSpec
+    raw: Mapping[str, Any]
+    lora: LoraConfig | None = None
+    prune: prune.PruneConfig | None = None
+    teacher: TeacherSpec | None = None
+    distill: DistillSpec | None = None
+
+    @classmethod
+    def of(cls, cfg) -> RunConfig:
+        """`cfg` checked and typed: a RunConfig is returned as it is; a ConfigDict or a
+        nested mapping is converted. Raises ConfigError or DataError naming the field."""
+        if isinstance(cfg, RunConfig):
+            return cfg
+        raw = cfg.to_dict() if hasattr(cfg, "to_dict") else _plain(cfg)
+        return _parse(raw)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(x):
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _fields(cls, section: Mapping[str, Any], where: str, **extra) -> dict[str, Any]:
+    """The entries of `section` that are fields of `cls`; unknown keys raise."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - names - set(extra))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    return {k: v for k, v in section.items() if k in names} | extra
+
+
+def _check_int(where: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{where}={value!r}; expected an integer >= {low}")
+
+
+def parse_overrides(spec, config: LlamaConfig | None = None) -> tuple[tuple[str, Any], ...]:
+    """`model.overrides` as (field, value) pairs: from a mapping or from
+    'name=value,...' (ints, floats, booleans), checked against LlamaConfig's scalar
+    fields (and their types, taken from `config`, default the tiny preset)."""
+    config = config or get_preset("tiny")
+    fields = {f.name for f in dataclasses.fields(config)} - set(_NOT_OVERRIDABLE)
+    if isinstance(spec, Mapping):
+        items = [(str(k), v) for k, v in spec.items()]
+    else:
+        items = []
+        for item in filter(None, (x.strip() for x in str(spec or "").split(","))):
+            name, _, text = item.partition("=")
+            items.append((name.strip(), text.strip()))
+    out = []
+    for name, value in items:
+        if name not in fields:
+            raise ConfigError(
+                f"model.overrides: {name!r} is not a scalar LlamaConfig field; expected one "
+                f"of {sorted(fields)}"
+            )
+        current = getattr(config, name)
+        try:
+            if isinstance(current, bool):
+                if isinstance(value, str):
+                    value = {"true": True, "false": False}[value.lower()]
+                elif not isinstance(value, bool):
+                    raise ValueError
+            elif isinstance(current, int):
+                if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+                    raise ValueError
+                value = int(value)
+            else:
+                value = float(value)
+        except (KeyError, ValueError, TypeError):
+            raise ConfigError(
+                f"model.overrides: {name}={value!r} is not a {type(current).__name__}"
+            ) from None
+        out.append((name, value))
+    return tuple(out)
+
+
+def apply_overrides(config: LlamaConfig, spec) -> LlamaConfig:
+    """`config` with the fields of `spec` (a mapping or 'name=value,...') replaced."""
+    return dataclasses.replace(config, **dict(parse_overrides(spec, config)))
+
+
+def parse_rules(spec) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+    """`mesh.rules` as (logical axis, mesh axes or None) pairs, from a mapping (values
+    'fsdp', 'fsdp+tensor', a list of axes, or '' / None to replicate) or a string."""
+    if isinstance(spec, Mapping):
+        table = {}
+        for name, axes in spec.items():
+            if isinstance(axes, str):
+                axes = [a for a in axes.split("+") if a]
+            table[str(name)] = tuple(axes or ()) or None
+    else:
+        table = sharding.parse_rules(str(spec or ""))
+    sharding.rules_from_config(table)
+    return tuple(table.items())
+
+
+def _parse(raw: Mapping[str, Any]) -> RunConfig:
+    for name in ("model", "mesh", "data", "train", "checkpoint"):
+        if name not in raw:
+            raise ConfigError(f"the config has no {name!r} section (see configs/base.py)")
+    m = dict(raw["model"])
+    for name in ("dtype", "param_dtype"):
+        if m.get(name, "float32") not in DTYPES:
+            raise ConfigError(f"model.{name}={m[name]!r}; expected one of {DTYPES}")
+    if m.get("model_dir") and m.get("overrides"):
+        raise ConfigError("model.overrides applies to presets, not to model.model_dir")
+    m["overrides"] = parse_overrides(m.get("overrides", ""))
+    model = ModelSpec(**_fields(ModelSpec, m, "model"))
+
+    mesh_raw = dict(raw["mesh"])
+    mesh_raw["rules"] = parse_rules(mesh_raw.get("rules", ""))
+    mesh = MeshSpec(**_fields(MeshSpec, mesh_raw, "mesh"))
+
+    d = dict(raw["data"])
+    tokenizer = d.pop("tokenizer", "")
+    data = DataConfig(**_fields(DataConfig, d, "data"))
+
+    t = dict(raw["train"])
+    _check_int("train.steps", t.get("steps", 1000), 1)
+    _check_int("train.log_every", t.get("log_every", 10), 1)
+    _check_int("train.grad_accum", t.get("grad_accum", 1), 1)
+    _check_int("train.loss_chunk", t.get("loss_chunk", 1024), 1)
+    opt_names = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    opt = OptimizerConfig(
+        **{k: t.pop(k) for k in list(t) if k in opt_names}, total_steps=t.get("steps", 1000)
+    )
+    train = TrainSpec(**_fields(TrainSpec, t, "train"), optimizer=opt)
+
+    c = dict(raw["checkpoint"])
+    _check_int("checkpoint.save_every", c.get("save_every", 500), 1)
+    _check_int("checkpoint.keep", c.get("keep", 3), 1)
+    checkpoint = CheckpointSpec(**_fields(CheckpointSpec, c, "checkpoint"))
+
+    lora_cfg = lora.from_config(raw.get("lora"))
+    prune_cfg = prune.from_config(raw.get("prune"))
+    if lora_cfg is not None and prune_cfg is not None:
+        raise ConfigError(
+            "prune and lora cannot be combined: with LoRA only the adapters train, and "
+            "pruning masks the trained weights; prune the merged model instead"
+        )
+    teacher = distill = None
+    if "teacher" in raw or "distill" in raw:
+        teacher, distill = _parse_distillation(raw)
+        if lora_cfg is not None:
+            raise ConfigError(
+                f"lora.rank={lora_cfg.rank}: distillation trains the whole student; LoRA "
+                "adapters are for launch.train (set lora.rank=0)"
+            )
+    elif model.teacher_layers:
+        raise ConfigError("model.teacher_layers needs a teacher: use a distillation config")
+    return RunConfig(
+        model=model,
+        mesh=mesh,
+        data=data,
+        tokenizer=tokenizer,
+        train=train,
+        checkpoint=checkpoint,
+        raw=raw,
+        lora=lora_cfg,
+        prune=prune_cfg,
+        teacher=teacher,
+        distill=distill,
+    )
+
+
+def _parse_distillation(raw: Mapping[str, Any]) -> tuple[TeacherSpec, DistillSpec]:
+    if "teacher" not in raw or "distill" not in raw:
+        raise ConfigError("a distillation config needs both 'teacher' and 'distill' sections")
+    teacher = TeacherSpec(**_fields(TeacherSpec, raw["teacher"], "teacher"))
+    if teacher.dtype not in DTYPES:
+        raise ConfigError(f"teacher.dtype={teacher.dtype!r}; expected one of {DTYPES}")
+    d = dict(raw["distill"])
+    loss_names = ("kind", "temperature", "alpha", "beta", "top_k")
+    loss = DistillLossConfig(**{k: d.pop(k) for k in loss_names if k in d})
+    spec = DistillSpec(**_fields(DistillSpec, d, "distill"), loss=loss)
+    if spec.eval_every < 0 or spec.eval_batches < 1:
+        raise ConfigError(
+            f"distill.eval_every={spec.eval_every} must be >= 0 and "
+            f"distill.eval_batches={spec.eval_batches} >= 1"
+        )
+    return teacher, spec
