@@ -1,6 +1,7 @@
 """Defaults shared by every training config; each config edits a copy."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from llama_jax.lora import DEFAULT_TARGETS
 from llama_jax.prune import DEFAULT_INCLUDE
@@ -14,8 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
             # A model directory to start from instead of random weights: Hugging Face,
             # converted (convert.hf_to_orbax) or another run's workdir.
             model_dir="",
-            # LlamaConfig fields replacing the preset's, e.g. "num_layers=4,embed_dim=256".
-            overrides="",
+            # LlamaConfig fields replacing the preset's: nested in a config file
+            # ({"num_layers": 4, "embed_dim": 256}) or "num_layers=4,embed_dim=256".
+            overrides=config_dict.FieldReference("", field_type=object),
             dtype="bfloat16",  # compute dtype
             param_dtype="float32",  # master weights
             scan_layers=True,
@@ -29,8 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
             data=1,
             fsdp=-1,
             tensor=1,
-            # Logical-axis overrides, e.g. "vocab=fsdp,mlp=tensor,embed=" ("" replicates).
-            rules="",
+            # Logical-axis overrides: nested ({"vocab": "fsdp", "mlp": "tensor+fsdp",
+            # "embed": ""}) or "vocab=fsdp,mlp=tensor+fsdp,embed=" ("" replicates).
+            rules=config_dict.FieldReference("", field_type=object),
         )
     )
     c.data = ml_collections.ConfigDict(

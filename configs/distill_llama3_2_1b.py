@@ -16,8 +16,8 @@ def get_config(arg=None):
     c = distill_config()
     c.teacher.dtype = "bfloat16"
     c.model.preset = "llama3.2-1b"
-    c.model.overrides = (
-        "embed_dim=1024,num_layers=12,num_heads=16,num_kv_heads=4,head_dim=64,mlp_dim=4096"
+    c.model.overrides = dict(
+        embed_dim=1024, num_layers=12, num_heads=16, num_kv_heads=4, head_dim=64, mlp_dim=4096
     )
     c.model.remat_policy = "dots_no_batch"
     c.data.path = arg or ""

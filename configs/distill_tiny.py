@@ -16,7 +16,9 @@ def get_config(arg=None):
     c = with_distillation(tiny.get_config())
     c.teacher.model_dir = arg or ""
     c.teacher.dtype = "float32"
-    c.model.overrides = "embed_dim=32,num_heads=4,num_kv_heads=2,head_dim=8,mlp_dim=64,num_layers=2"
+    c.model.overrides = dict(
+        embed_dim=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, num_layers=2
+    )
     c.train.steps = 200
     c.distill.alpha = 0.5
     c.distill.temperature = 2.0

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,6 +86,10 @@ def chunked_cross_entropy(
     Returns (float32[] sum of -log p(target), float32[] count). Divide for the mean.
     """
 
+    chex.assert_rank(h_BTD, 3)
+    chex.assert_equal_shape([targets_BT, mask_BT])
+    chex.assert_equal_shape_prefix([h_BTD, targets_BT], 2)
+
     def per_token(h_BCD, targets_BC):
         return (_token_cross_entropy(_logits_f32(unembed, h_BCD), targets_BC),)
 
@@ -99,6 +104,7 @@ def token_loss_sum(model, batch: Mapping[str, jax.Array], loss_chunk: int, dropo
     batch: dict of int32[B, T] `tokens`, `segment_ids`, `targets`, `loss_mask`.
     dropout_keys: keys[B] for LoRA dropout, or None.
     """
+    chex.assert_equal_shape([batch[k] for k in ("tokens", "segment_ids", "targets", "loss_mask")])
     h, _ = model.hidden_states(
         batch["tokens"], segment_ids_BT=batch["segment_ids"], dropout_keys=dropout_keys
     )
@@ -261,11 +267,8 @@ def chunked_distill_loss(
     alpha = jnp.asarray(alpha, jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
 
-    if h_student_BTD.shape[:2] != h_teacher_BTD.shape[:2]:
-        raise ConfigError(
-            f"student hidden states {h_student_BTD.shape} and teacher hidden states "
-            f"{h_teacher_BTD.shape} differ in [B, T]"
-        )
+    chex.assert_rank([h_student_BTD, h_teacher_BTD], 3)
+    chex.assert_equal_shape_prefix([h_student_BTD, h_teacher_BTD, targets_BT, mask_BT], 2)
     h_teacher_BTD = jax.lax.stop_gradient(h_teacher_BTD)
 
     def per_token(h_student_BCD, h_teacher_BCD, targets_BC):

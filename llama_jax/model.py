@@ -7,6 +7,7 @@ Every block's parameters are stacked along a leading L axis (logical name
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -433,10 +434,11 @@ class Llama(nnx.Module):
         dropout_keys: PRNG keys[B], one per row, for the LoRA adapters' dropout (each
           layer and projection folds in its own index); None (inference) applies none.
         """
-        if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-            raise ValueError(
-                f"tokens must be int[B, T]; got {tokens_BT.dtype}{list(tokens_BT.shape)}"
-            )
+        chex.assert_rank(tokens_BT, 2)
+        chex.assert_type(tokens_BT, int)
+        for other in (segment_ids_BT, positions_BT):
+            if other is not None:
+                chex.assert_equal_shape([tokens_BT, other])
         b, t = tokens_BT.shape
         if cache is not None and t > cache.max_len:
             raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
