@@ -131,6 +131,14 @@ def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             eval_path="",  # held-out data (same format and tokenizer as data.path)
             eval_every=0,  # evaluate every N steps (and at the end); 0: at the end only
             eval_batches=4,
+            # Hidden-state distillation: "student_layer:teacher_layer,..." (e.g.
+            # "3:7,7:15"), matched by MSE and/or cosine distance with these weights,
+            # through a learned projection when the widths differ ("auto"), always, or
+            # never (then the widths must match). The projection is not exported.
+            features="",
+            feature_mse=1.0,
+            feature_cosine=0.0,
+            feature_projection="auto",
         )
     )
     return c

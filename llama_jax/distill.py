@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from llama_jax import checkpoint, data, model_dir, optim, sharding, train, train_step
 from llama_jax.config import LlamaConfig
@@ -33,6 +34,41 @@ def linear_schedule(start: float, end: float, total_steps: int):
     return lambda step: start + (end - start) * jnp.minimum(step / total_steps, 1.0)
 
 
+PROJECTION = "feature_projection"  # the trained parameters' key of the learned projection
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureMatch:
+    """Hidden-state distillation: the outputs of `student_layers` are matched to those
+    of `teacher_layers` (pairwise) by `mse` * mean squared error + `cosine` * (1 -
+    cosine similarity), per token and averaged over the pairs; through the trained
+    projection params[PROJECTION]["kernel"] float[M, D_student, D_teacher] when
+    `projected`."""
+
+    student_layers: tuple[int, ...]
+    teacher_layers: tuple[int, ...]
+    mse: float
+    cosine: float
+    projected: bool
+
+
+def feature_distance(x_student_MBTD, x_teacher_MBTD, kernel_MDE, match: FeatureMatch):
+    """float32[B, T]: the weighted feature distance of each token, averaged over the M
+    matched layers. kernel: float[M, D_student, D_teacher] or None (equal widths)."""
+    s = x_student_MBTD.astype(jnp.float32)
+    t = jax.lax.stop_gradient(x_teacher_MBTD).astype(jnp.float32)
+    if kernel_MDE is not None:
+        s = jnp.einsum("MBTD,MDE->MBTE", s, kernel_MDE.astype(jnp.float32))
+    out = jnp.zeros(s.shape[1:3], jnp.float32)
+    if match.mse:
+        out += match.mse * jnp.mean(jnp.square(s - t), axis=(0, 3))
+    if match.cosine:
+        dot = jnp.sum(s * t, axis=-1)
+        norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
+        out += match.cosine * jnp.mean(1.0 - dot / jnp.maximum(norms, 1e-6), axis=0)
+    return out
+
+
 def make_distill_step(
     student_graphdef,
     teacher_graphdef,
@@ -44,21 +80,34 @@ def make_distill_step(
     temperature_fn,
     grad_accum: int = 1,
     loss_chunk: int = 512,
+    features: FeatureMatch | None = None,
 ):
     """Returns step(state, batch, teacher_params) -> (state, metrics), not yet jitted.
 
     The teacher's hidden states are computed without gradients; the loss is
     alpha * KD + (1 - alpha) * CE with alpha and the temperature following
-    `alpha_fn(step)` and `temperature_fn(step)`. Metrics add `kd`, `ce`, `alpha` and
-    `temperature` to the training ones.
+    `alpha_fn(step)` and `temperature_fn(step)`, plus the feature distance of
+    `features` when given (the state's params then hold the student's and, when
+    projected, params[PROJECTION]). Metrics add `kd`, `ce`, `alpha` and `temperature`
+    to the training ones, and `feature` with features.
     """
 
     def loss_sum(params, micro, step, teacher_params):
+        params = dict(params)
+        projection = params.pop(PROJECTION, None)
         student = nnx.merge(student_graphdef, params)
         teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
         kwargs = dict(segment_ids_BT=micro["segment_ids"])
-        h_teacher, _ = teacher.hidden_states(micro["tokens"], **kwargs)
-        h_student, _ = student.hidden_states(micro["tokens"], **kwargs)
+        if features is None:
+            h_teacher, _ = teacher.hidden_states(micro["tokens"], **kwargs)
+            h_student, _ = student.hidden_states(micro["tokens"], **kwargs)
+        else:
+            h_teacher, x_teacher = teacher.layer_states(
+                micro["tokens"], features.teacher_layers, **kwargs
+            )
+            h_student, x_student = student.layer_states(
+                micro["tokens"], features.student_layers, **kwargs
+            )
         alpha, temperature = alpha_fn(step), temperature_fn(step)
         out = chunked_distill_loss(
             h_student,
@@ -81,7 +130,13 @@ def make_distill_step(
             "alpha": alpha * count,
             "temperature": temperature * count,
         }
-        return out["loss_sum"], aux
+        total = out["loss_sum"]
+        if features is not None:
+            kernel = None if projection is None else projection["kernel"]
+            per_token = feature_distance(x_student, x_teacher, kernel, features)
+            aux["feature"] = jnp.sum(per_token * (micro["loss_mask"] != 0))
+            total = total + aux["feature"]
+        return total, aux
 
     return train_step.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
@@ -168,6 +223,39 @@ def abstract_teacher(cfg: RunConfig, teacher_config: LlamaConfig, mesh, rules):
     return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **cfg.teacher.kwargs())
 
 
+def feature_match(
+    cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig
+) -> FeatureMatch | None:
+    """The checked FeatureMatch of `distill.features`, or None without features."""
+    d = cfg.distill
+    if not d.features:
+        return None
+    for who, layers, config in (
+        ("student", [s for s, _ in d.features], student_config),
+        ("teacher", [t for _, t in d.features], teacher_config),
+    ):
+        bad = [i for i in layers if i >= config.num_layers]
+        if bad:
+            raise ConfigError(
+                f"distill.features names {who} layer(s) {bad}; the {who} has "
+                f"{config.num_layers} layers (0..{config.num_layers - 1})"
+            )
+    equal = student_config.embed_dim == teacher_config.embed_dim
+    if d.feature_projection == "never" and not equal:
+        raise ConfigError(
+            f"distill.feature_projection='never', but the student's width "
+            f"{student_config.embed_dim} is not the teacher's {teacher_config.embed_dim}; "
+            "features of different widths need the learned projection ('auto')"
+        )
+    return FeatureMatch(
+        student_layers=tuple(s for s, _ in d.features),
+        teacher_layers=tuple(t for _, t in d.features),
+        mse=d.feature_mse,
+        cosine=d.feature_cosine,
+        projected=d.feature_projection == "always" or not equal,
+    )
+
+
 class Distillation(train.Recipe):
     """The student trains against a frozen teacher on the same mesh and rules. The
     teacher is passed to the step as a non-donated argument and never saved; checkpoints
@@ -194,6 +282,7 @@ class Distillation(train.Recipe):
         self.teacher_config = teacher_config
         self.model_config = student_model_config(cfg, teacher_config)
         check_pair(cfg, self.model_config, teacher_config)
+        self.features = feature_match(cfg, self.model_config, teacher_config)
 
     def build(self, p: train_step.Plan) -> train_step.Step:
         cfg = self.cfg
@@ -203,6 +292,8 @@ class Distillation(train.Recipe):
         self.teacher_graphdef, self.abstract_teacher = abstract_teacher(
             cfg, self.teacher_config, p.mesh, p.rules
         )
+        if self.features is not None and self.features.projected:
+            abstract = abstract | {PROJECTION: {"kernel": self._abstract_projection(p)}}
         tx = optim.build_optimizer(p.opt_cfg, cfg.prune, abstract)
         total, d = cfg.train.steps, cfg.distill
         step_fn = make_distill_step(
@@ -215,8 +306,19 @@ class Distillation(train.Recipe):
             temperature_fn=linear_schedule(d.loss.temperature, d.temperature_end, total),
             grad_accum=cfg.train.grad_accum,
             loss_chunk=cfg.train.loss_chunk,
+            features=self.features,
         )
         return train_step.jit_step(step_fn, tx, p, abstract, self.abstract_teacher, "teacher")
+
+    def _abstract_projection(self, p: train_step.Plan) -> jax.ShapeDtypeStruct:
+        shape = (
+            len(self.features.student_layers),
+            self.model_config.embed_dim,
+            self.teacher_config.embed_dim,
+        )
+        spec = sharding.logical_to_spec((None, "embed", None), shape, p.mesh, p.rules)
+        dtype = jnp.dtype(self.cfg.model.param_dtype)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(p.mesh, spec))
 
     def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
         cfg = self.cfg
@@ -242,7 +344,26 @@ class Distillation(train.Recipe):
         return self.teacher_params
 
     def initial_params(self, su: train.Setup):
-        """Random, a model directory, or a subset of the teacher's layers."""
+        """The student (random, a model directory, or a subset of the teacher's layers)
+        and, with a feature projection, the projection."""
+        params = self._initial_student(su)
+        if self.features is None or not self.features.projected:
+            return params
+        abstract = self._abstract_projection(su)
+        m, d_in, d_out = abstract.shape
+
+        def init():
+            # Equal widths start from the identity; otherwise a random projection that
+            # keeps the scale of its input.
+            if d_in == d_out:
+                return jnp.broadcast_to(jnp.eye(d_in, dtype=abstract.dtype), abstract.shape)
+            key = jax.random.key(self.cfg.train.seed)
+            return jax.random.normal(key, abstract.shape, abstract.dtype) / np.sqrt(d_in)
+
+        kernel = jax.jit(init, out_shardings=abstract.sharding)()
+        return params | {PROJECTION: {"kernel": kernel}}
+
+    def _initial_student(self, su: train.Setup):
         cfg = self.cfg
         if not cfg.model.teacher_layers:
             return train.initial_params(
@@ -277,7 +398,8 @@ class Distillation(train.Recipe):
             return out
         if not (step == self.cfg.train.steps or (every and step % every == 0)):
             return out
-        out["eval_ppl"] = perplexity(self.student_eval, state.params, self.eval_batches)
+        student = {k: v for k, v in state.params.items() if k != PROJECTION}
+        out["eval_ppl"] = perplexity(self.student_eval, student, self.eval_batches)
         if self.teacher_ppl is None:
             teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
             self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)

@@ -48,9 +48,10 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from llama_jax import quant, sharding
+from llama_jax.block import LORA_TARGETS
 from llama_jax.errors import ConfigError
 from llama_jax.layers import LoraConfig
-from llama_jax.model import LORA_TARGETS, Llama
+from llama_jax.model import Llama
 
 DEFAULT_TARGETS = "q_proj,v_proj"
 ALL_LINEAR = "all-linear"

@@ -1,4 +1,5 @@
-"""The LLaMA model: Attention, MLP, Block, and Llama with its layers stacked.
+"""The LLaMA model: Llama, the embedding, its blocks (`block.Block`) stacked, and the
+LM head.
 
 Every block's parameters are stacked along a leading L axis (logical name
 'layers'), so a checkpoint is the same whether the layers run under
@@ -6,6 +7,8 @@ Every block's parameters are stacked along a leading L axis (logical name
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import chex
 import jax
@@ -15,6 +18,7 @@ from flax import nnx
 from llama_jax import attention as attn_lib
 from llama_jax import sharding
 from llama_jax.attention import KVCache
+from llama_jax.block import LORA_TARGETS, Block
 from llama_jax.config import LlamaConfig
 from llama_jax.layers import (
     Dense,
@@ -22,9 +26,6 @@ from llama_jax.layers import (
     Embed,
     LoraConfig,
     RMSNorm,
-    apply_rope,
-    fold_keys,
-    rope_inv_freq,
 )
 
 REMAT_POLICIES = {
@@ -33,245 +34,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-# Module paths of the block projections: what LoRA adapters may target.
-LORA_TARGETS = (
-    "layers.attn.q_proj",
-    "layers.attn.k_proj",
-    "layers.attn.v_proj",
-    "layers.attn.o_proj",
-    "layers.mlp.gate_proj",
-    "layers.mlp.up_proj",
-    "layers.mlp.down_proj",
-)
-
-
-def _dense_args(config, use_bias, dtype, param_dtype, dot_general, rngs, quantized=False):
-    return dict(
-        dtype=dtype,
-        param_dtype=param_dtype,
-        init_std=config.initializer_range,
-        use_bias=use_bias,
-        dot_general=dot_general,
-        rngs=rngs,
-        quantized=quantized,
-    )
-
-
-def _lora_at(lora: LoraConfig | None, path: str) -> LoraConfig | None:
-    return None if lora is None else lora.at(path)
-
-
-class Attention(nnx.Module):
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype,
-        param_dtype,
-        impl,
-        dot_general,
-        rngs,
-        quantized,
-        lora: LoraConfig | None = None,
-    ):
-        d, n, k, h = config.embed_dim, config.num_heads, config.num_kv_heads, config.head_dim
-        common = _dense_args(
-            config, config.attention_bias, dtype, param_dtype, dot_general, rngs, quantized
-        )
-        self.q_proj = Dense(
-            (d,),
-            (n, h),
-            in_names=("embed",),
-            out_names=("heads", "head_dim"),
-            lora=_lora_at(lora, "layers.attn.q_proj"),
-            **common,
-        )
-        self.k_proj = Dense(
-            (d,),
-            (k, h),
-            in_names=("embed",),
-            out_names=("kv_heads", "head_dim"),
-            lora=_lora_at(lora, "layers.attn.k_proj"),
-            **common,
-        )
-        self.v_proj = Dense(
-            (d,),
-            (k, h),
-            in_names=("embed",),
-            out_names=("kv_heads", "head_dim"),
-            lora=_lora_at(lora, "layers.attn.v_proj"),
-            **common,
-        )
-        self.o_proj = Dense(
-            (n, h),
-            (d,),
-            in_names=("heads", "head_dim"),
-            out_names=("embed",),
-            lora=_lora_at(lora, "layers.attn.o_proj"),
-            **common,
-        )
-        # A tuple keeps this static (hashable) in the module's graph definition.
-        self.inv_freq = tuple(rope_inv_freq(config).tolist())
-        self.impl = impl
-
-    def __call__(
-        self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None, dropout_keys=None
-    ):
-        """x: dtype[B, T, D] -> (dtype[B, T, D], updated (k, v) cache or None).
-
-        kv_cache: (k[B, S, K, H], v[B, S, K, H], segment_ids[B, S] already holding this
-        call's ids, end[] the slot of x's first token, empty: static, nothing written
-        before this call). dropout_keys: keys[B] for the LoRA dropout, or None.
-        """
-        q_BTNH = self.q_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 0))
-        k_BTKH = self.k_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 1))
-        q_BTNH = apply_rope(q_BTNH, positions_BT, self.inv_freq)
-        k_BTKH = apply_rope(k_BTKH, positions_BT, self.inv_freq)
-        v_BTKH = self.v_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 2))
-        q_BTNH = sharding.constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
-        k_BTKH = sharding.constrain(k_BTKH, ("batch", "length", "kv_heads", "head_dim"))
-        v_BTKH = sharding.constrain(v_BTKH, ("batch", "length", "kv_heads", "head_dim"))
-        if kv_cache is None:
-            out = attn_lib.attend(
-                q_BTNH,
-                k_BTKH,
-                v_BTKH,
-                q_segment_BT=segment_ids_BT,
-                kv_segment_BS=segment_ids_BT,
-                packed=packed,
-                impl=self.impl,
-            )
-            return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), None
-        k_BSKH, v_BSKH, kv_segment_BS, end, empty = kv_cache
-        start = (0, end, 0, 0)
-        k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
-        v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
-        if empty:
-            # Prefill: the cache held nothing, so this call's keys are all there is to
-            # see; attending over them alone lets the fast kernels serve the prompt.
-            out = attn_lib.attend(
-                q_BTNH,
-                k_BTKH.astype(k_BSKH.dtype).astype(q_BTNH.dtype),
-                v_BTKH.astype(v_BSKH.dtype).astype(q_BTNH.dtype),
-                q_segment_BT=segment_ids_BT,
-                kv_segment_BS=segment_ids_BT,
-                packed=packed,
-                impl=self.impl,
-            )
-            return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), (k_BSKH, v_BSKH)
-        out = attn_lib.attend(
-            q_BTNH,
-            k_BSKH.astype(q_BTNH.dtype),
-            v_BSKH.astype(q_BTNH.dtype),
-            q_segment_BT=segment_ids_BT,
-            kv_segment_BS=kv_segment_BS,
-            q_offset=end,
-            impl=self.impl,
-        )
-        return self.o_proj(out, dropout_keys=fold_keys(dropout_keys, 3)), (k_BSKH, v_BSKH)
-
-
-class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype,
-        param_dtype,
-        dot_general,
-        rngs,
-        quantized,
-        lora: LoraConfig | None = None,
-    ):
-        d, f = config.embed_dim, config.mlp_dim
-        common = _dense_args(
-            config, config.mlp_bias, dtype, param_dtype, dot_general, rngs, quantized
-        )
-        self.gate_proj = Dense(
-            (d,),
-            (f,),
-            in_names=("embed",),
-            out_names=("mlp",),
-            lora=_lora_at(lora, "layers.mlp.gate_proj"),
-            **common,
-        )
-        self.up_proj = Dense(
-            (d,),
-            (f,),
-            in_names=("embed",),
-            out_names=("mlp",),
-            lora=_lora_at(lora, "layers.mlp.up_proj"),
-            **common,
-        )
-        self.down_proj = Dense(
-            (f,),
-            (d,),
-            in_names=("mlp",),
-            out_names=("embed",),
-            lora=_lora_at(lora, "layers.mlp.down_proj"),
-            **common,
-        )
-
-    def __call__(self, x_BTD, dropout_keys=None):
-        gate_BTF = self.gate_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 0))
-        up_BTF = self.up_proj(x_BTD, dropout_keys=fold_keys(dropout_keys, 1))
-        h_BTF = sharding.constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
-        return self.down_proj(h_BTF, dropout_keys=fold_keys(dropout_keys, 2))
-
-
-class Block(nnx.Module):
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype,
-        param_dtype,
-        impl,
-        dot_general,
-        rngs,
-        quantized,
-        lora: LoraConfig | None = None,
-    ):
-        norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.attn_norm = RMSNorm(config.embed_dim, **norm)
-        self.attn = Attention(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            impl=impl,
-            dot_general=dot_general,
-            rngs=rngs,
-            quantized=quantized,
-            lora=lora,
-        )
-        self.mlp_norm = RMSNorm(config.embed_dim, **norm)
-        self.mlp = MLP(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            dot_general=dot_general,
-            rngs=rngs,
-            quantized=quantized,
-            lora=lora,
-        )
-
-    def __call__(
-        self, x_BTD, positions_BT, segment_ids_BT, packed, kv_cache=None, dropout_keys=None
-    ):
-        attn_out, kv = self.attn(
-            self.attn_norm(x_BTD),
-            positions_BT,
-            segment_ids_BT,
-            packed,
-            kv_cache,
-            dropout_keys=fold_keys(dropout_keys, 0),
-        )
-        x_BTD = x_BTD + attn_out
-        x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), dropout_keys=fold_keys(dropout_keys, 1))
-        return sharding.constrain(x_BTD, ("batch", "length", "embed")), kv
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -434,6 +196,32 @@ class Llama(nnx.Module):
         dropout_keys: PRNG keys[B], one per row, for the LoRA adapters' dropout (each
           layer and projection folds in its own index); None (inference) applies none.
         """
+        h_BTD, cache, _ = self._forward(
+            tokens_BT, positions_BT, segment_ids_BT, cache, dropout_keys, stops=()
+        )
+        return h_BTD, cache
+
+    def layer_states(
+        self,
+        tokens_BT: jax.Array,
+        layers: Sequence[int],
+        *,
+        segment_ids_BT: jax.Array | None = None,
+        dropout_keys: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """`hidden_states` without a cache, and the outputs of `layers` (the residual
+        stream after each, before the final norm) as dtype[M, B, T, D] in that order."""
+        for i in layers:
+            if not 0 <= i < self.config.num_layers:
+                raise ValueError(
+                    f"layer {i} does not exist; the model has {self.config.num_layers}"
+                )
+        h_BTD, _, kept = self._forward(
+            tokens_BT, None, segment_ids_BT, None, dropout_keys, stops=tuple(layers)
+        )
+        return h_BTD, jnp.stack(kept)
+
+    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, cache, dropout_keys, stops):
         chex.assert_rank(tokens_BT, 2)
         chex.assert_type(tokens_BT, int)
         for other in (segment_ids_BT, positions_BT):
@@ -474,25 +262,32 @@ class Llama(nnx.Module):
         if dropout_keys is not None:
             n = self.config.num_layers
             keys_LB = jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(dropout_keys)
-        if self.scan_layers:
-            x_BTD, kv_out = jax.lax.scan(body, x_BTD, (params, kv_in, keys_LB))
-        else:
-            outs = []
-            for i in range(self.config.num_layers):
-                xs = jax.tree.map(lambda a, i=i: a[i], (params, kv_in, keys_LB))
-                x_BTD, kv = body(x_BTD, xs)
-                outs.append(kv)
-            kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        # The layers run in spans ending after each layer in `stops`, whose outputs are
+        # kept: no [L, B, T, D] stack of every layer's output is ever built.
+        ends = sorted({i + 1 for i in stops} | {self.config.num_layers})
+        kvs, kept, start = [], {}, 0
+        for end in ends:
+            xs = jax.tree.map(lambda a, s=start, e=end: a[s:e], (params, kv_in, keys_LB))
+            if self.scan_layers:
+                x_BTD, kv = jax.lax.scan(body, x_BTD, xs)
+                kvs.append(kv)
+            else:
+                for i in range(end - start):
+                    x_BTD, kv = body(x_BTD, jax.tree.map(lambda a, i=i: a[i], xs))
+                    kvs.append(None if kv is None else jax.tree.map(lambda a: a[None], kv))
+            kept[end - 1], start = x_BTD, end
+        kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.concatenate(a), *kvs)
 
         h_BTD = self.final_norm(x_BTD)
+        kept = [kept[i] for i in stops]
         if cache is None:
-            return h_BTD, None
+            return h_BTD, None, kept
         # Writing past the last slot would clamp silently and give wrong results; the
         # end is traced, so the overflow cannot raise here and poisons the output.
         overflow = cache.end + t > cache.max_len
         h_BTD = jnp.where(overflow, jnp.nan, h_BTD).astype(h_BTD.dtype)
         k, v = kv_out
-        return h_BTD, KVCache(k=k, v=v, segment_ids=kv_segment_BS, end=cache.end + t)
+        return h_BTD, KVCache(k=k, v=v, segment_ids=kv_segment_BS, end=cache.end + t), kept
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty KVCache of max_len slots (dtype defaults to the compute dtype)."""

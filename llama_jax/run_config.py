@@ -155,8 +155,11 @@ class TeacherSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-    """The distillation loss, its schedules (an `_end` < 0 keeps the value fixed), and
-    the held-out evaluation."""
+    """The distillation loss, its schedules (an `_end` < 0 keeps the value fixed), the
+    held-out evaluation, and hidden-state (feature) distillation: `features` pairs
+    (student layer, teacher layer) whose outputs are matched by MSE and/or cosine
+    distance with those weights, through a learned [D_student, D_teacher] projection
+    when `feature_projection` is "always", or "auto" and the widths differ."""
 
     loss: DistillLossConfig
     alpha_end: float = -1.0
@@ -164,6 +167,10 @@ class DistillSpec:
     eval_path: str = ""
     eval_every: int = 0
     eval_batches: int = 4
+    features: tuple[tuple[int, int], ...] = ()
+    feature_mse: float = 1.0
+    feature_cosine: float = 0.0
+    feature_projection: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,10 +362,45 @@ def _parse_distillation(raw: Mapping[str, Any]) -> tuple[TeacherSpec, DistillSpe
     d = dict(raw["distill"])
     loss_names = ("kind", "temperature", "alpha", "beta", "top_k")
     loss = DistillLossConfig(**{k: d.pop(k) for k in loss_names if k in d})
+    d["features"] = parse_feature_map(d.get("features", ""))
     spec = DistillSpec(**_fields(DistillSpec, d, "distill"), loss=loss)
     if spec.eval_every < 0 or spec.eval_batches < 1:
         raise ConfigError(
             f"distill.eval_every={spec.eval_every} must be >= 0 and "
             f"distill.eval_batches={spec.eval_batches} >= 1"
         )
+    if spec.feature_projection not in ("auto", "always", "never"):
+        raise ConfigError(
+            f"distill.feature_projection={spec.feature_projection!r}; expected 'auto', "
+            "'always' or 'never'"
+        )
+    weights = (spec.feature_mse, spec.feature_cosine)
+    if spec.features and (min(weights) < 0 or max(weights) <= 0):
+        raise ConfigError(
+            f"distill.feature_mse={spec.feature_mse} and distill.feature_cosine="
+            f"{spec.feature_cosine}: expected weights >= 0, at least one > 0"
+        )
     return teacher, spec
+
+
+def parse_feature_map(spec) -> tuple[tuple[int, int], ...]:
+    """`distill.features` as (student layer, teacher layer) pairs: from
+    'student:teacher,...' (e.g. '3:7,7:15') or a sequence of pairs."""
+    if isinstance(spec, str):
+        pairs = []
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            s, sep, t = item.partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                pairs.append((int(s), int(t)))
+            except ValueError:
+                raise ConfigError(
+                    f"distill.features={spec!r}: {item!r} is not STUDENT_LAYER:TEACHER_LAYER"
+                ) from None
+    else:
+        pairs = [tuple(int(x) for x in p) for p in spec or ()]
+    students = [s for s, _ in pairs]
+    if len(set(students)) != len(students) or any(i < 0 for p in pairs for i in p):
+        raise ConfigError(f"distill.features={spec!r}: each student layer once, all indices >= 0")
+    return tuple(pairs)

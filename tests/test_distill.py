@@ -104,6 +104,13 @@ def test_student_from_teacher_layers_and_eval(tmp_path, teachers):
         (lambda c: c.distill.update(kind="kl"), "kind='kl'"),
         (lambda c: c.model.update(teacher_layers="0,7"), r"picks \[0, 7\]"),
         (lambda c: c.distill.update(eval_path="/missing.txt"), "eval_path"),
+        (lambda c: c.distill.update(features="0:9"), r"teacher layer\(s\) \[9\]"),
+        (lambda c: c.distill.update(features="2:0"), r"student layer\(s\) \[2\]"),
+        (lambda c: c.distill.update(features="0-1"), "STUDENT_LAYER:TEACHER_LAYER"),
+        (
+            lambda c: c.distill.update(features="0:0", feature_projection="never"),
+            "width 32 is not the teacher's 40",
+        ),
     ],
 )
 def test_bad_config_is_refused_before_any_work(tmp_path, teachers, change, message):
@@ -112,6 +119,43 @@ def test_bad_config_is_refused_before_any_work(tmp_path, teachers, change, messa
     with pytest.raises(ConfigError, match=message):
         distill.run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_feature_distance_by_hand():
+    rng = np.random.RandomState(0)
+    s, t = rng.randn(2, 3, 5, 4).astype(np.float32), rng.randn(2, 3, 5, 6).astype(np.float32)
+    kernel = rng.randn(2, 4, 6).astype(np.float32)
+    match = distill.FeatureMatch((0, 1), (0, 1), mse=0.7, cosine=0.3, projected=True)
+    got = np.asarray(distill.feature_distance(s, t, kernel, match))
+    p = np.einsum("mbtd,mde->mbte", s, kernel)
+    mse = ((p - t) ** 2).mean(axis=(0, 3))
+    cos = (p * t).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1))
+    np.testing.assert_allclose(got, 0.7 * mse + 0.3 * (1 - cos).mean(0), rtol=1e-5)
+
+
+def test_feature_distillation_matches_the_mapped_layers(tmp_path, teachers):
+    # A student made of teacher layers 0 and 2: its layer 0 is the teacher's layer 0 on
+    # the same input, so their outputs match exactly; its layer 1 (the teacher's layer
+    # 2) sees another input than the teacher's layer 2 does.
+    def first_step(features):
+        cfg = _cfg(teachers[0], steps=1, features=features)
+        cfg.model.overrides = ""
+        cfg.model.teacher_layers = "0,2"
+        cfg.model.dtype = "float32"
+        return distill.run(cfg, str(tmp_path / features.replace(":", "_")))
+
+    assert first_step("0:0")["feature"] < 1e-8
+    assert first_step("1:2")["feature"] > 1e-3
+
+    # Different widths (32 vs 40) train a projection, which the run's readers drop.
+    cfg = _cfg(teachers[0], steps=4, features="0:1,1:2", feature_cosine=0.5)
+    last = distill.run(cfg, str(tmp_path / "projected"))
+    assert np.isfinite(last["loss"]) and last["feature"] > 0
+    params = _state_tree(tmp_path / "projected" / "checkpoints" / "4")["params"]
+    assert params[distill.PROJECTION]["kernel"].shape == (2, 32, 40)
+    config = model_dir.read_config(tmp_path / "projected")
+    names = {n for n, _ in model_dir.iter_host_params(tmp_path / "projected", config)}
+    assert names and not any(distill.PROJECTION in n for n in names)
 
 
 def test_demo_small_kd_student_beats_ce_student(tmp_path):

@@ -27,10 +27,11 @@ from llama_jax import (
     train_step,
     transforms,
 )
+from llama_jax.block import LORA_TARGETS
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.layers import LoraConfig
-from llama_jax.model import LORA_TARGETS, Llama
+from llama_jax.model import Llama
 
 REPO = Path(__file__).parents[1]
 CFG = get_preset("tiny")

@@ -121,3 +121,24 @@ def test_parity_at_long_positions(tmp_path):
     model, _ = load_hf(tmp_path)
     out = np.asarray(model(jnp.asarray(tokens), positions_BT=jnp.asarray(positions)))
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_layer_states_are_transformers_hidden_states(tmp_path, scan_layers):
+    hf_model = make_hf_model(tmp_path, num_hidden_layers=4, num_key_value_heads=1)
+    tokens = np.random.RandomState(1).randint(0, hf_model.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        out = hf_model(torch.tensor(tokens), output_hidden_states=True)
+    # transformers' hidden_states[i + 1] is the output of layer i (the last one normed).
+    ref = [h.float().numpy() for h in out.hidden_states]
+    model, _ = load_hf(tmp_path, scan_layers=scan_layers)
+    h, layers = model.layer_states(tokens, (2, 0, 1))
+    assert layers.shape == (3, 2, 19, hf_model.config.hidden_size)
+    for got, i in zip(layers, (2, 0, 1), strict=True):
+        np.testing.assert_allclose(np.asarray(got), ref[i + 1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(h), ref[-1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(model.unembed(h)), out.logits.float().numpy(), atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match="layer 4 does not exist"):
+        model.layer_states(tokens, (4,))
