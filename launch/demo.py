@@ -10,6 +10,9 @@ r"""The end-to-end demo: distil a small teacher into a smaller student, offline,
 4. Prints held-out perplexity of the three, samples from each, and writes the loss
    curves to <workdir>/loss_curves.png. Every run keeps its Orbax checkpoints under
    <workdir>/{teacher,student_kd,student_ce}.
+5. Writes the KD student as <workdir>/student_kd.q8_0.gguf, the file a user deploys
+   (`llama-cli -m student_kd.q8_0.gguf`), and prints its size beside the float
+   checkpoint's.
 """
 
 import json
@@ -244,18 +247,47 @@ def run(workdir: str, scale: str) -> dict:
         print(f"--- samples from {name} (temperature 0.9, top-k 20, seed 0)")
         for line in r["samples"]:
             print("   ", line.replace("\n", "\\n")[:100])
+    print()
+    gguf = write_gguf(runs["student_kd"], os.path.join(workdir, "student_kd.q8_0.gguf"))
     summary = dict(
         scale=scale,
         seconds=round(time.perf_counter() - start, 1),
         results=results,
         loss_curves=png,
         runs=runs,
+        gguf=gguf,
     )
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print()
     say(f"done: {png}, {os.path.join(workdir, 'summary.json')}")
     return summary
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def write_gguf(run_dir: str, out: str) -> dict:
+    """Writes the run's student as a q8_0 GGUF file and prints its size beside the float
+    checkpoint's (the float parameters, and the step directory with optimizer state)."""
+    from llama_jax import gguf_export, model_dir
+
+    config = model_dir.read_config(run_dir)
+    float_bytes = config.num_params() * model_dir.stored_float_dtype(run_dir).itemsize
+    step_bytes = _dir_bytes(str(model_dir.run_step_dir(run_dir)))
+    gguf_export.export_gguf(run_dir, out, kind="q8_0", overwrite=True)
+    size = os.path.getsize(out)
+    print(f"{'KD student':<26} {'bytes':>12}")
+    print(f"{'float32 parameters':<26} {float_bytes:>12,}")
+    print(f"{'checkpoint step (+ Adam)':<26} {step_bytes:>12,}")
+    print(f"{'q8_0 GGUF':<26} {size:>12,}   ({float_bytes / size:.1f}x smaller)")
+    print(f"    run it with llama.cpp: llama-cli -m {out}")
+    return dict(path=out, bytes=size, float_param_bytes=float_bytes, checkpoint_bytes=step_bytes)
 
 
 def main(argv):
