@@ -1,17 +1,29 @@
-r"""Evaluate a model directory: perplexity of a text or JSONL file, and task files.
+r"""Evaluate one or several model directories: perplexity of a text or JSONL file, and task
+files.
 
   python -m launch.evaluate --model_dir=DIR --data=held_out.txt --seq_len=1024
+  python -m launch.evaluate --model_dir=DIR --data=held_out.txt --seq_len=1024 --stride=512
   python -m launch.evaluate --model_dir=DIR --data=eval.jsonl --field=text
   python -m launch.evaluate --model_dir=DIR --num_fewshot=3 \
       --tasks=configs/tasks/arithmetic_mc.jsonl,configs/tasks/word_echo_generate.jsonl
+  python -m launch.evaluate --model_dir=teacher,student,student_int8 --data=held_out.txt \
+      --tasks=configs/tasks/arithmetic_mc.jsonl --report=/tmp/compare
 
---model_dir is any model directory (converted, a training run, Hugging Face). Prints one
-JSON line per result on stdout: first the perplexity of --data ({"data", "perplexity",
-"loss", "tokens", ...}), then one line per task file ({"task", "type", "num_fewshot", "n",
-"metrics"}). --output writes the same lines to a file, with every example's prompt, scores
-and prediction under "examples" when --details is set. The task file format and the
-scoring rules are described in llama_jax/tasks.py,
-llama_jax/evaluate.py and llama_jax/perplexity.py. Progress goes to stderr.
+--model_dir is any model directory (converted, a training run, Hugging Face), or several
+separated by commas: each is checked before any is loaded, then loaded, scored and freed in
+turn. A text --data file is one document, tokenized as the tokenizer does by default, and
+scored in windows of --seq_len tokens (disjoint, or every --stride tokens); --split=
+blank_lines or a JSONL file scores documents separately (llama_jax/perplexity.py).
+
+Prints one JSON line per result on stdout: for each model, the perplexity of --data
+({"model", "data", "perplexity", "bits_per_byte", "word_perplexity", "tokens", "method",
+...}), then one line per task file ({"model", "task", "type", "num_fewshot", "n",
+"metrics"}). With several models a Markdown table follows (rows: models; columns:
+perplexity, bits per byte, each task's metrics, parameters, bytes on disk). --output
+writes the JSON lines to a file, with every example's prompt, scores and prediction under
+"examples" when --details is set; --report=PREFIX writes the table as PREFIX.jsonl,
+PREFIX.md and PREFIX.png. Task files and scoring rules: llama_jax/tasks.py,
+llama_jax/task_metrics.py, llama_jax/evaluate.py. Progress goes to stderr.
 """
 
 import json
@@ -21,14 +33,34 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string(
-    "model_dir", None, "Model directory: converted, Hugging Face, or a training run.", required=True
+_MODEL_DIR = flags.DEFINE_list(
+    "model_dir",
+    None,
+    "Model directories (converted, Hugging Face, or training runs), comma-separated.",
+    required=True,
 )
 _DATA = flags.DEFINE_string("data", None, "Text or JSONL file to measure perplexity on.")
 _FORMAT = flags.DEFINE_enum(
     "format", None, ["text", "jsonl"], "Format of --data (default: jsonl for .jsonl/.json)."
 )
+_SPLIT = flags.DEFINE_enum(
+    "split",
+    None,
+    ["none", "blank_lines"],
+    "Text --data only: one document (none, the default) or one per blank-line-separated block.",
+)
 _FIELD = flags.DEFINE_string("field", "text", "JSONL key holding each document.")
+_STRIDE = flags.DEFINE_integer(
+    "stride",
+    None,
+    "Perplexity: predictions per window after the first, the rest of the window being "
+    "context (default: --seq_len, disjoint windows).",
+    lower_bound=1,
+)
+_ADD_BOS = flags.DEFINE_bool(
+    "add_bos", None, "Start each document and prompt with BOS (default: as the tokenizer does)."
+)
+_ADD_EOS = flags.DEFINE_bool("add_eos", False, "Perplexity: end each document with EOS.")
 _TASKS = flags.DEFINE_list("tasks", [], "Task files (JSONL), comma-separated.")
 _NUM_FEWSHOT = flags.DEFINE_integer(
     "num_fewshot", None, "Few-shot examples per prompt (default: each task's own).", lower_bound=0
@@ -36,7 +68,8 @@ _NUM_FEWSHOT = flags.DEFINE_integer(
 _SEQ_LEN = flags.DEFINE_integer(
     "seq_len",
     None,
-    "Longest token sequence the model sees (default: max_position_embeddings, at most 2048).",
+    "Longest token sequence the model sees (default: the smallest max_position_embeddings of "
+    "the models, at most 2048).",
     lower_bound=2,
 )
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -47,10 +80,16 @@ _DTYPE = flags.DEFINE_enum(
     "dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Compute and parameter dtype."
 )
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file (default: the model directory's own)."
+    "tokenizer", None, "Tokenizer directory or file for every model (default: each one's own)."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON lines to this file.")
 _DETAILS = flags.DEFINE_bool("details", False, "Per-example results in --output.")
+_REPORT = flags.DEFINE_string(
+    "report", None, "Write the table of models as PREFIX.jsonl, PREFIX.md and PREFIX.png."
+)
+_REPORT_FORMATS = flags.DEFINE_list(
+    "report_formats", ["jsonl", "md", "png"], "Which files --report writes."
+)
 
 
 def main(argv):
@@ -58,74 +97,79 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _DATA.value and not _TASKS.value:
         raise app.UsageError("give --data, --tasks, or both")
+    if not _MODEL_DIR.value:
+        raise app.UsageError("--model_dir names no model directory")
     common.quiet_logs()
     common.init_distributed()
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import evaluate, model_dir, perplexity, sharding
+    from llama_jax import compare, model_dir, perplexity, sharding
     from llama_jax.tasks import load_task
 
     show = jax.process_index() == 0
+    results = []
     with common.clear_errors():
-        # Everything about the inputs is checked before the model is read.
+        # Everything about the inputs is checked before any model is read.
         out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value)) if _OUTPUT.value else None
         if out_dir is not None and not os.path.isdir(out_dir):
             raise FileNotFoundError(f"--output={_OUTPUT.value}: directory {out_dir} does not exist")
-        documents = None
+        if _REPORT.value:
+            compare.check_report(_REPORT.value, _REPORT_FORMATS.value)
+        documents = split = None
         if _DATA.value:
             documents = perplexity.read_documents(
-                _DATA.value, format=_FORMAT.value, field=_FIELD.value
+                _DATA.value, format=_FORMAT.value, field=_FIELD.value, split=_SPLIT.value
             )
+            jsonl = perplexity.data_format(_DATA.value, _FORMAT.value) == "jsonl"
+            split = "jsonl" if jsonl else (_SPLIT.value or "none")
         tasks = [load_task(path) for path in _TASKS.value]
         for task in tasks:
             task.check_fewshot(
                 task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
             )
-        config = model_dir.read_config(_MODEL_DIR.value)
-        seq_len = _SEQ_LEN.value or min(config.max_position_embeddings, 2048)
-        tokenizer = model_dir.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
-        mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
-        evaluate.check_setup(config, tokenizer, seq_len, _BATCH_SIZE.value, mesh)
-        model, _ = model_dir.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value), mesh=mesh)
-        common_args = dict(batch_size=_BATCH_SIZE.value, mesh=mesh)
-        results = []
-        if documents is not None:
-            ppl = perplexity.eval_perplexity(
-                model,
-                tokenizer,
-                documents,
-                seq_len=seq_len,
-                progress=common.Progress("perplexity rows", every_s=10),
-                **common_args,
-            )
-            results.append({"data": _DATA.value, **ppl})
-            _emit(results[-1], show)
-        for task in tasks:
-            results.append(
-                evaluate.eval_task(
-                    model,
-                    tokenizer,
-                    task,
-                    num_fewshot=_NUM_FEWSHOT.value,
-                    max_len=seq_len,
-                    details=_DETAILS.value,
-                    progress=common.Progress(task.spec.name, every_s=10),
-                    **common_args,
-                )
-            )
-            _emit(results[-1], show)
-    if _OUTPUT.value and show:
+        configs = [model_dir.read_config(path) for path in _MODEL_DIR.value]
+        seq_len = _SEQ_LEN.value or min(min(c.max_position_embeddings for c in configs), 2048)
+        suite = compare.Suite(
+            documents=None if documents is None else tuple(documents),
+            data=_DATA.value,
+            split=split,
+            tasks=tuple(tasks),
+            seq_len=seq_len,
+            batch_size=_BATCH_SIZE.value,
+            stride=_STRIDE.value,
+            add_bos=_ADD_BOS.value,
+            add_eos=_ADD_EOS.value,
+            num_fewshot=_NUM_FEWSHOT.value,
+            details=_DETAILS.value,
+        )
+
+        def emit(_, result):
+            results.append(result)
+            if show:
+                print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
+
+        rows = compare.evaluate_dirs(
+            _MODEL_DIR.value,
+            suite,
+            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+            dtype=jnp.dtype(_DTYPE.value),
+            tokenizer=_TOKENIZER.value,
+            on_result=emit,
+            progress=lambda what: common.Progress(what, every_s=10),
+        )
+    if not show:
+        return
+    if len(rows) > 1:
+        print("\n" + compare.markdown(rows), end="", flush=True)
+    if _OUTPUT.value:
         # Written whole under a temporary name, then renamed: never half a file.
         tmp = f"{_OUTPUT.value}.tmp.{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
         os.replace(tmp, _OUTPUT.value)
-
-
-def _emit(result, show: bool) -> None:
-    if show:
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
+    if _REPORT.value:
+        compare.write_report(rows, _REPORT.value, _REPORT_FORMATS.value)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,23 @@ def main(argv):
     from launch import common
     from llama_jax import generate as gen
     from llama_jax import model_dir
+    from llama_jax.errors import ConfigError
 
     with common.clear_errors():
+        # Everything about the prompts is checked before the weights are read.
         tokenizer = model_dir.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
+        config = model_dir.read_config(_MODEL_DIR.value)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(
+                f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) exceeds the "
+                f"model's {config.vocab_size}"
+            )
+        ids = tokenizer.encode_batch(prompts, add_bos=_ADD_BOS.value)
+        for i, p in enumerate(ids):
+            if not p:
+                raise ConfigError(f"prompt {i} encodes to no tokens; give text or --add_bos")
+        gen.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
         model, config = model_dir.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise app.UsageError(
-            f"tokenizer vocab {tokenizer.vocab_size} exceeds the model's {config.vocab_size}"
-        )
-    ids = tokenizer.encode_batch(prompts, add_bos=_ADD_BOS.value)
     eos_ids = tokenizer.eos_ids or config.eos_token_ids
     outputs = gen.generate(
         model,

@@ -12,11 +12,12 @@ target's tokens are what the second has beyond the first, and a prompt with no t
 A sequence longer than `max_len` + 1 tokens loses the start of its prompt (the target must
 fit). Generation is greedy, up to `max_new_tokens`, its prompt likewise cut to its last
 `max_len - max_new_tokens` tokens; the text is cut at the first stop string and scored by
-`tasks.exact_match` and `tasks.rouge_l`, the best over the references. Every metric comes
-with its standard error over examples (`<name>_stderr`).
+the task's metrics (`task_metrics.score_generations`: exact match, ROUGE, BLEU, chrF). Every
+metric comes with its standard error (`<name>_stderr`).
 
 What needs the tokenizer (empty targets, lengths) is checked by `eval_task` before the
-model runs; everything else about a task file, by `tasks.load_task`.
+model runs, what needs only the lengths by `check_task` (call it before loading a model);
+everything else about a task file, by `tasks.load_task`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from jax.sharding import NamedSharding
 from llama_jax import sharding
 from llama_jax.errors import DataError
 from llama_jax.generate import Sampling, generate
-from llama_jax.tasks import Task, cut_at_stop, exact_match, rouge_l, summarize
+from llama_jax.task_metrics import score_generations, summarize
+from llama_jax.tasks import Task, cut_at_stop
 
 # Row lengths are rounded up to powers of two from this, so a run compiles a few shapes.
 _MIN_BUCKET = 16
@@ -85,6 +87,16 @@ def setup_mesh(model, tokenizer, max_len: int, batch_size: int, mesh, rules):
     mesh = _model_mesh(model) if mesh is None else mesh
     check_setup(model.config, tokenizer, max_len, batch_size, mesh, rules)
     return mesh
+
+
+def check_task(task: Task, max_len: int) -> None:
+    """Raises DataError if a generation task's max_new_tokens leaves no room for its prompt
+    in max_len tokens."""
+    if task.spec.type == "generate" and task.spec.max_new_tokens >= max_len:
+        raise DataError(
+            f"{task.path}: max_new_tokens={task.spec.max_new_tokens} leaves no room for "
+            f"the prompt in seq_len={max_len}; expected max_new_tokens < seq_len"
+        )
 
 
 def _bucket(n: int, cap: int, low: int = _MIN_BUCKET) -> int:
@@ -352,12 +364,8 @@ def _multiple_choice(
 
 def _generation(model, tokenizer, task, contexts, *, max_len, batch_size, add_bos, progress):
     spec = task.spec
+    check_task(task, max_len)
     keep = max_len - spec.max_new_tokens
-    if keep < 1:
-        raise DataError(
-            f"{task.path}: max_new_tokens={spec.max_new_tokens} leaves no room for "
-            f"the prompt in seq_len={max_len}"
-        )
     prompts = [
         ids[-keep:] or [_prefix_id(tokenizer)]
         for ids in tokenizer.encode_batch(contexts, add_bos=add_bos)
@@ -383,25 +391,19 @@ def _generation(model, tokenizer, task, contexts, *, max_len, batch_size, add_bo
             texts[r] = cut_at_stop(text, spec.stop_strings)
         if progress is not None:
             progress(start + len(picked), len(order))
-    values: dict[str, list[float]] = {"exact_match": [], "rouge_l": []}
-    rows = []
-    for i, ex in enumerate(task.examples):
-        refs = task.references(ex)
-        em = max(exact_match(texts[i], r) for r in refs)
-        rl = max(rouge_l(texts[i], r) for r in refs)
-        values["exact_match"].append(em)
-        values["rouge_l"].append(rl)
-        rows.append(
-            {
-                "line": ex.line,
-                "prompt": contexts[i],
-                "prediction": texts[i],
-                "references": refs,
-                "exact_match": em,
-                "rouge_l": rl,
-            }
-        )
-    return summarize(values), rows
+    references = [task.references(ex) for ex in task.examples]
+    metrics, scores = score_generations(spec.metrics, texts, references, seed=spec.seed)
+    rows = [
+        {
+            "line": ex.line,
+            "prompt": contexts[i],
+            "prediction": texts[i],
+            "references": references[i],
+            **scores[i],
+        }
+        for i, ex in enumerate(task.examples)
+    ]
+    return metrics, rows
 
 
 def check_ids(sequences, vocab_size: int, where: str) -> None:

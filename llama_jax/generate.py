@@ -113,6 +113,25 @@ def _generate_jit(
     return new_tokens
 
 
+def check_length(prompt_len: int, max_new_tokens: int, max_position_embeddings: int) -> None:
+    """Raises ConfigError if a prompt of prompt_len tokens and max_new_tokens new ones go past
+    the model's positions (the KV cache would be sized for all of them)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if prompt_len + max_new_tokens > max_position_embeddings:
+        room = max_position_embeddings - prompt_len
+        fix = (
+            f"lower max_new_tokens to at most {room}"
+            if room > 0
+            else "shorten the prompt (it alone fills the context)"
+        )
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} is "
+            f"{prompt_len + max_new_tokens} positions, more than the model's "
+            f"max_position_embeddings={max_position_embeddings}; {fix}"
+        )
+
+
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]],
@@ -127,8 +146,10 @@ def generate(
     """Continues each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     A row stops after its first token in eos_ids (default: the config's), which is kept
-    in its output. Returns the new tokens of each row. Deterministic for a given seed.
-    A model sharded over a mesh runs with its activations sharded by `rules`.
+    in its output. The longest prompt plus max_new_tokens must fit the model's
+    max_position_embeddings (`check_length`), else ConfigError before anything compiles.
+    Returns the new tokens of each row. Deterministic for a given seed. A model sharded
+    over a mesh runs with its activations sharded by `rules`.
     """
     config = model.config
     if max_new_tokens < 1:
@@ -144,6 +165,7 @@ def generate(
                 f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
                 f"[0, {config.vocab_size})"
             )
+    check_length(max(len(p) for p in prompts), max_new_tokens, config.max_position_embeddings)
     eos_ids = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     if pad_id is None:
         pad_id = config.pad_token_id if config.pad_token_id is not None else 0

@@ -1,6 +1,6 @@
-"""Task files for few-shot evaluation, in the manner of lm-evaluation-harness, and the
-metrics their results are scored by. Pure Python: the scoring with a model is in
-`evaluate.py`.
+"""Task files for few-shot evaluation, in the manner of lm-evaluation-harness. Pure Python:
+the scoring with a model is in `evaluate.py`, the metrics of generated text in
+`task_metrics.py` and `text_metrics.py`.
 
 A task file is JSONL. The first non-blank line is `{"task": {...}}`, the spec; every further
 line is one example, a JSON object of fields. Spec keys (only `type` and `prompt` are
@@ -26,6 +26,16 @@ required):
                      of acceptable strings (default "answer")
   max_new_tokens     generate: tokens generated per example (default 32)
   stop               generate: strings the answer is cut at (default: the separator)
+  metrics            generate: what the answers are scored by, a list of metric names or
+                     {"metric": name, option: value, ...} objects as in lm-evaluation-harness's
+                     metric_list (default ["exact_match", "rouge1", "rouge2", "rougeL",
+                     "rougeLsum"]). Metrics and options (see `text_metrics`):
+                       exact_match      ignore_case, ignore_punctuation, ignore_numbers,
+                                        regexes_to_ignore (lm-evaluation-harness's options)
+                       rouge1, rouge2,  use_stemmer (rouge-score's Porter stemming; needs
+                       rougeL, rougeLsum  nltk)
+                       bleu             lowercase (sacreBLEU's corpus BLEU, 13a tokens)
+                       chrf, chrf++     lowercase (sacreBLEU's corpus chrF / chrF++)
 
 An example line with `"_fewshot": true` only serves as a few-shot example and is never
 scored. Few-shot examples for example i come from those lines if the file has any, else from
@@ -34,10 +44,8 @@ them without replacement, and they appear in file order. The prompt is
 
   description + separator.join([prompt(s) + target(s) for s in shots] + [prompt(i)])
 
-Generated answers are scored by `exact_match` (equal after stripping whitespace) and
-`rouge_l` (F1 of the longest common subsequence of lower-cased whitespace-separated words),
-the best over the references. `summarize` gives every metric's mean over examples and its
-standard error (`<name>_stderr`).
+Generated answers are cut at the first stop string (`cut_at_stop`) and scored as
+`task_metrics` describes.
 
 Everything about a task file that needs no model (JSON, spec, templates, fields, answers,
 the number of few-shot examples) is checked by `load_task`; what needs the tokenizer (empty
@@ -48,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -58,6 +65,7 @@ import numpy as np
 from etils import epath
 
 from llama_jax.errors import DataError
+from llama_jax.task_metrics import DEFAULT_METRICS, GenerationMetric, parse_metric
 
 TASK_TYPES = ("multiple_choice", "generate")
 FEWSHOT_KEY = "_fewshot"
@@ -80,6 +88,7 @@ class TaskSpec:
     reference: str = "answer"
     max_new_tokens: int = 32
     stop: tuple[str, ...] | None = None
+    metrics: tuple[GenerationMetric, ...] = ()
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -257,7 +266,24 @@ def _parse_spec(raw: Mapping[str, Any], where: str, default_name: str) -> TaskSp
                 "of non-empty strings"
             )
         values["stop"] = tuple(values["stop"])
+    if values["type"] == "generate":
+        values["metrics"] = _parse_metrics(values.get("metrics", list(DEFAULT_METRICS)), where)
+    elif "metrics" in values:
+        raise DataError(
+            f"{where}: metrics apply to generate tasks; multiple choice reports acc and acc_norm"
+        )
     return TaskSpec(**values)
+
+
+def _parse_metrics(entries, where: str) -> tuple[GenerationMetric, ...]:
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{where}: metrics is {entries!r}; expected a non-empty list")
+    metrics = tuple(parse_metric(entry, where) for entry in entries)
+    names = [m.name for m in metrics]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{where}: metrics {repeated} are listed more than once")
+    return metrics
 
 
 def _strings(value) -> bool:
@@ -341,42 +367,7 @@ def _render(template: str, fields: Mapping[str, Any], where: str, what: str) -> 
 # --- metrics --------------------------------------------------------------------------
 
 
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 if the two are equal after stripping surrounding whitespace, else 0.0."""
-    return float(prediction.strip() == reference.strip())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace-separated words: the longest common
-    subsequence's length over each side's length, combined harmonically. Two empty
-    texts score 1.0; one empty text 0.0."""
-    pred, ref = prediction.lower().split(), reference.lower().split()
-    if not pred or not ref:
-        return float(pred == ref)
-    row = [0] * (len(ref) + 1)
-    for p in pred:
-        diag = 0
-        for j, r in enumerate(ref, 1):
-            diag, row[j] = row[j], diag + 1 if p == r else max(row[j], row[j - 1])
-    lcs = row[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """text up to the earliest occurrence of any stop string."""
     ends = [i for i in (text.find(s) for s in stop) if i >= 0]
     return text[: min(ends)] if ends else text
-
-
-def summarize(values: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
-    """{name: mean, name_stderr: standard error of the mean (None for one example)} of each
-    metric's per-example values (float64 math)."""
-    out: dict[str, float | None] = {}
-    for name, v in values.items():
-        v = np.asarray(v, np.float64)
-        out[name] = float(v.mean())
-        out[f"{name}_stderr"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-    return out

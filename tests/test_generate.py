@@ -13,7 +13,8 @@ import pytest
 import torch
 from hf_models import make_hf_model
 
-from llama_jax.generate import Sampling, generate, sample_logits
+from llama_jax.errors import ConfigError
+from llama_jax.generate import Sampling, check_length, generate, sample_logits
 from llama_jax.model_dir import load_hf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,16 @@ def test_bad_generation_arguments(models):
         generate(model, [[1, 500]], max_new_tokens=4)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(1.0, top_p=0.0)
+    # The model has 256 positions: 250 prompt tokens leave room for 6 new ones.
+    with pytest.raises(
+        ConfigError,
+        match=r"250 tokens plus max_new_tokens=7 is 257 positions, more than the model's "
+        r"max_position_embeddings=256; lower max_new_tokens to at most 6",
+    ):
+        generate(model, [[5] * 250, [5]], max_new_tokens=7)
+    with pytest.raises(ConfigError, match="shorten the prompt"):
+        generate(model, [[5] * 256], max_new_tokens=1)
+    check_length(250, 6, 256)  # fits exactly
 
 
 def _write_word_tokenizer(directory):
@@ -170,3 +181,30 @@ def test_generate_command_rejects_bad_flags(models):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert proc.returncode != 0 and "top_p" in proc.stderr
+
+
+def test_generate_command_refuses_a_length_past_the_context_before_reading_weights(
+    models, tmp_path
+):
+    _, _, directory = models
+    # Config and tokenizer only: reading the weights would fail with another error.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((directory / "config.json").read_text())
+    _write_word_tokenizer(bare)
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.generate",
+        f"--model_dir={bare}",
+        "--prompt=w3 w4 w5",
+        "--max_new_tokens=1000000",
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # BOS + three words = 4 tokens.
+    assert proc.stderr.startswith(
+        "error: a prompt of 4 tokens plus max_new_tokens=1000000 is 1000004 positions, more "
+        "than the model's max_position_embeddings=256; lower max_new_tokens to at most 252"
+    ), proc.stderr[-3000:]

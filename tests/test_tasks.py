@@ -1,12 +1,13 @@
-"""Task files without a model: few-shot prompts, the generation metrics and their summary,
-and task-file errors."""
+"""Task files without a model: few-shot prompts, the generation metrics a spec asks for,
+their summary, and task-file errors."""
 
 import json
 import math
+import pathlib
 
 import pytest
 
-from llama_jax import tasks
+from llama_jax import task_metrics, tasks
 from llama_jax.errors import DataError
 
 
@@ -45,22 +46,41 @@ def test_few_shot_prompts_follow_the_template(tmp_path):
         assert all(s is not plain.examples[i] for s in plain.shots(i, 5))
 
 
-def test_rouge_l_and_exact_match_by_hand():
-    # LCS "the cat on the mat" = 5 of 6 words on both sides.
-    assert tasks.rouge_l("the cat sat on the mat", "The cat is on the mat") == pytest.approx(5 / 6)
-    # LCS "b c": precision 2/3, recall 2/4, F1 = 2 * (1/3) / (7/6) = 4/7.
-    assert tasks.rouge_l("A B C", "b c d e") == pytest.approx(4 / 7)
-    assert tasks.rouge_l("x y", "y x") == pytest.approx(0.5)
-    assert tasks.rouge_l("", "word") == 0.0 and tasks.rouge_l("", "  ") == 1.0
-    assert tasks.rouge_l("alpha", "beta") == 0.0
-    assert tasks.exact_match(" 42\n", "42") == 1.0
-    assert tasks.exact_match("42.", "42") == 0.0
+def test_the_example_task_files_load():
+    directory = pathlib.Path(__file__).parent.parent / "configs" / "tasks"
+    loaded = {p.name: tasks.load_task(p) for p in sorted(directory.glob("*.jsonl"))}
+    assert len(loaded) >= 3
+    numbers = loaded["number_words_translate.jsonl"]
+    assert [m.name for m in numbers.spec.metrics] == ["exact_match", "bleu", "chrf", "rougeL"]
+    assert numbers.context(0, 3).startswith("Write each number in English words.\n\nNumber: ")
+
+
+def test_cut_at_stop():
     assert tasks.cut_at_stop(" woof\nQ: next", ["\n", "Q:"]) == " woof"
+    assert tasks.cut_at_stop("Q: x\n", ["\n", "Q:"]) == ""
     assert tasks.cut_at_stop("no stop here", ["\n"]) == "no stop here"
+
+
+def test_generation_metrics_come_from_the_spec(tmp_path):
+    spec = {"type": "generate", "prompt": "{q}"}
+    task = tasks.load_task(_write_task(tmp_path / "g.jsonl", spec, [{"q": "a", "answer": "b"}]))
+    assert [m.name for m in task.spec.metrics] == list(task_metrics.DEFAULT_METRICS)
+    chosen = [{"metric": "exact_match", "ignore_case": True}, "bleu", "chrf++"]
+    task = tasks.load_task(
+        _write_task(tmp_path / "g.jsonl", {**spec, "metrics": chosen}, [{"q": "a", "answer": "b"}])
+    )
+    assert [(m.name, m.kwargs) for m in task.spec.metrics] == [
+        ("exact_match", {"ignore_case": True}),
+        ("bleu", {}),
+        ("chrf++", {}),
+    ]
+    assert [m.corpus for m in task.spec.metrics] == [False, True, True]
 
 
 MC = {"type": "multiple_choice", "prompt": "{q}"}
 GOOD = {"q": "a", "choices": ["x", "y"], "answer": 1}
+GEN = {"type": "generate", "prompt": "{q}"}
+GEN_EX = {"q": "a", "answer": "b"}
 
 
 @pytest.mark.parametrize(
@@ -79,6 +99,10 @@ GOOD = {"q": "a", "choices": ["x", "y"], "answer": 1}
         ([{"task": {**MC, "num_fewshot": 3}}, GOOD, GOOD], r"num_fewshot=3 but only 1"),
         ([{"task": MC}], "no examples to score"),
         ([{"task": {"type": "generate", "prompt": "{q}"}}, {"q": "a"}], r"no field 'answer'"),
+        ([{"task": {**GEN, "metrics": ["bleu", "bleu"]}}, GEN_EX], r"\['bleu'\] are listed more"),
+        ([{"task": {**GEN, "metrics": []}}, GEN_EX], r"metrics is \[\]; expected a non-empty"),
+        ([{"task": {**GEN, "metrics": ["rouge_l"]}}, GEN_EX], r":1: metric 'rouge_l' is unknown"),
+        ([{"task": {**MC, "metrics": ["bleu"]}}, GOOD], r"metrics apply to generate tasks"),
     ],
 )
 def test_bad_task_files_are_named_errors(tmp_path, lines, message):
@@ -89,7 +113,7 @@ def test_bad_task_files_are_named_errors(tmp_path, lines, message):
 
 
 def test_summary_is_the_mean_with_its_standard_error():
-    got = tasks.summarize({"acc": [1.0, 0.0, 1.0, 0.0], "one": [0.25]})
+    got = task_metrics.summarize({"acc": [1.0, 0.0, 1.0, 0.0], "one": [0.25]})
     assert got["acc"] == 0.5
     # Sample standard deviation sqrt(1/3) over sqrt(4) examples.
     assert got["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)
