@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) -m bench.quant --quick
 	$(PY) -m bench.convert --quick
 	$(PY) -m bench.prune --quick
+	$(PY) -m bench.on_policy --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

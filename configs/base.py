@@ -139,6 +139,22 @@ def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             feature_mse=1.0,
             feature_cosine=0.0,
             feature_projection="auto",
+            # On-policy distillation (GKD), on when max_new_tokens > 0: on a fraction
+            # lmbda of the steps the student continues prompts with its own samples and
+            # the teacher scores them; the divergence is the generalized JSD of beta
+            # (0 forward KL, 1 reverse KL), so alpha must be 1. Prompts are cut from the
+            # training rows (keeping >= min_prompt tokens) or read from a JSONL file.
+            on_policy=ml_collections.ConfigDict(
+                dict(
+                    lmbda=0.5,
+                    beta=0.5,
+                    temperature=1.0,
+                    max_new_tokens=0,
+                    prompts="",
+                    prompt_field="prompt",
+                    min_prompt=8,
+                )
+            ),
         )
     )
     return c

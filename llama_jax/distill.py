@@ -10,6 +10,7 @@ fingerprint of its config and parameters, and a resume with another teacher is r
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,16 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from llama_jax import checkpoint, data, model_dir, optim, sharding, train, train_step
+from llama_jax import (
+    checkpoint,
+    data,
+    model_dir,
+    on_policy,
+    optim,
+    sharding,
+    train,
+    train_step,
+)
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError
 from llama_jax.losses import DistillLossConfig, chunked_distill_loss, make_eval_step
@@ -129,6 +139,7 @@ def make_distill_step(
             # Reported as means over tokens like the sums, so weight them by the count.
             "alpha": alpha * count,
             "temperature": temperature * count,
+            "teacher_nll": out["teacher_ce_sum"],
         }
         total = out["loss_sum"]
         if features is not None:
@@ -283,6 +294,7 @@ class Distillation(train.Recipe):
         self.model_config = student_model_config(cfg, teacher_config)
         check_pair(cfg, self.model_config, teacher_config)
         self.features = feature_match(cfg, self.model_config, teacher_config)
+        self.on_policy = cfg.distill.on_policy
 
     def build(self, p: train_step.Plan) -> train_step.Step:
         cfg = self.cfg
@@ -308,6 +320,19 @@ class Distillation(train.Recipe):
             loss_chunk=cfg.train.loss_chunk,
             features=self.features,
         )
+        if self.on_policy is not None:
+            student = {k: v for k, v in abstract.items() if k != PROJECTION}
+            config = self.model_config
+            self.sampler = on_policy.make_sampler(
+                self.graphdef,
+                self.on_policy,
+                seq_len=cfg.data.seq_len,
+                eos_ids=config.eos_token_ids,
+                pad_id=config.pad_token_id if config.pad_token_id is not None else 0,
+                param_shardings=jax.tree.map(lambda x: x.sharding, student),
+                batch_sh=p.batch_sh,
+                from_file=bool(self.on_policy.prompts),
+            )
         return train_step.jit_step(step_fn, tx, p, abstract, self.abstract_teacher, "teacher")
 
     def _abstract_projection(self, p: train_step.Plan) -> jax.ShapeDtypeStruct:
@@ -320,8 +345,22 @@ class Distillation(train.Recipe):
         dtype = jnp.dtype(self.cfg.model.param_dtype)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(p.mesh, spec))
 
+    def check(self, su: train.Setup) -> None:
+        cfg = self.cfg
+        self.prompt_file = None
+        if self.on_policy is not None and self.on_policy.prompts:
+            self.prompt_file = on_policy.PromptFile(
+                self.on_policy.prompts,
+                self.on_policy.prompt_field,
+                su.tokenizer,
+                prompt_len=cfg.data.seq_len - self.on_policy.max_new_tokens,
+                batch_sh=su.batch_sh,
+                global_batch=cfg.data.global_batch,
+            )
+
     def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
         cfg = self.cfg
+        self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": time.perf_counter()}
         self.eval_batches = []
         if cfg.distill.eval_path:
             eval_cfg = dataclasses.replace(cfg.data, path=cfg.distill.eval_path)
@@ -382,6 +421,24 @@ class Distillation(train.Recipe):
 
         return jax.jit(pick, out_shardings=target_sh)(self.teacher_params)
 
+    def prepare(self, step: int, state: train_step.TrainState, batch):
+        """On a sampling step (`on_policy.is_on_policy`), the student's continuations of
+        this step's prompts; otherwise the batch as read."""
+        spec = self.on_policy
+        if spec is None or not on_policy.is_on_policy(self.cfg.train.seed, step, spec.lmbda):
+            return batch
+        start = time.perf_counter()
+        student = {k: v for k, v in state.params.items() if k != PROJECTION}
+        source = batch if self.prompt_file is None else self.prompt_file.batch(step)
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
+        out, mean_length = self.sampler(student, source, key)
+        # Waiting here times generation apart from training (the step needs it anyway).
+        mean_length = float(mean_length)
+        self.sampled["seconds"] += time.perf_counter() - start
+        self.sampled["tokens"] += mean_length * self.cfg.data.global_batch
+        self.sampled["lengths"].append(mean_length)
+        return out
+
     def meta(self) -> dict[str, Any]:
         return {"teacher": self.teacher_meta}
 
@@ -392,7 +449,7 @@ class Distillation(train.Recipe):
         return train_step.matmul_flops_per_token(self.model_config, seq) + teacher
 
     def on_log(self, step: int, state: train_step.TrainState) -> dict[str, float]:
-        out = optim.prune_metrics(state.opt_state)
+        out = optim.prune_metrics(state.opt_state) | self._sampling_metrics(step)
         every = self.cfg.distill.eval_every
         if not self.eval_batches:
             return out
@@ -404,6 +461,26 @@ class Distillation(train.Recipe):
             teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
             self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)
         return out | {"teacher_eval_ppl": self.teacher_ppl}
+
+    def _sampling_metrics(self, step: int) -> dict[str, float]:
+        """Since the last log: the steps that sampled (over the whole run), the mean
+        sampled length, and tokens/s of generation and of the rest of the steps."""
+        if self.on_policy is None:
+            return {}
+        s, now = self.sampled, time.perf_counter()
+        train_s = max(now - s["since"] - s["seconds"], 1e-9)
+        out = {
+            "onpolicy_fraction": on_policy.onpolicy_fraction(
+                self.cfg.train.seed, step, self.on_policy.lmbda
+            )
+        }
+        if s["lengths"]:
+            out["completion_len"] = float(np.mean(s["lengths"]))
+            out["gen_tokens_per_s"] = s["tokens"] / max(s["seconds"], 1e-9)
+        out["gen_s"] = s["seconds"]
+        out["train_s"] = train_s
+        self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": now}
+        return out
 
 
 def run(cfg, workdir) -> dict[str, float]:

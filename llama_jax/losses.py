@@ -252,9 +252,9 @@ def chunked_distill_loss(
     without recompiling).
 
     Returns float32[] sums over the counted tokens: "kd_sum" (divergence x T**2),
-    "ce_sum" (student cross-entropy against targets at temperature 1), "loss_sum"
-    (alpha kd_sum + (1 - alpha) ce_sum) and "count" (the mask's sum). Divide by
-    max(count, 1) for means.
+    "ce_sum" (student cross-entropy against targets at temperature 1),
+    "teacher_ce_sum" (the teacher's, likewise), "loss_sum" (alpha kd_sum + (1 - alpha)
+    ce_sum) and "count" (the mask's sum). Divide by max(count, 1) for means.
     """
     if alpha is None:
         alpha = cfg.alpha
@@ -286,11 +286,136 @@ def chunked_distill_loss(
                 f"distill top_k={cfg.top_k} exceeds the vocabulary size V={v_teacher}"
             )
         kd = _divergence(cfg, student_BCV, teacher_BCV, temperature)
-        return kd, _token_cross_entropy(student_BCV, targets_BC)
+        ce = _token_cross_entropy(student_BCV, targets_BC)
+        return kd, ce, _token_cross_entropy(teacher_BCV, targets_BC)
 
-    (kd, ce), count = _masked_sums(
+    (kd, ce, teacher_ce), count = _masked_sums(
         per_token, (h_student_BTD, h_teacher_BTD, targets_BT), mask_BT, chunk
     )
+    kd = kd * temperature**2
+    return {
+        "kd_sum": kd,
+        "ce_sum": ce,
+        "teacher_ce_sum": teacher_ce,
+        "loss_sum": alpha * kd + (1 - alpha) * ce,
+        "count": count,
+    }
+
+
+def _sparse_divergence(
+    cfg: DistillLossConfig, student_BCV, ids_BCk, logp_BCk, log_tail_BC, temperature
+):
+    """Per-token divergence float32[B, C] between a student's float32[B, C, V] logits and
+    a teacher's top-k buckets (see `chunked_sparse_distill_loss`), not yet x T**2."""
+    vocab, k = student_BCV.shape[-1], ids_BCk.shape[-1]
+    if 0 < cfg.top_k < k:
+        # The stored tokens are most likely first: keeping fewer moves the others' mass
+        # into the tail.
+        log_tail_BC = jnp.logaddexp(log_tail_BC, jax.nn.logsumexp(logp_BCk[..., cfg.top_k :], -1))
+        ids_BCk, logp_BCk, k = ids_BCk[..., : cfg.top_k], logp_BCk[..., : cfg.top_k], cfg.top_k
+    log_q = jax.nn.log_softmax(student_BCV, axis=-1)
+    teacher = [logp_BCk]
+    student = [jnp.take_along_axis(log_q, ids_BCk, axis=-1)]
+    # With k = V there is no tail, and a log-sum-exp over nothing would give NaN gradients.
+    if k < vocab:
+        rest = jnp.put_along_axis(log_q, ids_BCk, -jnp.inf, axis=-1, inplace=False)
+        teacher.append(log_tail_BC[..., None])
+        student.append(jax.nn.logsumexp(rest, axis=-1, keepdims=True))
+    a = jax.lax.stop_gradient(jnp.concatenate(teacher, axis=-1))
+    b = jnp.concatenate(student, axis=-1)
+    if cfg.kind == "reverse_kl":
+        # Student mass on a bucket the teacher gives none would make KL(q || p) infinite:
+        # q is restricted to the teacher's support and renormalised there.
+        b = jnp.where(a > -jnp.inf, b, -jnp.inf)
+    # The buckets' log-probabilities act as logits over k + 1 tokens, so tempering them
+    # divides by the temperature and renormalises, as for full logits.
+    return _divergence(dataclasses.replace(cfg, top_k=0), b, a, temperature)
+
+
+def chunked_sparse_distill_loss(
+    h_student_BTD: jax.Array,
+    student_unembed: Callable[[jax.Array], jax.Array],
+    teacher_ids_BTk: jax.Array,
+    teacher_logp_BTk: jax.Array,
+    teacher_log_tail_BT: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    cfg: DistillLossConfig,
+    *,
+    chunk: int = 512,
+    alpha: float | jax.Array | None = None,
+    temperature: float | jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Summed distillation and data losses of a student against a teacher's stored
+    top-k distribution (e.g. `logit_cache.decode` of cached records).
+
+    h_student: dtype[B, T, D] final hidden states; student_unembed: [B, C, D] ->
+    [B, C, V] logits; teacher_ids: int32[B, T, k], the teacher's k most likely tokens,
+    most likely first; teacher_logp: float32[B, T, k], their log-probabilities at
+    temperature 1 (-inf: no mass); teacher_log_tail: float32[B, T], the log of the mass
+    of every other token (-inf: none); targets: int[B, T]; mask: [B, T], non-zero where
+    a token counts.
+
+    The divergence (cfg.kind) compares the two models on k + 1 buckets: the teacher's k
+    tokens and the tail holding all other tokens, the student's tail being its exact
+    mass outside those k tokens. At temperature 1 this is the divergence of the two
+    distributions seen through those buckets: a lower bound on the full one, equal to it
+    when the student spreads the tail as the teacher does. The teacher's buckets are
+    renormalised, which absorbs the quantization of stored log-probabilities. "jsd" is
+    taken on the buckets as they are; for "reverse_kl" the student is restricted to the
+    buckets where the teacher has mass and renormalised there.
+
+    Temperature: both models' buckets are tempered as if each bucket were one token,
+    p_i**(1/T) renormalised. Among the k tokens this is exact (their tempered ratios
+    depend on their own log-probabilities only); the tail's tempered share uses
+    p_tail**(1/T) instead of the sum of its tokens' p**(1/T), which the buckets do not
+    record, so for T > 1 it is smaller than a full softmax at T would give (by up to a
+    factor (V - k)**(1 - 1/T)) and for T < 1 larger. Both models get the same treatment,
+    so the divergence is still 0 exactly when the student's buckets equal the teacher's.
+    The divergence is multiplied by T**2, as in `chunked_distill_loss`.
+
+    cfg.top_k: 0 uses the k stored tokens; 0 < top_k < k keeps the top_k most likely and
+    moves the others into the tail; top_k > k is an error. alpha and temperature override
+    cfg's and may be traced scalars.
+
+    Returns float32[] sums over the counted tokens: "kd_sum", "ce_sum" (student
+    cross-entropy against targets at temperature 1), "loss_sum" (alpha kd_sum +
+    (1 - alpha) ce_sum) and "count". Divide by max(count, 1) for means.
+    """
+    if alpha is None:
+        alpha = cfg.alpha
+    elif isinstance(alpha, int | float):
+        _check_alpha(alpha)
+    if temperature is None:
+        temperature = cfg.temperature
+    elif isinstance(temperature, int | float):
+        _check_temperature(temperature)
+    alpha = jnp.asarray(alpha, jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+
+    chex.assert_rank([h_student_BTD, teacher_ids_BTk, teacher_logp_BTk], 3)
+    chex.assert_equal_shape([teacher_ids_BTk, teacher_logp_BTk])
+    chex.assert_equal_shape([teacher_log_tail_BT, targets_BT, mask_BT])
+    chex.assert_equal_shape_prefix([h_student_BTD, teacher_ids_BTk, targets_BT], 2)
+    k = teacher_ids_BTk.shape[-1]
+    if cfg.top_k > k:
+        raise ConfigError(f"distill top_k={cfg.top_k} exceeds the k={k} tokens the teacher stored")
+    teacher = jax.lax.stop_gradient(
+        (teacher_logp_BTk.astype(jnp.float32), teacher_log_tail_BT.astype(jnp.float32))
+    )
+
+    def per_token(h_student_BCD, ids_BCk, logp_BCk, log_tail_BC, targets_BC):
+        student_BCV = _logits_f32(student_unembed, h_student_BCD)
+        if k > student_BCV.shape[-1]:
+            raise ConfigError(
+                f"the teacher stored k={k} tokens; the student's vocabulary has only "
+                f"V={student_BCV.shape[-1]}"
+            )
+        kd = _sparse_divergence(cfg, student_BCV, ids_BCk, logp_BCk, log_tail_BC, temperature)
+        return kd, _token_cross_entropy(student_BCV, targets_BC)
+
+    arrays = (h_student_BTD, teacher_ids_BTk.astype(jnp.int32), *teacher, targets_BT)
+    (kd, ce), count = _masked_sums(per_token, arrays, mask_BT, chunk)
     kd = kd * temperature**2
     return {
         "kd_sum": kd,

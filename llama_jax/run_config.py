@@ -154,6 +154,24 @@ class TeacherSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnPolicySpec:
+    """On-policy distillation (GKD): on a fraction `lmbda` of the steps the student
+    continues prompts by up to `max_new_tokens` sampled tokens (at `temperature`; 0 is
+    greedy) and the loss covers those tokens only; the divergence on every step is the
+    generalized JSD of `beta` (0: forward KL, 1: reverse KL). Prompts are cut from the
+    training rows at a random point (at least `min_prompt` tokens kept), or read from a
+    JSONL file (`prompts`, key `prompt_field`)."""
+
+    lmbda: float = 0.5
+    beta: float = 0.5
+    temperature: float = 1.0
+    max_new_tokens: int = 0
+    prompts: str = ""
+    prompt_field: str = "prompt"
+    min_prompt: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillSpec:
     """The distillation loss, its schedules (an `_end` < 0 keeps the value fixed), the
     held-out evaluation, and hidden-state (feature) distillation: `features` pairs
@@ -171,6 +189,7 @@ class DistillSpec:
     feature_mse: float = 1.0
     feature_cosine: float = 0.0
     feature_projection: str = "auto"
+    on_policy: OnPolicySpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,8 +379,10 @@ def _parse_distillation(raw: Mapping[str, Any]) -> tuple[TeacherSpec, DistillSpe
     if teacher.dtype not in DTYPES:
         raise ConfigError(f"teacher.dtype={teacher.dtype!r}; expected one of {DTYPES}")
     d = dict(raw["distill"])
+    on_policy = _parse_on_policy(d.pop("on_policy", None), d, raw["data"].get("seq_len", 2048))
     loss_names = ("kind", "temperature", "alpha", "beta", "top_k")
     loss = DistillLossConfig(**{k: d.pop(k) for k in loss_names if k in d})
+    d["on_policy"] = on_policy
     d["features"] = parse_feature_map(d.get("features", ""))
     spec = DistillSpec(**_fields(DistillSpec, d, "distill"), loss=loss)
     if spec.eval_every < 0 or spec.eval_batches < 1:
@@ -381,6 +402,51 @@ def _parse_distillation(raw: Mapping[str, Any]) -> tuple[TeacherSpec, DistillSpe
             f"{spec.feature_cosine}: expected weights >= 0, at least one > 0"
         )
     return teacher, spec
+
+
+def _parse_on_policy(section, distill: dict, seq_len: int) -> OnPolicySpec | None:
+    """The checked OnPolicySpec, or None when off (max_new_tokens 0). On-policy runs
+    train on the divergence alone, the generalized JSD of `beta`: `distill` (the
+    section, edited in place) then gets the matching kind and beta."""
+    if not section:
+        return None
+    spec = OnPolicySpec(**_fields(OnPolicySpec, section, "distill.on_policy"))
+    if spec.max_new_tokens == 0:
+        return None
+    for name in ("lmbda", "beta"):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ConfigError(f"distill.on_policy.{name}={value!r}; expected a number in [0, 1]")
+    if not spec.temperature >= 0:
+        raise ConfigError(
+            f"distill.on_policy.temperature={spec.temperature!r}; expected >= 0 (0: greedy)"
+        )
+    _check_int("distill.on_policy.min_prompt", spec.min_prompt, 1)
+    _check_int("distill.on_policy.max_new_tokens", spec.max_new_tokens, 1)
+    if spec.max_new_tokens > seq_len - spec.min_prompt:
+        raise ConfigError(
+            f"distill.on_policy.max_new_tokens={spec.max_new_tokens} does not fit rows of "
+            f"data.seq_len={seq_len} with a prompt of at least min_prompt={spec.min_prompt}"
+            f" tokens; expected at most {seq_len - spec.min_prompt}"
+        )
+    if distill.get("alpha", 0.5) != 1.0 or distill.get("alpha_end", -1.0) >= 0:
+        raise ConfigError(
+            f"distill.alpha={distill.get('alpha')}: on-policy distillation trains on the "
+            "divergence alone (the student's own samples have no data targets); set "
+            "distill.alpha=1 and leave alpha_end unset"
+        )
+    if distill.get("kind", "forward_kl") != "forward_kl":
+        raise ConfigError(
+            f"distill.kind={distill['kind']!r}: with on_policy the divergence is set by "
+            "distill.on_policy.beta (0 forward KL, 1 reverse KL, between: generalized JSD)"
+        )
+    if spec.beta == 0:
+        distill["kind"] = "forward_kl"
+    elif spec.beta == 1:
+        distill["kind"] = "reverse_kl"
+    else:
+        distill["kind"], distill["beta"] = "jsd", spec.beta
+    return spec
 
 
 def parse_feature_map(spec) -> tuple[tuple[int, int], ...]:

@@ -109,10 +109,13 @@ class Recipe:
     __init__(cfg)      checks what the config and model directories alone can show, and
                        sets `model_config` (the trained model's architecture)
     build(plan)        the jitted step, from shapes alone (also compiled ahead of time)
+    check(setup)       checks what needs the tokenizer or data files, before the workdir
+                       is touched
     load(setup, saved) the frozen parameters the step reads after the state and batch
                        (None: it reads none); `saved` is the checkpoint metadata being
                        resumed, or None on a fresh start
     initial_params()   the trained parameters of a fresh start
+    prepare(step, state, batch) the batch step `step` (0-based) trains on (default: as read)
     meta()             what checkpoints record besides data, config and model
     flops_per_token()  matmul FLOPs of one trained token (for MFU)
     on_log(step, state) metrics added at each logged step
@@ -126,11 +129,17 @@ class Recipe:
     def build(self, p: Plan) -> Step:
         raise NotImplementedError
 
+    def check(self, su: Setup) -> None:
+        return None
+
     def load(self, su: Setup, saved: Mapping[str, Any] | None):
         return None
 
     def initial_params(self, su: Setup):
         raise NotImplementedError
+
+    def prepare(self, step: int, state: TrainState, batch):
+        return batch
 
     def meta(self) -> dict[str, Any]:
         return {}
@@ -289,6 +298,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     recipe = recipe or recipe_for(cfg)
     su = setup(cfg, recipe.model_config)
     step = recipe.build(su)
+    recipe.check(su)
 
     workdir, ckpt = open_run(cfg, workdir)
     saved = None
@@ -303,7 +313,11 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.raw)
 
+    next_step = [int(state.step)]
+
     def step_fn(state, batch):
+        batch = recipe.prepare(next_step[0], state, batch)
+        next_step[0] += 1
         return step.fn(state, batch) if frozen is None else step.fn(state, batch, frozen)
 
     def meta() -> dict[str, Any]:

@@ -266,15 +266,11 @@ def quantize_dir(
     parameter at a time. Norms, the embedding and the LM head keep their stored dtype.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = checkpoint.absolute(path)
-    config = read_config(path)
+    path, config = checkpoint.absolute(path), read_config(path)
     qopts = quant_options(config, mode, quantize_head, quantize_embed)
-    already = quantization(path)
-    if already is not None:
-        raise CheckpointError(f"{path} is already quantized ({already}); quantize its float source")
-    files = _export_tokenizer_files(path, tokenizer)
-    float_dtype = stored_dtypes(path, config)["embed.embedding"]
-    _, float_abstract = abstract_params(config, mesh, rules, dtype=float_dtype)
+    files, float_dtype, float_abstract = float_source(
+        path, config, tokenizer, mesh, rules, "quantize"
+    )
     params = load_params(path, config, float_abstract)
     _, q_abstract = abstract_params(config, mesh, rules, dtype=float_dtype, **qopts)
     q_params = jax.jit(
@@ -319,14 +315,8 @@ def prune_dir(
     overall and per-layer fractions). Returns (out_dir, that sparsity record).
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = checkpoint.absolute(path)
-    config = read_config(path)
-    already = quantization(path)
-    if already is not None:
-        raise CheckpointError(f"{path} is quantized ({already}); prune its float source")
-    files = _export_tokenizer_files(path, tokenizer)
-    dtype = stored_dtypes(path, config)["embed.embedding"]
-    _, abstract = abstract_params(config, mesh, rules, dtype=dtype)
+    path, config = checkpoint.absolute(path), read_config(path)
+    files, dtype, abstract = float_source(path, config, tokenizer, mesh, rules, "prune")
     paths = prune.pruned_paths(cfg, abstract)
     params = load_params(path, config, abstract)
     last = len(cfg.points()) - 1
@@ -412,6 +402,18 @@ def merge_lora_dir(
         overwrite=overwrite,
         on_param=on_param,
     )
+
+
+def float_source(path: epath.Path, config: LlamaConfig, tokenizer, mesh, rules, verb: str):
+    """What a transform of the float model in `path` starts from: (tokenizer files to
+    ship, the stored float dtype, abstract parameters in it on `mesh`). A quantized
+    source is refused: `verb` its float source instead."""
+    already = quantization(path)
+    if already is not None:
+        raise CheckpointError(f"{path} is already quantized ({already}); {verb} its float source")
+    dtype = stored_dtypes(path, config)["embed.embedding"]
+    _, abstract = abstract_params(config, mesh, rules, dtype=dtype)
+    return _export_tokenizer_files(path, tokenizer), dtype, abstract
 
 
 def quant_options(config: LlamaConfig, mode, head: bool, embed: bool) -> dict[str, Any]:

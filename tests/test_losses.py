@@ -54,6 +54,7 @@ def _naive(cfg, temperature=None, alpha=None):
         z_s = (h_s @ w_s).astype(jnp.float32)
         z_t = jax.lax.stop_gradient((h_t @ w_t).astype(jnp.float32))
         ce = jax.nn.logsumexp(z_s, -1) - jnp.take_along_axis(z_s, targets[..., None], -1)[..., 0]
+        ce_t = jax.nn.logsumexp(z_t, -1) - jnp.take_along_axis(z_t, targets[..., None], -1)[..., 0]
         s, t = z_s / temperature, z_t / temperature
         keep = jnp.ones(t.shape, bool)
         if cfg.top_k:
@@ -76,6 +77,7 @@ def _naive(cfg, temperature=None, alpha=None):
         return {
             "kd_sum": kd_sum,
             "ce_sum": ce_sum,
+            "teacher_ce_sum": jnp.sum(mask * ce_t),
             "loss_sum": alpha * kd_sum + (1 - alpha) * ce_sum,
             "count": jnp.sum(mask),
         }
@@ -143,7 +145,7 @@ def test_matches_full_logits_in_value_and_gradient(cfg, temperature):
     x = _inputs()
     expected, expected_grads = _value_and_grads(cfg, x, temperature, naive=True)
     sums, grads = _value_and_grads(cfg, x, temperature)
-    assert set(sums) == {"kd_sum", "ce_sum", "loss_sum", "count"}
+    assert set(sums) == {"kd_sum", "ce_sum", "teacher_ce_sum", "loss_sum", "count"}
     for key in sums:
         assert sums[key].dtype == jnp.float32 and sums[key].shape == ()
         _close(sums[key], expected[key])
