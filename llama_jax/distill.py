@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from llama_jax import (
     checkpoint,
     data,
+    lora,
     model_dir,
     on_policy,
     optim,
@@ -92,7 +93,10 @@ def make_distill_step(
     loss_chunk: int = 512,
     features: FeatureMatch | None = None,
 ):
-    """Returns step(state, batch, teacher_params) -> (state, metrics), not yet jitted.
+    """Returns step(state, batch, frozen) -> (state, metrics), not yet jitted.
+
+    frozen: {"teacher": the teacher's params} and, for a LoRA student, "base": the
+    frozen student base the state's adapters are combined with.
 
     The teacher's hidden states are computed without gradients; the loss is
     alpha * KD + (1 - alpha) * CE with alpha and the temperature following
@@ -102,11 +106,13 @@ def make_distill_step(
     to the training ones, and `feature` with features.
     """
 
-    def loss_sum(params, micro, step, teacher_params):
+    def loss_sum(params, micro, step, frozen):
         params = dict(params)
         projection = params.pop(PROJECTION, None)
+        if "base" in frozen:
+            params = lora.combine(jax.lax.stop_gradient(frozen["base"]), params)
         student = nnx.merge(student_graphdef, params)
-        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(frozen["teacher"]))
         kwargs = dict(segment_ids_BT=micro["segment_ids"])
         if features is None:
             h_teacher, _ = teacher.hidden_states(micro["tokens"], **kwargs)
@@ -298,12 +304,22 @@ class Distillation(train.Recipe):
 
     def build(self, p: train_step.Plan) -> train_step.Step:
         cfg = self.cfg
-        self.make_model, self.graphdef, abstract = train_step.abstract_model(
-            p.model_config, cfg.model, p.mesh, p.rules, cfg.train.seed
-        )
-        self.teacher_graphdef, self.abstract_teacher = abstract_teacher(
+        frozen = {}
+        if cfg.lora is None:
+            self.make_model, self.graphdef, abstract = train_step.abstract_model(
+                p.model_config, cfg.model, p.mesh, p.rules, cfg.train.seed
+            )
+            student = abstract
+        else:
+            self.make_model, self.graphdef, abstract, frozen["base"] = train.abstract_lora(
+                cfg, p, cfg.model.model_dir
+            )
+            self.abstract_adapters = abstract
+            student = lora.combine(frozen["base"], abstract)
+        self.teacher_graphdef, frozen["teacher"] = abstract_teacher(
             cfg, self.teacher_config, p.mesh, p.rules
         )
+        self.abstract_frozen = frozen
         if self.features is not None and self.features.projected:
             abstract = abstract | {PROJECTION: {"kernel": self._abstract_projection(p)}}
         tx = optim.build_optimizer(p.opt_cfg, cfg.prune, abstract)
@@ -321,7 +337,6 @@ class Distillation(train.Recipe):
             features=self.features,
         )
         if self.on_policy is not None:
-            student = {k: v for k, v in abstract.items() if k != PROJECTION}
             config = self.model_config
             self.sampler = on_policy.make_sampler(
                 self.graphdef,
@@ -333,7 +348,8 @@ class Distillation(train.Recipe):
                 batch_sh=p.batch_sh,
                 from_file=bool(self.on_policy.prompts),
             )
-        return train_step.jit_step(step_fn, tx, p, abstract, self.abstract_teacher, "teacher")
+        name = "teacher" if cfg.lora is None else "teacher and frozen base"
+        return train_step.jit_step(step_fn, tx, p, abstract, frozen, name)
 
     def _abstract_projection(self, p: train_step.Plan) -> jax.ShapeDtypeStruct:
         shape = (
@@ -347,6 +363,11 @@ class Distillation(train.Recipe):
 
     def check(self, su: train.Setup) -> None:
         cfg = self.cfg
+        if cfg.lora is not None and not cfg.model.model_dir:
+            raise ConfigError(
+                f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen student base "
+                "the adapters are trained on"
+            )
         self.prompt_file = None
         if self.on_policy is not None and self.on_policy.prompts:
             self.prompt_file = on_policy.PromptFile(
@@ -368,9 +389,19 @@ class Distillation(train.Recipe):
                 eval_cfg, su.tokenizer, su.batch_sh, vocab_size=self.model_config.vocab_size
             )
             self.eval_batches = [next(iterator) for _ in range(cfg.distill.eval_batches)]
+        self.base = None
+        if cfg.lora is not None:
+            self.lora_meta = lora.to_meta(cfg.lora)
+            self.base = train.load_lora_base(
+                cfg.model.model_dir,
+                self.model_config,
+                self.abstract_frozen["base"],
+                self.lora_meta,
+                saved,
+            )
         train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
         self.teacher_params = model_dir.load_params(
-            cfg.teacher.model_dir, self.teacher_config, self.abstract_teacher
+            cfg.teacher.model_dir, self.teacher_config, self.abstract_frozen["teacher"]
         )
         self.teacher_meta = {
             "source": str(cfg.teacher.model_dir),
@@ -380,7 +411,13 @@ class Distillation(train.Recipe):
             check_same_teacher(saved["teacher"], self.teacher_meta, cfg.teacher.model_dir)
         self.student_eval = make_eval_step(self.graphdef, cfg.train.loss_chunk)
         self.teacher_ppl = None
-        return self.teacher_params
+        return {"teacher": self.teacher_params} | ({} if self.base is None else {"base": self.base})
+
+    def _student(self, params):
+        """The student's full parameters from the trained ones (no projection; a LoRA
+        student's adapters combined with its base)."""
+        params = {k: v for k, v in params.items() if k != PROJECTION}
+        return params if self.base is None else lora.combine(self.base, params)
 
     def initial_params(self, su: train.Setup):
         """The student (random, a model directory, or a subset of the teacher's layers)
@@ -404,6 +441,8 @@ class Distillation(train.Recipe):
 
     def _initial_student(self, su: train.Setup):
         cfg = self.cfg
+        if cfg.lora is not None:
+            return lora.init_adapters(self.make_model, self.abstract_adapters)
         if not cfg.model.teacher_layers:
             return train.initial_params(
                 cfg.model, self.model_config, self.make_model, su.mesh, su.rules
@@ -428,7 +467,7 @@ class Distillation(train.Recipe):
         if spec is None or not on_policy.is_on_policy(self.cfg.train.seed, step, spec.lmbda):
             return batch
         start = time.perf_counter()
-        student = {k: v for k, v in state.params.items() if k != PROJECTION}
+        student = self._student(state.params)
         source = batch if self.prompt_file is None else self.prompt_file.batch(step)
         key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
         out, mean_length = self.sampler(student, source, key)
@@ -440,13 +479,16 @@ class Distillation(train.Recipe):
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"teacher": self.teacher_meta}
+        return {"teacher": self.teacher_meta} | (
+            {} if self.base is None else {"lora": self.lora_meta}
+        )
 
     def flops_per_token(self) -> float:
         seq = self.cfg.data.seq_len
         # The teacher runs forward only: a third of its training FLOPs.
         teacher = train_step.matmul_flops_per_token(self.teacher_config, seq) / 3
-        return train_step.matmul_flops_per_token(self.model_config, seq) + teacher
+        frozen = self.cfg.lora is not None
+        return train_step.matmul_flops_per_token(self.model_config, seq, frozen=frozen) + teacher
 
     def on_log(self, step: int, state: train_step.TrainState) -> dict[str, float]:
         out = optim.prune_metrics(state.opt_state) | self._sampling_metrics(step)
@@ -455,8 +497,9 @@ class Distillation(train.Recipe):
             return out
         if not (step == self.cfg.train.steps or (every and step % every == 0)):
             return out
-        student = {k: v for k, v in state.params.items() if k != PROJECTION}
-        out["eval_ppl"] = perplexity(self.student_eval, student, self.eval_batches)
+        out["eval_ppl"] = perplexity(
+            self.student_eval, self._student(state.params), self.eval_batches
+        )
         if self.teacher_ppl is None:
             teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
             self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)

@@ -350,10 +350,11 @@ def _parse(raw: Mapping[str, Any]) -> RunConfig:
     teacher = distill = None
     if "teacher" in raw or "distill" in raw:
         teacher, distill = _parse_distillation(raw)
-        if lora_cfg is not None:
+        if lora_cfg is not None and (model.teacher_layers or lora_cfg.dropout):
             raise ConfigError(
-                f"lora.rank={lora_cfg.rank}: distillation trains the whole student; LoRA "
-                "adapters are for launch.train (set lora.rank=0)"
+                f"lora.rank={lora_cfg.rank} in distillation trains adapters over the frozen "
+                "student in model.model_dir: model.teacher_layers cannot build it, and "
+                f"lora.dropout={lora_cfg.dropout} is not applied there (set it to 0)"
             )
     elif model.teacher_layers:
         raise ConfigError("model.teacher_layers needs a teacher: use a distillation config")

@@ -216,18 +216,9 @@ class Lora(Recipe):
         return jit_step(step_fn, tx, p, adapters, base, "frozen base")
 
     def load(self, su: Setup, saved: Mapping[str, Any] | None):
-        base_dir = self.cfg.model.model_dir
-        if saved is not None:
-            _check_same_lora(saved.get("lora"), self.lora_meta)
-        log_info("loading the frozen base from %s", base_dir)
-        base = model_dir.load_params(base_dir, self.model_config, self.abstract_base)
-        self.lora_meta["base"] = {
-            "path": str(epath.Path(base_dir).resolve()),
-            "fingerprint": checkpoint.fingerprint(self.model_config, base),
-        }
-        if saved is not None:
-            lora_dir.check_lora_base(saved["lora"], self.lora_meta["base"]["fingerprint"], base_dir)
-        return base
+        return load_lora_base(
+            self.cfg.model.model_dir, self.model_config, self.abstract_base, self.lora_meta, saved
+        )
 
     def initial_params(self, su: Setup):
         return lora.init_adapters(self.make_model, self.abstract_adapters)
@@ -263,6 +254,24 @@ def abstract_lora(cfg: RunConfig, p: Plan, base_dir: str = ""):
         p.model_config, p.mesh, p.rules, dtype=dtype, **base_quant
     )
     return make_model, graphdef, abstract_adapters, abstract_base
+
+
+def load_lora_base(base_dir, config: LlamaConfig, abstract_base, lora_meta: dict, saved):
+    """The frozen base of a LoRA run, read into the shardings of `abstract_base`. A
+    resume (`saved`: the checkpoint's metadata) must train the adapters it restores
+    (checked before reading) on the same base (checked after). lora_meta (`lora.to_meta`)
+    gains the base's path and fingerprint."""
+    if saved is not None:
+        _check_same_lora(saved.get("lora"), lora_meta)
+    log_info("loading the frozen base from %s", base_dir)
+    base = model_dir.load_params(base_dir, config, abstract_base)
+    lora_meta["base"] = {
+        "path": str(epath.Path(base_dir).resolve()),
+        "fingerprint": checkpoint.fingerprint(config, base),
+    }
+    if saved is not None:
+        lora_dir.check_lora_base(saved["lora"], lora_meta["base"]["fingerprint"], base_dir)
+    return base
 
 
 def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:

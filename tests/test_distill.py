@@ -186,3 +186,44 @@ def test_an_int8_teacher_distils(tmp_path, teachers):
     assert np.isfinite(last["loss"]) and last["kd"] > 0
     meta = model_dir.run_meta(tmp_path / "run")
     assert meta["teacher"]["source"] == str(teacher)
+
+
+def test_a_lora_student_distils_on_policy_and_resumes(tmp_path, teachers):
+    base = tmp_path / "base"
+    make_hf_model(base, seed=3, vocab_size=263, num_key_value_heads=1, num_hidden_layers=2)
+    cfg = _cfg(teachers[0], steps=4, alpha=1.0)
+    cfg.model.overrides = ""
+    cfg.model.model_dir = str(base)
+    cfg.model.dtype = "float32"
+    cfg.lora.rank = 4
+    cfg.distill.on_policy.update(dict(max_new_tokens=8, min_prompt=4, lmbda=0.5, beta=0.5))
+    work = tmp_path / "run"
+    first = distill.run(cfg, str(work))
+    assert np.isfinite(first["loss"]) and 0 < first["onpolicy_fraction"] <= 1
+    state = _state_tree(work / "checkpoints" / "4")
+    flat = {"/".join(k) for k in _paths(state["params"])}
+    assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
+    meta = model_dir.run_meta(work)
+    assert meta["lora"]["rank"] == 4 and meta["lora"]["base"]["path"] == str(base.resolve())
+    assert meta["teacher"]["source"] == str(teachers[0])
+    # The run reads as a model: its adapters merged onto the base.
+    merged = dict(model_dir.iter_host_params(work, model_dir.read_config(work)))
+    original = dict(model_dir.iter_host_params(base, model_dir.read_config(base)))
+    assert not np.array_equal(
+        merged["layers.attn.q_proj.kernel"], original["layers.attn.q_proj.kernel"]
+    )
+    np.testing.assert_array_equal(
+        merged["layers.mlp.up_proj.kernel"], original["layers.mlp.up_proj.kernel"]
+    )
+
+    shutil.rmtree(work / "checkpoints" / "4")
+    distill.run(cfg, str(work))
+    chex.assert_trees_all_equal(state, _state_tree(work / "checkpoints" / "4"))
+
+
+def _paths(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _paths(v, prefix + (k,))
+        else:
+            yield prefix + (k,)
