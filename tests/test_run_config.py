@@ -92,7 +92,7 @@ def test_bad_training_configs_are_refused_naming_the_field(edit, error, match):
         (lambda c: c.teacher.update(dtype="int4"), "teacher.dtype='int4'"),
         (lambda c: c.distill.update(kind="kl"), "kind='kl'"),
         (lambda c: c.distill.update(eval_batches=0), "eval_batches=0"),
-        (lambda c: c.lora.update(rank=8), "lora.rank=8"),
+        (lambda c: c.lora.update(rank=8, dropout=0.1), "lora.dropout=0.1"),
     ],
 )
 def test_bad_distillation_configs_are_refused(edit, match):
