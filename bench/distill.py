@@ -83,7 +83,7 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     import jax
     from flax import nnx
 
-    from llama_jax import distill, metrics, optim, sharding, train_step
+    from llama_jax import distill_step, metrics, optim, sharding, train_step
     from llama_jax.config import get_preset
     from llama_jax.losses import DistillLossConfig
     from llama_jax.model import Llama
@@ -118,14 +118,14 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     state, shardings = train_step.init_state(params, tx, mesh)
     batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
     step_fn = train_step.jit_train_step(
-        distill.make_distill_step(
+        distill_step.make_distill_step(
             s_graphdef,
             t_graphdef,
             tx,
             optim.learning_rate_schedule(opt),
             DistillLossConfig(temperature=2.0, alpha=0.5),
-            alpha_fn=distill.linear_schedule(0.5, -1, steps),
-            temperature_fn=distill.linear_schedule(2.0, -1, steps),
+            alpha_fn=distill_step.linear_schedule(0.5, -1, steps),
+            temperature_fn=distill_step.linear_schedule(2.0, -1, steps),
             loss_chunk=512,
         ),
         shardings,

@@ -117,6 +117,9 @@ def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             dtype="bfloat16",  # the teacher's compute and stored dtype
             scan_layers=True,
             attention_impl="auto",
+            # Its cached top-k distributions (python -m launch.teacher_logits): the step
+            # then reads them instead of running the teacher (model_dir gives its shape).
+            logits_dir="",
         )
     )
     c.distill = ml_collections.ConfigDict(
@@ -157,4 +160,30 @@ def with_distillation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             ),
         )
     )
+    # Structured pruning at start-up (the Minitron recipe), on when a target is set: the
+    # student starts as the teacher sliced to these sizes by activation importance.
+    c.structured = structured_section()
     return c
+
+
+def structured_section(**overrides) -> ml_collections.ConfigDict:
+    """Structured-pruning settings (llama_jax.structured.StructuredConfig): target
+    sizes (0 keeps the teacher's), calibration data and how activations are scored."""
+    s = dict(
+        num_layers=0,
+        num_heads=0,
+        num_kv_heads=0,
+        mlp_dim=0,
+        embed_dim=0,
+        calibration_data="",  # a text/JSONL/.npy file; "": the run's data.path
+        calibration_format="",  # "": from the suffix (.jsonl, .npy, else text)
+        calibration_field="text",
+        calibration_batches=16,
+        calibration_batch_size=8,
+        calibration_seq_len=1024,
+        seq_aggregation="mean",  # over a row's tokens; then over rows:
+        batch_aggregation="l2",
+        layer_metric="ppl",  # or "block_influence"
+    )
+    s.update(overrides)
+    return ml_collections.ConfigDict(s)

@@ -24,138 +24,29 @@ from jax.sharding import NamedSharding
 from llama_jax import (
     checkpoint,
     data,
+    logit_cache,
     lora,
     model_dir,
     on_policy,
     optim,
     sharding,
+    structured,
+    structured_dir,
     train,
     train_step,
 )
 from llama_jax.config import LlamaConfig
+from llama_jax.distill_step import (
+    PROJECTION,
+    feature_match,
+    linear_schedule,
+    make_distill_step,
+)
 from llama_jax.errors import ConfigError
-from llama_jax.losses import DistillLossConfig, chunked_distill_loss, make_eval_step
+from llama_jax.losses import (
+    make_eval_step,
+)
 from llama_jax.run_config import RunConfig
-
-
-def linear_schedule(start: float, end: float, total_steps: int):
-    """step -> start + (end - start) * step / total_steps, or `start` when end < 0."""
-    if end < 0:
-        return lambda step: jnp.asarray(start, jnp.float32)
-    return lambda step: start + (end - start) * jnp.minimum(step / total_steps, 1.0)
-
-
-PROJECTION = "feature_projection"  # the trained parameters' key of the learned projection
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureMatch:
-    """Hidden-state distillation: the outputs of `student_layers` are matched to those
-    of `teacher_layers` (pairwise) by `mse` * mean squared error + `cosine` * (1 -
-    cosine similarity), per token and averaged over the pairs; through the trained
-    projection params[PROJECTION]["kernel"] float[M, D_student, D_teacher] when
-    `projected`."""
-
-    student_layers: tuple[int, ...]
-    teacher_layers: tuple[int, ...]
-    mse: float
-    cosine: float
-    projected: bool
-
-
-def feature_distance(x_student_MBTD, x_teacher_MBTD, kernel_MDE, match: FeatureMatch):
-    """float32[B, T]: the weighted feature distance of each token, averaged over the M
-    matched layers. kernel: float[M, D_student, D_teacher] or None (equal widths)."""
-    s = x_student_MBTD.astype(jnp.float32)
-    t = jax.lax.stop_gradient(x_teacher_MBTD).astype(jnp.float32)
-    if kernel_MDE is not None:
-        s = jnp.einsum("MBTD,MDE->MBTE", s, kernel_MDE.astype(jnp.float32))
-    out = jnp.zeros(s.shape[1:3], jnp.float32)
-    if match.mse:
-        out += match.mse * jnp.mean(jnp.square(s - t), axis=(0, 3))
-    if match.cosine:
-        dot = jnp.sum(s * t, axis=-1)
-        norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
-        out += match.cosine * jnp.mean(1.0 - dot / jnp.maximum(norms, 1e-6), axis=0)
-    return out
-
-
-def make_distill_step(
-    student_graphdef,
-    teacher_graphdef,
-    tx,
-    schedule,
-    loss_cfg: DistillLossConfig,
-    *,
-    alpha_fn,
-    temperature_fn,
-    grad_accum: int = 1,
-    loss_chunk: int = 512,
-    features: FeatureMatch | None = None,
-):
-    """Returns step(state, batch, frozen) -> (state, metrics), not yet jitted.
-
-    frozen: {"teacher": the teacher's params} and, for a LoRA student, "base": the
-    frozen student base the state's adapters are combined with.
-
-    The teacher's hidden states are computed without gradients; the loss is
-    alpha * KD + (1 - alpha) * CE with alpha and the temperature following
-    `alpha_fn(step)` and `temperature_fn(step)`, plus the feature distance of
-    `features` when given (the state's params then hold the student's and, when
-    projected, params[PROJECTION]). Metrics add `kd`, `ce`, `alpha` and `temperature`
-    to the training ones, and `feature` with features.
-    """
-
-    def loss_sum(params, micro, step, frozen):
-        params = dict(params)
-        projection = params.pop(PROJECTION, None)
-        if "base" in frozen:
-            params = lora.combine(jax.lax.stop_gradient(frozen["base"]), params)
-        student = nnx.merge(student_graphdef, params)
-        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(frozen["teacher"]))
-        kwargs = dict(segment_ids_BT=micro["segment_ids"])
-        if features is None:
-            h_teacher, _ = teacher.hidden_states(micro["tokens"], **kwargs)
-            h_student, _ = student.hidden_states(micro["tokens"], **kwargs)
-        else:
-            h_teacher, x_teacher = teacher.layer_states(
-                micro["tokens"], features.teacher_layers, **kwargs
-            )
-            h_student, x_student = student.layer_states(
-                micro["tokens"], features.student_layers, **kwargs
-            )
-        alpha, temperature = alpha_fn(step), temperature_fn(step)
-        out = chunked_distill_loss(
-            h_student,
-            lambda h: student.unembed(h, out_dtype=jnp.float32),
-            jax.lax.stop_gradient(h_teacher),
-            lambda h: teacher.unembed(h, out_dtype=jnp.float32),
-            micro["targets"],
-            micro["loss_mask"],
-            loss_cfg,
-            chunk=loss_chunk,
-            alpha=alpha,
-            temperature=temperature,
-        )
-        count = out["count"]
-        aux = {
-            "count": count,
-            "kd": out["kd_sum"],
-            "ce": out["ce_sum"],
-            # Reported as means over tokens like the sums, so weight them by the count.
-            "alpha": alpha * count,
-            "temperature": temperature * count,
-            "teacher_nll": out["teacher_ce_sum"],
-        }
-        total = out["loss_sum"]
-        if features is not None:
-            kernel = None if projection is None else projection["kernel"]
-            per_token = feature_distance(x_student, x_teacher, kernel, features)
-            aux["feature"] = jnp.sum(per_token * (micro["loss_mask"] != 0))
-            total = total + aux["feature"]
-        return total, aux
-
-    return train_step.make_step(loss_sum, tx, schedule, grad_accum=grad_accum)
 
 
 def perplexity(eval_fn, params, batches) -> float:
@@ -213,6 +104,17 @@ def student_model_config(cfg: RunConfig, teacher_config: LlamaConfig) -> LlamaCo
             raise ConfigError("set model.model_dir or model.teacher_layers, not both")
         layers = parse_layer_map(cfg.model.teacher_layers, teacher_config.num_layers)
         return dataclasses.replace(teacher_config, num_layers=len(layers))
+    if cfg.structured is not None:
+        pruned = structured.target_config(teacher_config, cfg.structured)
+        # The recipes also give the shape as preset overrides, for ahead-of-time
+        # compilation without the teacher's directory: they must agree.
+        if cfg.model.overrides and cfg.model.preset_config() != pruned:
+            raise ConfigError(
+                f"model.preset={cfg.model.preset!r} with model.overrides gives "
+                f"{cfg.model.preset_config()}, but the structured targets make the teacher "
+                f"{pruned}; make them agree or drop model.overrides"
+            )
+        return pruned
     return train.resolve_model_config(cfg.model)
 
 
@@ -240,39 +142,6 @@ def abstract_teacher(cfg: RunConfig, teacher_config: LlamaConfig, mesh, rules):
     return model_dir.abstract_params(teacher_config, mesh, rules, **quant, **cfg.teacher.kwargs())
 
 
-def feature_match(
-    cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig
-) -> FeatureMatch | None:
-    """The checked FeatureMatch of `distill.features`, or None without features."""
-    d = cfg.distill
-    if not d.features:
-        return None
-    for who, layers, config in (
-        ("student", [s for s, _ in d.features], student_config),
-        ("teacher", [t for _, t in d.features], teacher_config),
-    ):
-        bad = [i for i in layers if i >= config.num_layers]
-        if bad:
-            raise ConfigError(
-                f"distill.features names {who} layer(s) {bad}; the {who} has "
-                f"{config.num_layers} layers (0..{config.num_layers - 1})"
-            )
-    equal = student_config.embed_dim == teacher_config.embed_dim
-    if d.feature_projection == "never" and not equal:
-        raise ConfigError(
-            f"distill.feature_projection='never', but the student's width "
-            f"{student_config.embed_dim} is not the teacher's {teacher_config.embed_dim}; "
-            "features of different widths need the learned projection ('auto')"
-        )
-    return FeatureMatch(
-        student_layers=tuple(s for s, _ in d.features),
-        teacher_layers=tuple(t for _, t in d.features),
-        mse=d.feature_mse,
-        cosine=d.feature_cosine,
-        projected=d.feature_projection == "always" or not equal,
-    )
-
-
 class Distillation(train.Recipe):
     """The student trains against a frozen teacher on the same mesh and rules. The
     teacher is passed to the step as a non-donated argument and never saved; checkpoints
@@ -294,6 +163,9 @@ class Distillation(train.Recipe):
             if not epath.Path(cfg.teacher.model_dir).exists():
                 raise ConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
             teacher_config = model_dir.read_config(cfg.teacher.model_dir)
+            if cfg.structured is not None:
+                structured_dir.check_source(cfg.teacher.model_dir)
+                structured_dir.calibration_source(cfg.structured, cfg.data)
         if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
             raise ConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
         self.teacher_config = teacher_config
@@ -301,6 +173,9 @@ class Distillation(train.Recipe):
         check_pair(cfg, self.model_config, teacher_config)
         self.features = feature_match(cfg, self.model_config, teacher_config)
         self.on_policy = cfg.distill.on_policy
+        self.cache = None
+        if cfg.teacher.logits_dir:
+            self.cache = open_cache(cfg, self.model_config, teacher_config)
 
     def build(self, p: train_step.Plan) -> train_step.Step:
         cfg = self.cfg
@@ -316,9 +191,17 @@ class Distillation(train.Recipe):
             )
             self.abstract_adapters = abstract
             student = lora.combine(frozen["base"], abstract)
-        self.teacher_graphdef, frozen["teacher"] = abstract_teacher(
+        self.teacher_graphdef, abstract_teacher_params = abstract_teacher(
             cfg, self.teacher_config, p.mesh, p.rules
         )
+        extra_batch = {}
+        if self.cache is None:
+            frozen["teacher"] = abstract_teacher_params
+        else:
+            shape = (*p.batch_shape, self.cache.layout.record_bytes)
+            extra_batch[logit_cache.RECORDS] = jax.ShapeDtypeStruct(
+                shape, jnp.uint8, sharding=logit_cache.records_sharding(p.batch_sh)
+            )
         self.abstract_frozen = frozen
         if self.features is not None and self.features.projected:
             abstract = abstract | {PROJECTION: {"kernel": self._abstract_projection(p)}}
@@ -335,6 +218,7 @@ class Distillation(train.Recipe):
             grad_accum=cfg.train.grad_accum,
             loss_chunk=cfg.train.loss_chunk,
             features=self.features,
+            cached=None if self.cache is None else self.cache.layout,
         )
         if self.on_policy is not None:
             config = self.model_config
@@ -348,8 +232,12 @@ class Distillation(train.Recipe):
                 batch_sh=p.batch_sh,
                 from_file=bool(self.on_policy.prompts),
             )
-        name = "teacher" if cfg.lora is None else "teacher and frozen base"
-        return train_step.jit_step(step_fn, tx, p, abstract, frozen, name)
+        name = " and ".join(
+            n for n, k in (("teacher", "teacher"), ("frozen base", "base")) if k in frozen
+        )
+        return train_step.jit_step(
+            step_fn, tx, p, abstract, frozen or None, name, extra_batch=extra_batch
+        )
 
     def _abstract_projection(self, p: train_step.Plan) -> jax.ShapeDtypeStruct:
         shape = (
@@ -368,6 +256,8 @@ class Distillation(train.Recipe):
                 f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen student base "
                 "the adapters are trained on"
             )
+        if self.cache is not None:
+            su.iterator = logit_cache.CachedBatches(su.iterator, self.cache, cfg.train.steps)
         self.prompt_file = None
         if self.on_policy is not None and self.on_policy.prompts:
             self.prompt_file = on_policy.PromptFile(
@@ -399,19 +289,25 @@ class Distillation(train.Recipe):
                 self.lora_meta,
                 saved,
             )
-        train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
-        self.teacher_params = model_dir.load_params(
-            cfg.teacher.model_dir, self.teacher_config, self.abstract_frozen["teacher"]
-        )
-        self.teacher_meta = {
-            "source": str(cfg.teacher.model_dir),
-            "fingerprint": checkpoint.fingerprint(self.teacher_config, self.teacher_params),
-        }
+        self.teacher_params = None
+        if self.cache is None:
+            train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
+            self.teacher_params = model_dir.load_params(
+                cfg.teacher.model_dir, self.teacher_config, self.abstract_frozen["teacher"]
+            )
+            fingerprint = checkpoint.fingerprint(self.teacher_config, self.teacher_params)
+        else:
+            fingerprint = self.cache.meta["teacher"]["fingerprint"]
+        self.teacher_meta = {"source": str(cfg.teacher.model_dir), "fingerprint": fingerprint}
+        if self.cache is not None:
+            self.teacher_meta["logits_dir"] = str(self.cache.directory)
         if saved is not None:
             check_same_teacher(saved["teacher"], self.teacher_meta, cfg.teacher.model_dir)
         self.student_eval = make_eval_step(self.graphdef, cfg.train.loss_chunk)
         self.teacher_ppl = None
-        return {"teacher": self.teacher_params} | ({} if self.base is None else {"base": self.base})
+        frozen = {} if self.cache is not None else {"teacher": self.teacher_params}
+        frozen |= {} if self.base is None else {"base": self.base}
+        return frozen or None
 
     def _student(self, params):
         """The student's full parameters from the trained ones (no projection; a LoRA
@@ -443,6 +339,25 @@ class Distillation(train.Recipe):
         cfg = self.cfg
         if cfg.lora is not None:
             return lora.init_adapters(self.make_model, self.abstract_adapters)
+        if cfg.structured is not None:
+            _, abstract = model_dir.abstract_params(
+                self.model_config, su.mesh, su.rules, **cfg.model.kwargs()
+            )
+            tokenizer_dir = model_dir.find_tokenizer(cfg.teacher.model_dir)
+            return structured_dir.load_or_prune(
+                epath.Path(su.workdir) / "pruned_student",
+                cfg.structured,
+                self.teacher_config,
+                self.teacher_params,
+                abstract,
+                tokenizer=su.tokenizer,
+                mesh=su.mesh,
+                rules=su.rules,
+                run_data=cfg.data,
+                dtype=jnp.dtype(cfg.teacher.dtype),
+                teacher_source=str(cfg.teacher.model_dir),
+                files=model_dir.tokenizer_files(tokenizer_dir) if tokenizer_dir else None,
+            )
         if not cfg.model.teacher_layers:
             return train.initial_params(
                 cfg.model, self.model_config, self.make_model, su.mesh, su.rules
@@ -479,14 +394,19 @@ class Distillation(train.Recipe):
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"teacher": self.teacher_meta} | (
-            {} if self.base is None else {"lora": self.lora_meta}
-        )
+        out = {"teacher": self.teacher_meta}
+        if self.base is not None:
+            out["lora"] = self.lora_meta
+        if self.cfg.structured is not None:
+            out["structured"] = dataclasses.asdict(self.cfg.structured)
+        return out
 
     def flops_per_token(self) -> float:
         seq = self.cfg.data.seq_len
         # The teacher runs forward only: a third of its training FLOPs.
         teacher = train_step.matmul_flops_per_token(self.teacher_config, seq) / 3
+        if self.cache is not None:
+            teacher = 0.0
         frozen = self.cfg.lora is not None
         return train_step.matmul_flops_per_token(self.model_config, seq, frozen=frozen) + teacher
 
@@ -500,10 +420,10 @@ class Distillation(train.Recipe):
         out["eval_ppl"] = perplexity(
             self.student_eval, self._student(state.params), self.eval_batches
         )
-        if self.teacher_ppl is None:
+        if self.teacher_ppl is None and self.teacher_params is not None:
             teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
             self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)
-        return out | {"teacher_eval_ppl": self.teacher_ppl}
+        return out if self.teacher_ppl is None else out | {"teacher_eval_ppl": self.teacher_ppl}
 
     def _sampling_metrics(self, step: int) -> dict[str, float]:
         """Since the last log: the steps that sampled (over the whole run), the mean
@@ -524,6 +444,31 @@ class Distillation(train.Recipe):
         out["train_s"] = train_s
         self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": now}
         return out
+
+
+def open_cache(cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig):
+    """The teacher's logit cache of `teacher.logits_dir`, refused unless it was written
+    for this run's data settings, vocabulary and teacher (its architecture and
+    directory: the weights are not read to compare them) with k >= distill.top_k."""
+    cache = logit_cache.LogitCache(cfg.teacher.logits_dir)
+    diffs = cache.mismatches(
+        cfg.data, vocab_size=student_config.vocab_size, teacher_config=teacher_config
+    )
+    written_from = cache.meta["teacher"].get("source", "")
+    if (
+        cfg.teacher.model_dir
+        and written_from
+        and (logit_cache.norm_path(written_from) != logit_cache.norm_path(cfg.teacher.model_dir))
+    ):
+        diffs.append(f"teacher: cache {written_from!r}, run {cfg.teacher.model_dir!r}")
+    if cfg.distill.loss.top_k > cache.layout.top_k:
+        diffs.append(f"distill.top_k={cfg.distill.loss.top_k}, cache k={cache.layout.top_k}")
+    if diffs:
+        raise ConfigError(
+            f"{cache.directory} was written for another run: {'; '.join(diffs)}; write a "
+            "cache for this one (python -m launch.teacher_logits) or match its settings"
+        )
+    return cache
 
 
 def run(cfg, workdir) -> dict[str, float]:

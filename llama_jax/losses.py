@@ -347,7 +347,7 @@ def chunked_sparse_distill_loss(
     temperature: float | jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Summed distillation and data losses of a student against a teacher's stored
-    top-k distribution (e.g. `logit_cache.decode` of cached records).
+    top-k distribution (e.g. `logit_records.decode` of cached records).
 
     h_student: dtype[B, T, D] final hidden states; student_unembed: [B, C, D] ->
     [B, C, V] logits; teacher_ids: int32[B, T, k], the teacher's k most likely tokens,

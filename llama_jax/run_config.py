@@ -21,7 +21,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from llama_jax import lora, prune, sharding
+from llama_jax import lora, prune, sharding, structured
 from llama_jax.config import LlamaConfig, get_preset
 from llama_jax.data import DataConfig
 from llama_jax.errors import ConfigError
@@ -134,13 +134,15 @@ class CheckpointSpec:
 @dataclasses.dataclass(frozen=True)
 class TeacherSpec:
     """The frozen teacher: a model directory, or a preset for shapes alone (ahead of
-    time compilation); computed and held in `dtype`."""
+    time compilation); computed and held in `dtype`. With `logits_dir` its cached top-k
+    distributions replace it in the step (its directory gives the architecture only)."""
 
     model_dir: str = ""
     preset: str = ""
     dtype: str = "bfloat16"
     scan_layers: bool = True
     attention_impl: str = "auto"
+    logits_dir: str = ""  # its cached top-k distributions (launch.teacher_logits)
 
     def kwargs(self) -> dict[str, Any]:
         """The teacher's `Llama` keyword arguments: no remat (it takes no gradient)."""
@@ -208,6 +210,7 @@ class RunConfig:
     prune: prune.PruneConfig | None = None
     teacher: TeacherSpec | None = None
     distill: DistillSpec | None = None
+    structured: structured.StructuredConfig | None = None
 
     @classmethod
     def of(cls, cfg) -> RunConfig:
@@ -358,6 +361,11 @@ def _parse(raw: Mapping[str, Any]) -> RunConfig:
             )
     elif model.teacher_layers:
         raise ConfigError("model.teacher_layers needs a teacher: use a distillation config")
+    structured_cfg = structured.from_config(raw.get("structured"))
+    if structured_cfg is not None:
+        _check_structured(model, teacher, distill, lora_cfg)
+    if teacher is not None and teacher.logits_dir:
+        _check_cached_teacher(model, distill, structured_cfg)
     return RunConfig(
         model=model,
         mesh=mesh,
@@ -370,7 +378,37 @@ def _parse(raw: Mapping[str, Any]) -> RunConfig:
         prune=prune_cfg,
         teacher=teacher,
         distill=distill,
+        structured=structured_cfg,
     )
+
+
+def _check_structured(model: ModelSpec, teacher, distill, lora_cfg) -> None:
+    if teacher is None:
+        raise ConfigError(
+            "structured pruning at start-up needs a distillation config: the student is the "
+            "teacher sliced to the structured targets (launch.prune --structured prunes a "
+            "model directory on its own)"
+        )
+    if model.model_dir or model.teacher_layers or lora_cfg is not None:
+        raise ConfigError(
+            "with structured targets the student starts as the pruned teacher; leave "
+            "model.model_dir, model.teacher_layers and lora.rank unset"
+        )
+
+
+def _check_cached_teacher(model: ModelSpec, distill: DistillSpec, structured_cfg) -> None:
+    """What cannot run without the teacher's weights in the step."""
+    needs = [
+        (bool(distill.features), "distill.features (the cache holds no hidden states)"),
+        (distill.on_policy is not None, "distill.on_policy (the teacher scores new samples)"),
+        (bool(model.teacher_layers), "model.teacher_layers (built from the teacher's weights)"),
+        (structured_cfg is not None, "structured pruning (it slices the teacher's weights)"),
+    ]
+    refused = [why for on, why in needs if on]
+    if refused:
+        raise ConfigError(
+            "teacher.logits_dir replaces the live teacher, which these need: " + "; ".join(refused)
+        )
 
 
 def _parse_distillation(raw: Mapping[str, Any]) -> tuple[TeacherSpec, DistillSpec]:

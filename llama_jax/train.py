@@ -33,6 +33,7 @@ from llama_jax import (
     prune,
     quant,
     sharding,
+    structured,
 )
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError, NonFiniteLossError
@@ -310,6 +311,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     recipe.check(su)
 
     workdir, ckpt = open_run(cfg, workdir)
+    su.workdir = workdir
     saved = None
     if ckpt.latest_step() is not None:
         saved = model_dir.run_meta(workdir)
@@ -451,6 +453,12 @@ def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
         raise ConfigError(
             f"the checkpoint was written with other data settings ({diffs}); resuming would "
             "not see the batches the run would have. Use a new workdir or the old settings."
+        )
+    structured_before = saved.get("structured")
+    if structured.from_config(structured_before) != cfg.structured:
+        raise ConfigError(
+            f"the checkpoint was written with structured settings {structured_before}, not "
+            f"{cfg.raw.get('structured')}; resume with the same block or use a new workdir"
         )
     prune_before = saved.get("prune")
     if prune.from_config(prune_before) != cfg.prune:

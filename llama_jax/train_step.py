@@ -82,7 +82,10 @@ def make_step(loss_fn, tx: optax.GradientTransformation, schedule: optax.Schedul
             micro = jax.tree.map(split, dict(batch))
 
             def body(carry, mb):
-                mb = {k: sharding.constrain(v, ("batch", "length")) for k, v in mb.items()}
+                mb = {
+                    k: sharding.constrain(v, ("batch", "length") + (None,) * (v.ndim - 2))
+                    for k, v in mb.items()
+                }
                 (t, a), g = grad_fn(state.params, mb, state.step, *args)
                 acc_t, acc_a, acc_g = carry
                 acc_g = jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g)
@@ -313,14 +316,18 @@ class Step:
         return (self.state, self.batch) + (() if self.frozen is None else (self.frozen,))
 
 
-def jit_step(step_fn, tx, p: Plan, abstract_params, frozen=None, frozen_name="") -> Step:
+def jit_step(
+    step_fn, tx, p: Plan, abstract_params, frozen=None, frozen_name="", extra_batch=None
+) -> Step:
     """Jits step_fn(state, batch[, frozen]) (from `make_step`) for the parameters
-    `abstract_params` (ShapeDtypeStructs with shardings) on p's mesh."""
+    `abstract_params` (ShapeDtypeStructs with shardings) on p's mesh. extra_batch: batch
+    entries besides data.FIELDS, as ShapeDtypeStructs [B, T, ...] sharded like the
+    batch on B and T."""
     shardings = state_shardings(abstract_params, tx, p.mesh)
     extra = () if frozen is None else (jax.tree.map(lambda x: x.sharding, frozen),)
     batch = {
         k: jax.ShapeDtypeStruct(p.batch_shape, jnp.int32, sharding=p.batch_sh) for k in data.FIELDS
-    }
+    } | dict(extra_batch or {})
     return Step(
         fn=jit_train_step(step_fn, shardings, p.batch_sh, *extra),
         tx=tx,

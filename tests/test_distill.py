@@ -11,7 +11,7 @@ import pytest
 from hf_models import make_hf_model
 
 from configs import distill_tiny
-from llama_jax import distill, model_dir, transforms
+from llama_jax import distill, distill_step, model_dir, transforms
 from llama_jax.errors import ConfigError
 
 REPO = Path(__file__).parents[1]
@@ -125,8 +125,8 @@ def test_feature_distance_by_hand():
     rng = np.random.RandomState(0)
     s, t = rng.randn(2, 3, 5, 4).astype(np.float32), rng.randn(2, 3, 5, 6).astype(np.float32)
     kernel = rng.randn(2, 4, 6).astype(np.float32)
-    match = distill.FeatureMatch((0, 1), (0, 1), mse=0.7, cosine=0.3, projected=True)
-    got = np.asarray(distill.feature_distance(s, t, kernel, match))
+    match = distill_step.FeatureMatch((0, 1), (0, 1), mse=0.7, cosine=0.3, projected=True)
+    got = np.asarray(distill_step.feature_distance(s, t, kernel, match))
     p = np.einsum("mbtd,mde->mbte", s, kernel)
     mse = ((p - t) ** 2).mean(axis=(0, 3))
     cos = (p * t).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1))
@@ -152,10 +152,10 @@ def test_feature_distillation_matches_the_mapped_layers(tmp_path, teachers):
     last = distill.run(cfg, str(tmp_path / "projected"))
     assert np.isfinite(last["loss"]) and last["feature"] > 0
     params = _state_tree(tmp_path / "projected" / "checkpoints" / "4")["params"]
-    assert params[distill.PROJECTION]["kernel"].shape == (2, 32, 40)
+    assert params[distill_step.PROJECTION]["kernel"].shape == (2, 32, 40)
     config = model_dir.read_config(tmp_path / "projected")
     names = {n for n, _ in model_dir.iter_host_params(tmp_path / "projected", config)}
-    assert names and not any(distill.PROJECTION in n for n in names)
+    assert names and not any(distill_step.PROJECTION in n for n in names)
 
 
 def test_demo_small_kd_student_beats_ce_student(tmp_path):

@@ -1,0 +1,193 @@
+r"""Teacher logit cache benchmark: bytes per token on disk, the writer's throughput, and
+the largest error of a stored log-probability against the teacher's float32 softmax.
+
+  python -m bench.teacher_logits           # CPU: small; accelerators: llama3.2-1b
+  python -m bench.teacher_logits --quick   # the small teacher on any device, 4 steps
+
+The teacher has random weights and the data random token rows; the cache keeps k = 64
+tokens per position (and reports the layout's size at k = 8). Bytes per token count
+every shard file (headers and per-row checksums included) over the tokens they hold.
+Tokens per second is the writer's own figure: the teacher's forward pass, top-k,
+packing and shard writing over all devices, from the end of the first (compiling) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common
+
+SIZES = {
+    # (preset, overrides, seq, batch): the small teacher keeps LLaMA 3's vocabulary, so
+    # its records have the ids' real width.
+    "small": ("tiny", "vocab_size=128256", 128, 8),
+    "1b": ("llama3.2-1b", "", 2048, 8),
+}
+TOP_K = 64
+
+
+def _teacher_dir(root: Path, config, dtype) -> Path:
+    from flax import nnx
+
+    from llama_jax import dir_writer, sharding
+    from llama_jax.model import Llama
+
+    mesh = sharding.create_mesh()
+    model = sharding.create_sharded(
+        lambda: Llama(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)),
+        mesh,
+        sharding.DEFAULT_RULES,
+    )
+    params = nnx.to_pure_dict(nnx.split(model)[1])
+    del model
+    return dir_writer.write_model_dir(
+        root / "teacher", config, dir_writer.handed_out(params), metadata={}
+    )
+
+
+def _config(teacher: Path, data: Path, seq: int, batch: int, steps: int, dtype: str):
+    from configs.base import distill_config
+
+    c = distill_config()
+    c.teacher.model_dir = str(teacher)
+    c.teacher.dtype = dtype
+    c.data.update(path=str(data), format="tokens", seq_len=seq, global_batch=batch)
+    c.train.steps = steps
+    return c
+
+
+def _max_error(cache_dir: Path, teacher: Path, rows: int = 2) -> dict:
+    """The largest |stored - exact| log-probability and tail log-mass over the first
+    rows of batch 0, against the teacher's float32 softmax."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from llama_jax import logit_cache, logit_records, model_dir
+
+    cache = logit_cache.LogitCache(cache_dir)
+    records, _ = cache.read(0, range(rows))
+    ids, logp, tail = map(np.asarray, logit_records.decode(cache.layout, records))
+    model, _ = model_dir.load_model(teacher)
+    tokens = np.load(cache.meta["data"]["path"])
+    perm = np.random.default_rng((cache.meta["data"]["seed"], 0)).permutation(len(tokens))
+    batch = jnp.asarray(tokens[perm[:rows]], jnp.int32)
+    logits = nnx.jit(lambda m, t: m(t))(model, batch)
+    log_p = np.array(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+    at_ids = np.take_along_axis(log_p, ids, -1)
+    np.put_along_axis(log_p, ids, -np.inf, -1)
+    want_tail = np.logaddexp.reduce(log_p.astype(np.float64), axis=-1)
+    return dict(
+        max_logprob_error=float(np.max(np.abs(logp - at_ids))),
+        max_tail_error=float(np.max(np.abs(tail - want_tail))),
+        positions_checked=int(ids.shape[0] * ids.shape[1]),
+    )
+
+
+def run(size: str, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax import logit_cache_writer
+    from llama_jax.config import get_preset
+    from llama_jax.logit_records import Layout
+    from llama_jax.run_config import apply_overrides
+
+    preset, overrides, seq, batch = SIZES[size]
+    config = apply_overrides(get_preset(preset), overrides)
+    dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        teacher = _teacher_dir(root, config, jnp.dtype(dtype))
+        rng = np.random.default_rng(0)
+        data = root / "rows.npy"
+        np.save(data, rng.integers(3, 263, (4 * batch, seq), dtype=np.int32))
+        cfg = _config(teacher, data, seq, batch, steps, dtype)
+        start = time.perf_counter()
+        summary = logit_cache_writer.write(cfg, root / "cache", top_k=TOP_K, log_every=steps)
+        wall = time.perf_counter() - start
+        shards = sorted((root / "cache" / "shards").iterdir())
+        disk = sum(p.stat().st_size for p in shards)
+        errors = _max_error(root / "cache", teacher)
+    tokens = steps * batch * seq
+    return dict(
+        size=size,
+        teacher_params=config.num_params(),
+        vocab=config.vocab_size,
+        seq=seq,
+        batch=batch,
+        dtype=dtype,
+        steps=steps,
+        top_k=TOP_K,
+        record_bytes=summary["record_bytes"],
+        record_bytes_k8=Layout(8, config.vocab_size).record_bytes,
+        bytes_per_token=round(disk / tokens, 2),
+        shard_files=len(shards),
+        tokens_per_s=None if summary["tokens_per_s"] is None else round(summary["tokens_per_s"]),
+        wall_s=round(wall, 2),
+        **{k: round(v, 6) if isinstance(v, float) else v for k, v in errors.items()},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="auto", choices=["auto", *sorted(SIZES)])
+    parser.add_argument("--quick", action="store_true", help="the small size, 4 steps")
+    parser.add_argument("--steps", type=int, default=16)
+    args = parser.parse_args()
+    facts = common.device_facts()
+    reference = "small" if facts["platform"] == "cpu" else "1b"
+    if args.quick:
+        args.size, args.steps = "small", min(args.steps, 4)
+    size = reference if args.size == "auto" else args.size
+    row = run(size, args.steps)
+    print(common.table([row], list(row)))
+    targets = [
+        common.target(
+            "logit_cache_bytes_per_token_k64",
+            "teacher logit cache on disk at k = 64, vocabulary 128256",
+            row["bytes_per_token"],
+            300,
+            "<=",
+            "bytes/token",
+            row["vocab"] == 128256,
+        ),
+        common.target(
+            "logit_cache_max_logprob_error",
+            "largest error of a stored log-probability",
+            row["max_logprob_error"],
+            1e-2,
+            "<=",
+            "nats",
+            True,
+        ),
+    ]
+    common.print_targets(targets)
+    path = common.write_result(
+        "teacher_logits",
+        facts["device"],
+        dict(
+            facts=facts,
+            cache=row,
+            targets=targets,
+            units=dict(
+                record_bytes="bytes/position",
+                bytes_per_token="bytes on disk / cached token",
+                tokens_per_s="teacher tokens/s (all devices)",
+                wall_s="s (loading, compiling and writing included)",
+                max_logprob_error="nats",
+                max_tail_error="nats",
+            ),
+        ),
+        quick=args.quick and size != reference,
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
