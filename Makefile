@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(PY) -m bench.convert --quick
 	$(PY) -m bench.prune --quick
 	$(PY) -m bench.on_policy --quick
+	$(PY) -m bench.structured_prune --quick
+	$(PY) -m bench.teacher_logits --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -23,13 +23,17 @@ class ModelToModelFlags(NamedTuple):
 
 
 def model_to_model_flags(
-    model_help: str, verb: str, tokenizer_default: str = "the model's own"
+    model_help: str,
+    verb: str,
+    tokenizer_default: str = "the model's own",
+    out_required: bool = True,
 ) -> ModelToModelFlags:
     """Defines the flags of a command that writes one model directory from another:
-    --model_dir, --out_dir, --mesh (the one `verb` runs on), --tokenizer, --overwrite."""
+    --model_dir, --out_dir (required unless out_required is False: then the command
+    checks it), --mesh (the one `verb` runs on), --tokenizer, --overwrite."""
     return ModelToModelFlags(
         flags.DEFINE_string("model_dir", None, model_help, required=True),
-        flags.DEFINE_string("out_dir", None, "Output model directory.", required=True),
+        flags.DEFINE_string("out_dir", None, "Output model directory.", required=out_required),
         flags.DEFINE_string("mesh", "fsdp=-1", f"Mesh to {verb} on, e.g. 'fsdp=-1,tensor=4'."),
         flags.DEFINE_string(
             "tokenizer",

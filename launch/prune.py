@@ -21,8 +21,8 @@ ranked by their activations on --calibration_data, and the least important are s
 away to the target sizes given (--num_layers, --num_heads, --num_kv_heads, --mlp_dim,
 --embed_dim; any subset). The output is a smaller dense converted model directory
 with metadata.json "structured" and importance.npz (every score and kept index).
---dry_run prints the target parameter count and the ranking and writes nothing (the
-required --out_dir is then only a name). Distil from the unpruned model to recover
+--dry_run prints the target parameter count and the ranking and writes nothing (no
+--out_dir needed). Distil from the unpruned model to recover
 (configs/distill_minitron_tiny.py).
 """
 
@@ -30,7 +30,7 @@ from absl import app, flags
 
 from launch import common
 
-_IO = common.model_to_model_flags("Float model directory.", "prune")
+_IO = common.model_to_model_flags("Float model directory.", "prune", out_required=False)
 # --help lists the shared flags beside this command's own.
 flags.adopt_module_key_flags(common)
 _SPARSITY = flags.DEFINE_float(
@@ -174,6 +174,8 @@ def main(argv):
         raise app.UsageError(f"{_present(_MAGNITUDE)} are magnitude options; not --structured")
     if not _STRUCTURED.value and _present(_STRUCTURED_ONLY):
         raise app.UsageError(f"{_present(_STRUCTURED_ONLY)} need --structured")
+    if _IO.out_dir.value is None and not (_STRUCTURED.value and _DRY_RUN.value):
+        raise app.UsageError("--out_dir is required (only --structured --dry_run writes nothing)")
     common.quiet_logs()
     common.init_distributed()
     from llama_jax import sharding
