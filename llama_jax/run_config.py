@@ -27,41 +27,11 @@ from llama_jax.data import DataConfig
 from llama_jax.errors import ConfigError
 from llama_jax.layers import LoraConfig
 from llama_jax.losses import DistillLossConfig
+from llama_jax.optim import OptimizerConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 # LlamaConfig fields that are not scalars, so `model.overrides` cannot set them.
 _NOT_OVERRIDABLE = ("rope_scaling", "eos_token_ids")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with global-norm clipping, after a linear warmup a cosine, linear or
-    constant learning rate to `learning_rate * end_lr_ratio` at `total_steps`."""
-
-    learning_rate: float = 3e-4
-    warmup_steps: int = 100
-    decay: str = "cosine"
-    total_steps: int = 1000
-    end_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-
-    def __post_init__(self):
-        if self.decay not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"lr decay={self.decay!r}; expected 'cosine', 'linear' or 'constant'")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
-        # warmup_steps > total_steps is allowed: short trial runs never reach the peak.
-        if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ConfigError(
-                f"warmup_steps={self.warmup_steps} must be >= 0 and "
-                f"total_steps={self.total_steps} >= 1"
-            )
-        if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise ConfigError(f"end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError
 from llama_jax.losses import token_loss_sum
 from llama_jax.model import Llama
-from llama_jax.run_config import ModelSpec, OptimizerConfig, RunConfig
+from llama_jax.optim import OptimizerConfig
+from llama_jax.run_config import ModelSpec, RunConfig
 
 
 @struct.dataclass

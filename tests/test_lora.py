@@ -21,7 +21,6 @@ from llama_jax import (
     model_dir,
     optim,
     quant,
-    run_config,
     sharding,
     train,
     train_step,
@@ -207,7 +206,7 @@ def test_training_moves_only_the_adapters(models):
     base_sh = _shardings(model_dir.abstract_params(CFG, mesh)[1])
     base = jax.device_put(base, base_sh)
     before = jax.device_get(base)
-    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     tx = optim.make_optimizer(opt)
     state, shardings = train_step.init_state(
         jax.device_put(adapters, _shardings(abstract)), tx, mesh

@@ -22,7 +22,6 @@ from llama_jax import (
     model_dir,
     optim,
     prune,
-    run_config,
     sharding,
     train,
     train_step,
@@ -63,7 +62,7 @@ def _expected(s, n):
 def _run_schedule(cfg, params, steps, seed=0):
     """AdamW (with weight decay) wrapped in pruning for `steps` steps on random
     gradients; yields (count, params, state) after every step."""
-    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps)
+    opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=steps)
     tx = prune.masked(optim.make_optimizer(opt), cfg, params)
     state = tx.init(params)
 

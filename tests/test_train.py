@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from llama_jax import optim, run_config, sharding, train, train_step
+from llama_jax import optim, sharding, train, train_step
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.model import Llama
@@ -44,7 +44,7 @@ def _batch(b=8, t=32):
 
 def _losses(mesh_axes, devices=8, grad_accum=1, steps=3):
     mesh = sharding.create_mesh(devices=jax.devices()[:devices], **mesh_axes)
-    opt = run_config.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
     tx = optim.make_optimizer(opt)
     model = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(0)), mesh)
     graphdef, state = nnx.split(model)
@@ -103,9 +103,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 def test_learning_rate_schedule():
     sched = optim.learning_rate_schedule(
-        run_config.OptimizerConfig(
-            learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1
-        )
+        optim.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
     )
     assert float(sched(0)) == 0.0
     assert float(sched(5)) == pytest.approx(0.5)
