@@ -9,6 +9,13 @@ tokens per position (and reports the layout's size at k = 8). Bytes per token co
 every shard file (headers and per-row checksums included) over the tokens they hold.
 Tokens per second is the writer's own figure: the teacher's forward pass, top-k,
 packing and shard writing over all devices, from the end of the first (compiling) step.
+
+Distillation from the cache (skipped with --no_quality): the demo's teacher is trained
+on its corpus, caches of k = 64 and k = 8 are written for the student's run, and the
+same 2-layer student is distilled (temperature 1) from the live teacher and from each
+cache for the same steps. Reported: held-out perplexity, and step throughput (tokens/s
+after the compiling step, the median of the logged intervals) with the ratio to the
+live teacher's.
 """
 
 from __future__ import annotations
@@ -134,11 +141,74 @@ def run(size: str, steps: int) -> dict:
     )
 
 
+# (demo scale, teacher steps, student steps) of the distillation comparison.
+QUALITY = {"quick": ("small", 80, 60), "full": ("full", 400, 200)}
+
+
+def quality(mode: str, workdir: str) -> dict:
+    import json
+    import os
+    import shutil
+    import statistics
+
+    from launch import demo
+    from llama_jax import distill, logit_cache_writer, losses, model_dir, train
+
+    scale, teacher_steps, steps = QUALITY[mode]
+    s = dict(demo.SCALES[scale])
+    start = time.perf_counter()
+    say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
+    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
+    tok = demo.train_tokenizer(text, workdir, s["vocab"])
+    teacher = os.path.join(workdir, "teacher")
+    say(f"training the teacher ({teacher_steps} steps)")
+    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+
+    def config(logits_dir: str = ""):
+        c = demo.run_config("distill", s, train_data, tok, steps, s["student"])
+        c.teacher.model_dir = teacher
+        c.teacher.dtype = "float32"
+        c.teacher.logits_dir = logits_dir
+        c.distill.temperature = 1.0
+        c.train.log_every = max(steps // 10, 1)
+        return c
+
+    runs = {"live teacher": ""}
+    for k in (64, 8):
+        say(f"writing the k = {k} cache")
+        cache = os.path.join(workdir, f"logits_k{k}")
+        logit_cache_writer.write(config(), cache, top_k=k)
+        runs[f"cache k={k}"] = cache
+    rows = []
+    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
+    su = train.setup(ev, model_dir.read_config(teacher))
+    batches = [next(su.iterator) for _ in range(8)]
+    for name, cache in runs.items():
+        say(f"distilling from the {name} ({steps} steps)")
+        out = os.path.join(workdir, name.replace(" ", "_").replace("=", ""))
+        shutil.rmtree(out, ignore_errors=True)
+        distill.run(config(cache), out)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            logged = [json.loads(x) for x in f if x.strip()]
+        rate = statistics.median(x["tokens_per_s"] for x in logged if "tokens_per_s" in x)
+        config_s = model_dir.read_config(out)
+        graphdef, abstract = model_dir.abstract_params(config_s, su.mesh, su.rules)
+        params = model_dir.load_params(out, config_s, abstract)
+        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
+        rows.append(dict(student=name, eval_ppl=round(ppl, 3), tokens_per_s=round(rate, 1)))
+    live = rows[0]
+    for r in rows:
+        r["ppl_vs_live"] = round(r["eval_ppl"] / live["eval_ppl"] - 1, 4)
+        r["speed_vs_live"] = round(r["tokens_per_s"] / live["tokens_per_s"], 3)
+    return dict(mode=mode, scale=scale, steps=steps, rows=rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="auto", choices=["auto", *sorted(SIZES)])
     parser.add_argument("--quick", action="store_true", help="the small size, 4 steps")
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--no_quality", action="store_true", help="skip the distillation runs")
     args = parser.parse_args()
     facts = common.device_facts()
     reference = "small" if facts["platform"] == "cpu" else "1b"
@@ -147,6 +217,11 @@ def main() -> None:
     size = reference if args.size == "auto" else args.size
     row = run(size, args.steps)
     print(common.table([row], list(row)))
+    q = None
+    if not args.no_quality:
+        with tempfile.TemporaryDirectory(prefix="llama_jax_bench_logits_") as workdir:
+            q = quality("quick" if args.quick else "full", workdir)
+        print(common.table(q["rows"], list(q["rows"][0])))
     targets = [
         common.target(
             "logit_cache_bytes_per_token_k64",
@@ -156,6 +231,16 @@ def main() -> None:
             "<=",
             "bytes/token",
             row["vocab"] == 128256,
+        ),
+        common.target(
+            "logit_cache_k64_student_ppl",
+            "held-out perplexity of the student distilled from the k = 64 cache, relative "
+            "to the live teacher's student",
+            None if q is None else q["rows"][1]["ppl_vs_live"],
+            0.01,
+            "<=",
+            "fraction",
+            q is not None,
         ),
         common.target(
             "logit_cache_max_logprob_error",
@@ -174,6 +259,7 @@ def main() -> None:
         dict(
             facts=facts,
             cache=row,
+            distillation=q,
             targets=targets,
             units=dict(
                 record_bytes="bytes/position",
