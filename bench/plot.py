@@ -156,6 +156,69 @@ def _prune(d, axes) -> str:
     return f"prune: {s['size']} model ({s['num_params']:,} params) for the step"
 
 
+def _structured_prune(d, axes) -> str:
+    rows = d["rows"]
+    _bars(
+        axes[0],
+        [r["model"] for r in rows],
+        {"perplexity": [r["eval_ppl"] for r in rows]},
+        "held-out perplexity",
+        f"quality after {d['kd_steps']} KD steps",
+    )
+    axes[0].tick_params(axis="x", labelsize=7)
+    speed = d["speed"]
+    _bars(
+        axes[1],
+        [r["model"] for r in speed],
+        {"train step ms": [r["step_ms"] for r in speed]},
+        "ms",
+        "train step, dense vs pruned",
+    )
+    return f"structured_prune: {d['scale']} teacher"
+
+
+def _on_policy(d, axes) -> str:
+    rows = [r for r in d["quality"]["rows"] if r["model"] != "teacher"]
+    _bars(
+        axes[0],
+        [r["model"] for r in rows],
+        {"perplexity": [r["eval_ppl"] for r in rows]},
+        "held-out perplexity",
+        "held-out perplexity",
+    )
+    _bars(
+        axes[1],
+        [r["model"] for r in rows],
+        {"teacher log p": [r["teacher_logp"] for r in rows]},
+        "nats per sampled token",
+        "teacher's log-likelihood of the student's samples",
+    )
+    q = d["quality"]
+    return f"on_policy: {q['scale']} scale, {q['student_steps']} student steps"
+
+
+def _teacher_logits(d, axes) -> str:
+    c = d["cache"]
+    _bars(
+        axes[0],
+        ["bytes/token", "target"],
+        {"bytes": [c["bytes_per_token"], 300]},
+        "bytes on disk per token",
+        f"cache at k = {c.get('top_k', 64)}",
+    )
+    q = d.get("distillation")
+    if q:
+        rows = q["rows"]
+        _bars(
+            axes[1],
+            [r["student"] for r in rows],
+            {"perplexity": [r["eval_ppl"] for r in rows]},
+            "held-out perplexity",
+            "students: live teacher vs caches",
+        )
+    return "teacher_logits"
+
+
 _CHARTS = {
     "train": _train,
     "generate": _generate,
@@ -163,6 +226,9 @@ _CHARTS = {
     "quant": _quant,
     "convert": _convert,
     "prune": _prune,
+    "structured_prune": _structured_prune,
+    "on_policy": _on_policy,
+    "teacher_logits": _teacher_logits,
 }
 
 
