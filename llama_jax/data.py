@@ -28,7 +28,6 @@ mapped for local files, one read per row on remote file systems such as gs://).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -40,6 +39,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, Sharding
 
+from llama_jax import jsonl
 from llama_jax.errors import DataError
 from llama_jax.tokenizer import Tokenizer
 
@@ -443,23 +443,7 @@ def read_text(path: epath.Path) -> list[str]:
 
 def read_jsonl(path: epath.Path, field: str) -> list[str]:
     """The `field` string of every line of a JSONL file (a bad line is named)."""
-    docs = []
-    with path.open("rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{line_no}: not a JSON line: {e}") from e
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{line_no}: expected a JSON object with a string {field!r}; got "
-                    f"{line[:80].decode('utf-8', 'replace').strip()!r}"
-                )
-            docs.append(text)
-    return docs
+    return [text for _, text in jsonl.strings(path, field)]
 
 
 def _pack(

@@ -18,8 +18,6 @@ function, run before the step on the same parameters.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +25,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import sharding
+from llama_jax import jsonl, sharding
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.generate import Sampling, sample_logits
 from llama_jax.model import segment_positions
@@ -203,16 +201,8 @@ class PromptFile:
         if tokenizer is None:
             raise ConfigError("distill.on_policy.prompts needs data.tokenizer to tokenize them")
         self.prompts = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(
-                    f"{path}:{n}: expected a JSON object with a {field!r} string ({e})"
-                ) from e
-            ids = tokenizer.encode(str(text))
+        for n, text in jsonl.strings(path, field):
+            ids = tokenizer.encode(text)
             if not ids or len(ids) > prompt_len:
                 raise DataError(
                     f"{path}:{n}: the prompt is {len(ids)} tokens; prompts must have 1 to "

@@ -55,7 +55,6 @@ targets, lengths) is checked by `evaluate.eval_task` before the model runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -64,6 +63,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from llama_jax import jsonl
 from llama_jax.errors import DataError
 from llama_jax.task_metrics import DEFAULT_METRICS, GenerationMetric, parse_metric
 
@@ -189,20 +189,7 @@ def load_task(path) -> Task:
     path = epath.Path(path)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist")
-    records = []
-    with path.open("rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e})") from e
-            if not isinstance(record, dict):
-                raise DataError(
-                    f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}"
-                )
-            records.append((line_no, record))
+    records = list(jsonl.records(path))
     if not records:
         raise DataError(
             f'task file {path} is empty; expected a first line {{"task": {{...}}}} and then '

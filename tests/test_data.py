@@ -375,7 +375,7 @@ def test_source_too_small(text_file, tokenizer):
 @pytest.mark.parametrize(
     "lines, match",
     [
-        (['{"text": "a"}', "{not json"], r"\.jsonl:2: not a JSON line"),
+        (['{"text": "a"}', "{not json"], r"\.jsonl:2: not a valid JSON line"),
         (['{"text": "a"}', "", '{"body": "a"}'], r"\.jsonl:3: expected a JSON object with a str"),
         (['{"text": 3}'], r"\.jsonl:1: expected"),
         (['["a"]'], r"\.jsonl:1: expected"),

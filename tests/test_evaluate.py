@@ -340,7 +340,7 @@ def test_command_prints_one_json_line_and_names_bad_input(hf, tmp_path, capsys, 
     long_answer = {"type": "generate", "prompt": "{q}", "max_new_tokens": 24}
     for content, args, message in [
         ([{"task": {**MC, "prompt": "{question}"}}, GOOD], ["--tasks"], "t.jsonl:2: the prompt"),
-        ([{"task": MC}, "{oops"], ["--tasks"], "t.jsonl:2: not valid JSON"),
+        ([{"task": MC}, "{oops"], ["--tasks"], "t.jsonl:2: not a valid JSON line"),
         ([], ["--data"], "bad.jsonl:2: expected a JSON object with a string 'text'"),
         ([], ["--data", "--split=blank_lines"], "split='blank_lines' applies to text files"),
         (

@@ -87,7 +87,7 @@ GEN_EX = {"q": "a", "answer": "b"}
     "lines,message",
     [
         ([], "is empty"),
-        ([{"task": MC}, GOOD, '{"q": "b", '], r":3: not valid JSON"),
+        ([{"task": MC}, GOOD, '{"q": "b", '], r":3: not a valid JSON line"),
         ([GOOD], r":1: the first line must be"),
         ([{"task": {**MC, "type": "mc"}}, GOOD], r"task type 'mc' is unknown"),
         ([{"task": {**MC, "prompts": "x"}}, GOOD], r"unknown task spec keys \['prompts'\]"),
