@@ -173,6 +173,32 @@ def _check_alpha(alpha):
         raise ConfigError(f"distill alpha={alpha!r}; expected a number in [0, 1]")
 
 
+def _alpha_and_temperature(cfg: DistillLossConfig, alpha, temperature):
+    """float32[] alpha and temperature: cfg's, or the given ones (checked when Python
+    numbers; traced schedule values are taken as they are)."""
+    if alpha is None:
+        alpha = cfg.alpha
+    elif isinstance(alpha, int | float):
+        _check_alpha(alpha)
+    if temperature is None:
+        temperature = cfg.temperature
+    elif isinstance(temperature, int | float):
+        _check_temperature(temperature)
+    return jnp.asarray(alpha, jnp.float32), jnp.asarray(temperature, jnp.float32)
+
+
+def _distill_sums(kd, ce, count, alpha, temperature, **extra) -> dict[str, jax.Array]:
+    """The summed losses of a distillation loss: the divergence scaled by T**2."""
+    kd = kd * temperature**2
+    return {
+        "kd_sum": kd,
+        "ce_sum": ce,
+        **extra,
+        "loss_sum": alpha * kd + (1 - alpha) * ce,
+        "count": count,
+    }
+
+
 def _kl(log_a, log_b):
     """sum_v a (log a - log b) over the last axis, with 0 log 0 = 0.
 
@@ -256,16 +282,7 @@ def chunked_distill_loss(
     "teacher_ce_sum" (the teacher's, likewise), "loss_sum" (alpha kd_sum + (1 - alpha)
     ce_sum) and "count" (the mask's sum). Divide by max(count, 1) for means.
     """
-    if alpha is None:
-        alpha = cfg.alpha
-    elif isinstance(alpha, int | float):
-        _check_alpha(alpha)
-    if temperature is None:
-        temperature = cfg.temperature
-    elif isinstance(temperature, int | float):
-        _check_temperature(temperature)
-    alpha = jnp.asarray(alpha, jnp.float32)
-    temperature = jnp.asarray(temperature, jnp.float32)
+    alpha, temperature = _alpha_and_temperature(cfg, alpha, temperature)
 
     chex.assert_rank([h_student_BTD, h_teacher_BTD], 3)
     chex.assert_equal_shape_prefix([h_student_BTD, h_teacher_BTD, targets_BT, mask_BT], 2)
@@ -292,14 +309,7 @@ def chunked_distill_loss(
     (kd, ce, teacher_ce), count = _masked_sums(
         per_token, (h_student_BTD, h_teacher_BTD, targets_BT), mask_BT, chunk
     )
-    kd = kd * temperature**2
-    return {
-        "kd_sum": kd,
-        "ce_sum": ce,
-        "teacher_ce_sum": teacher_ce,
-        "loss_sum": alpha * kd + (1 - alpha) * ce,
-        "count": count,
-    }
+    return _distill_sums(kd, ce, count, alpha, temperature, teacher_ce_sum=teacher_ce)
 
 
 def _sparse_divergence(
@@ -382,16 +392,7 @@ def chunked_sparse_distill_loss(
     cross-entropy against targets at temperature 1), "loss_sum" (alpha kd_sum +
     (1 - alpha) ce_sum) and "count". Divide by max(count, 1) for means.
     """
-    if alpha is None:
-        alpha = cfg.alpha
-    elif isinstance(alpha, int | float):
-        _check_alpha(alpha)
-    if temperature is None:
-        temperature = cfg.temperature
-    elif isinstance(temperature, int | float):
-        _check_temperature(temperature)
-    alpha = jnp.asarray(alpha, jnp.float32)
-    temperature = jnp.asarray(temperature, jnp.float32)
+    alpha, temperature = _alpha_and_temperature(cfg, alpha, temperature)
 
     chex.assert_rank([h_student_BTD, teacher_ids_BTk, teacher_logp_BTk], 3)
     chex.assert_equal_shape([teacher_ids_BTk, teacher_logp_BTk])
@@ -416,10 +417,4 @@ def chunked_sparse_distill_loss(
 
     arrays = (h_student_BTD, teacher_ids_BTk.astype(jnp.int32), *teacher, targets_BT)
     (kd, ce), count = _masked_sums(per_token, arrays, mask_BT, chunk)
-    kd = kd * temperature**2
-    return {
-        "kd_sum": kd,
-        "ce_sum": ce,
-        "loss_sum": alpha * kd + (1 - alpha) * ce,
-        "count": count,
-    }
+    return _distill_sums(kd, ce, count, alpha, temperature)
