@@ -385,3 +385,38 @@ def small_config():
         eos_token_ids=(2,),
         pad_token_id=0,
     )
+
+
+def demo_teacher(scale: str, teacher_steps: int, workdir: str, say) -> tuple:
+    """The demo's corpus and tokenizer at `scale` and a teacher trained on them for
+    `teacher_steps`: (scale settings, train data, eval data, tokenizer path, teacher dir)."""
+    from launch import demo
+    from llama_jax import train
+
+    s = dict(demo.SCALES[scale])
+    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
+    tok = demo.train_tokenizer(text, workdir, s["vocab"])
+    teacher = os.path.join(workdir, "teacher")
+    say(f"training the teacher ({teacher_steps} steps)")
+    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+    return s, train_data, eval_data, tok, teacher
+
+
+def heldout_scorer(s: dict, eval_data: str, tok: str, teacher: str, batches: int = 8):
+    """score(model directory) -> (held-out perplexity, its parameters), on the first
+    `batches` batches of eval_data, the same for every model scored."""
+    from launch import demo
+    from llama_jax import distill, losses, model_dir, train
+
+    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
+    su = train.setup(ev, model_dir.read_config(teacher))
+    rows = [next(su.iterator) for _ in range(batches)]
+
+    def score(path):
+        config = model_dir.read_config(path)
+        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
+        params = model_dir.load_params(path, config, abstract)
+        return distill.perplexity(losses.make_eval_step(graphdef, 64), params, rows), params
+
+    score.tokens = sum(int(b["loss_mask"].sum()) for b in rows)
+    return score

@@ -65,18 +65,13 @@ def _sample_loglik(student_dir, teacher_dir, prompts, seed=0) -> dict:
 
 def quality(mode: str, workdir: str) -> dict:
     from launch import demo
-    from llama_jax import distill, losses, model_dir, train
+    from llama_jax import distill
     from llama_jax.tokenizer import Tokenizer
 
     scale, teacher_steps, steps, max_new = MODES[mode]
-    s = dict(demo.SCALES[scale])
     start = time.perf_counter()
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
-    tok = demo.train_tokenizer(text, workdir, s["vocab"])
-    teacher = os.path.join(workdir, "teacher")
-    say(f"training the teacher ({teacher_steps} steps)")
-    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+    s, train_data, eval_data, tok, teacher = common.demo_teacher(scale, teacher_steps, workdir, say)
 
     runs = {}
     for name, lmbda in (("off-policy", 0.0), ("on-policy", 0.5)):
@@ -107,19 +102,14 @@ def quality(mode: str, workdir: str) -> dict:
         )
 
     say("scoring: held-out perplexity and the teacher's likelihood of student samples")
-    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, model_dir.read_config(teacher))
-    batches = [next(su.iterator) for _ in range(8)]
+    score = common.heldout_scorer(s, eval_data, tok, teacher)
     tokenizer = Tokenizer.from_file(tok)
     with open(eval_data) as f:
         docs = [json.loads(x)["text"] for x in f if x.strip()]
     prompts = [tokenizer.encode(d)[:SAMPLE_PROMPT] for d in docs[:16]]
     rows = []
     for name, path in [("teacher", teacher)] + [(n, r["path"]) for n, r in runs.items()]:
-        config = model_dir.read_config(path)
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
-        params = model_dir.load_params(path, config, abstract)
-        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
+        ppl, _ = score(path)
         row = dict(model=name, eval_ppl=round(ppl, 3))
         row |= {k: round(v, 4) for k, v in _sample_loglik(path, teacher, prompts).items()}
         r = runs.get(name, {})

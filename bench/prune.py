@@ -136,16 +136,11 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     from flax import traverse_util
 
     from launch import demo
-    from llama_jax import distill, losses, model_dir, prune, quant, sharding, train, transforms
+    from llama_jax import distill, prune, quant, sharding, transforms
 
-    s = dict(demo.SCALES[scale])
     start = time.perf_counter()
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
-    tok = demo.train_tokenizer(text, workdir, s["vocab"])
-    teacher = os.path.join(workdir, "dense")
-    say(f"training the dense model ({teacher_steps} steps)")
-    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+    s, train_data, eval_data, tok, teacher = common.demo_teacher(scale, teacher_steps, workdir, say)
 
     mesh = sharding.create_mesh()
     runs = {"dense": teacher}
@@ -187,25 +182,20 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
         runs[name] = out
 
     say("scoring held-out perplexity")
-    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, model_dir.read_config(teacher))
-    batches = [next(su.iterator) for _ in range(8)]
+    score = common.heldout_scorer(s, eval_data, tok, teacher)
     rows = []
     for name, path in runs.items():
-        config = model_dir.read_config(path)
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
-        params = model_dir.load_params(path, config, abstract)
+        ppl, params = score(path)
         flat = traverse_util.flatten_dict(params, sep=".")
         kernels = [flat[k] for k in quant.QUANTIZED_KERNELS]
         zeros = sum(int((w == 0).sum()) for w in kernels)
         total = sum(w.size for w in kernels)
-        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
         rows.append(dict(model=name, sparsity=round(zeros / total, 4), eval_ppl=round(ppl, 3)))
     return dict(
         scale=scale,
         teacher_steps=teacher_steps,
         recover_steps=recover_steps,
-        eval_tokens=sum(int(b["loss_mask"].sum()) for b in batches),
+        eval_tokens=score.tokens,
         rows=rows,
         seconds=round(time.perf_counter() - start, 1),
     )

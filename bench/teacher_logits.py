@@ -152,17 +152,12 @@ def quality(mode: str, workdir: str) -> dict:
     import statistics
 
     from launch import demo
-    from llama_jax import distill, logit_cache_writer, losses, model_dir, train
+    from llama_jax import distill, logit_cache_writer
 
     scale, teacher_steps, steps = QUALITY[mode]
-    s = dict(demo.SCALES[scale])
     start = time.perf_counter()
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
-    train_data, eval_data, text = demo.build_corpus(workdir, s["corpus_chars"])
-    tok = demo.train_tokenizer(text, workdir, s["vocab"])
-    teacher = os.path.join(workdir, "teacher")
-    say(f"training the teacher ({teacher_steps} steps)")
-    train.run(demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"]), teacher)
+    s, train_data, eval_data, tok, teacher = common.demo_teacher(scale, teacher_steps, workdir, say)
 
     def config(logits_dir: str = ""):
         c = demo.run_config("distill", s, train_data, tok, steps, s["student"])
@@ -180,9 +175,7 @@ def quality(mode: str, workdir: str) -> dict:
         logit_cache_writer.write(config(), cache, top_k=k)
         runs[f"cache k={k}"] = cache
     rows = []
-    ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, model_dir.read_config(teacher))
-    batches = [next(su.iterator) for _ in range(8)]
+    score = common.heldout_scorer(s, eval_data, tok, teacher)
     for name, cache in runs.items():
         say(f"distilling from the {name} ({steps} steps)")
         out = os.path.join(workdir, name.replace(" ", "_").replace("=", ""))
@@ -191,10 +184,7 @@ def quality(mode: str, workdir: str) -> dict:
         with open(os.path.join(out, "metrics.jsonl")) as f:
             logged = [json.loads(x) for x in f if x.strip()]
         rate = statistics.median(x["tokens_per_s"] for x in logged if "tokens_per_s" in x)
-        config_s = model_dir.read_config(out)
-        graphdef, abstract = model_dir.abstract_params(config_s, su.mesh, su.rules)
-        params = model_dir.load_params(out, config_s, abstract)
-        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
+        ppl, _ = score(out)
         rows.append(dict(student=name, eval_ppl=round(ppl, 3), tokens_per_s=round(rate, 1)))
     live = rows[0]
     for r in rows:
