@@ -219,6 +219,7 @@ class Distillation(train.Recipe):
             loss_chunk=cfg.train.loss_chunk,
             features=self.features,
             cached=None if self.cache is None else self.cache.layout,
+            teacher_nll=self.on_policy is not None,
         )
         if self.on_policy is not None:
             config = self.model_config
@@ -272,6 +273,7 @@ class Distillation(train.Recipe):
     def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
         cfg = self.cfg
         self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": time.perf_counter()}
+        self.decided = None  # [steps prepared so far, how many of them sampled]
         self.eval_batches = []
         if cfg.distill.eval_path:
             eval_cfg = dataclasses.replace(cfg.data, path=cfg.distill.eval_path)
@@ -379,7 +381,14 @@ class Distillation(train.Recipe):
         """On a sampling step (`on_policy.is_on_policy`), the student's continuations of
         this step's prompts; otherwise the batch as read."""
         spec = self.on_policy
-        if spec is None or not on_policy.is_on_policy(self.cfg.train.seed, step, spec.lmbda):
+        if spec is None:
+            return batch
+        seed = self.cfg.train.seed
+        if self.decided is None:  # the steps before a resume, counted once
+            self.decided = [step, on_policy.sampling_steps(seed, step, spec.lmbda)]
+        sample = on_policy.is_on_policy(seed, step, spec.lmbda)
+        self.decided = [step + 1, self.decided[1] + sample]
+        if not sample:
             return batch
         start = time.perf_counter()
         student = self._student(state.params)
@@ -432,11 +441,8 @@ class Distillation(train.Recipe):
             return {}
         s, now = self.sampled, time.perf_counter()
         train_s = max(now - s["since"] - s["seconds"], 1e-9)
-        out = {
-            "onpolicy_fraction": on_policy.onpolicy_fraction(
-                self.cfg.train.seed, step, self.on_policy.lmbda
-            )
-        }
+        steps, sampled = self.decided or (0, 0)
+        out = {"onpolicy_fraction": sampled / steps if steps else 0.0}
         if s["lengths"]:
             out["completion_len"] = float(np.mean(s["lengths"]))
             out["gen_tokens_per_s"] = s["tokens"] / max(s["seconds"], 1e-9)

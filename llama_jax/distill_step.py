@@ -81,13 +81,16 @@ def make_distill_step(
     loss_chunk: int = 512,
     features: FeatureMatch | None = None,
     cached: logit_records.Layout | None = None,
+    teacher_nll: bool = False,
 ):
     """Returns step(state, batch, frozen) -> (state, metrics), not yet jitted.
 
     frozen: {"teacher": the teacher's params} and, for a LoRA student, "base": the
     frozen student base the state's adapters are combined with. cached: the layout of
     the teacher's cached top-k records, which the batch then carries
-    (logit_cache.RECORDS) in place of a teacher in `frozen`.
+    (logit_cache.RECORDS) in place of a teacher in `frozen`. teacher_nll: also report
+    the teacher's negative log-likelihood of the scored tokens (`teacher_nll`; with a
+    live teacher only), which costs one more reduction over V per token.
 
     The teacher's hidden states are computed without gradients; the loss is
     alpha * KD + (1 - alpha) * CE with alpha and the temperature following
@@ -142,8 +145,11 @@ def make_distill_step(
             chunk=loss_chunk,
             alpha=alpha,
             temperature=temperature,
+            teacher_nll=teacher_nll,
         )
-        aux = _aux(out, alpha, temperature) | {"teacher_nll": out["teacher_ce_sum"]}
+        aux = _aux(out, alpha, temperature)
+        if teacher_nll:
+            aux["teacher_nll"] = out["teacher_ce_sum"]
         total = out["loss_sum"]
         if features is not None:
             kernel = None if projection is None else projection["kernel"]

@@ -259,6 +259,7 @@ def chunked_distill_loss(
     chunk: int = 512,
     alpha: float | jax.Array | None = None,
     temperature: float | jax.Array | None = None,
+    teacher_nll: bool = False,
 ) -> dict[str, jax.Array]:
     """Summed distillation and data losses of a student against a frozen teacher.
 
@@ -279,8 +280,9 @@ def chunked_distill_loss(
 
     Returns float32[] sums over the counted tokens: "kd_sum" (divergence x T**2),
     "ce_sum" (student cross-entropy against targets at temperature 1),
-    "teacher_ce_sum" (the teacher's, likewise), "loss_sum" (alpha kd_sum + (1 - alpha)
-    ce_sum) and "count" (the mask's sum). Divide by max(count, 1) for means.
+    "teacher_ce_sum" (the teacher's, likewise; only with teacher_nll), "loss_sum"
+    (alpha kd_sum + (1 - alpha) ce_sum) and "count" (the mask's sum). Divide by
+    max(count, 1) for means.
     """
     alpha, temperature = _alpha_and_temperature(cfg, alpha, temperature)
 
@@ -304,12 +306,15 @@ def chunked_distill_loss(
             )
         kd = _divergence(cfg, student_BCV, teacher_BCV, temperature)
         ce = _token_cross_entropy(student_BCV, targets_BC)
+        if not teacher_nll:
+            return kd, ce
         return kd, ce, _token_cross_entropy(teacher_BCV, targets_BC)
 
-    (kd, ce, teacher_ce), count = _masked_sums(
+    sums, count = _masked_sums(
         per_token, (h_student_BTD, h_teacher_BTD, targets_BT), mask_BT, chunk
     )
-    return _distill_sums(kd, ce, count, alpha, temperature, teacher_ce_sum=teacher_ce)
+    extra = {"teacher_ce_sum": sums[2]} if teacher_nll else {}
+    return _distill_sums(sums[0], sums[1], count, alpha, temperature, **extra)
 
 
 def _sparse_divergence(

@@ -41,9 +41,14 @@ def is_on_policy(seed: int, step: int, lmbda: float) -> bool:
     return bool(np.random.default_rng([seed, step, _SALT]).random() < lmbda)
 
 
+def sampling_steps(seed: int, steps: int, lmbda: float) -> int:
+    """How many of steps 0 .. steps - 1 sample."""
+    return sum(is_on_policy(seed, s, lmbda) for s in range(steps))
+
+
 def onpolicy_fraction(seed: int, steps: int, lmbda: float) -> float:
     """The fraction of steps 0 .. steps - 1 that sample."""
-    return float(np.mean([is_on_policy(seed, s, lmbda) for s in range(steps)])) if steps else 0.0
+    return sampling_steps(seed, steps, lmbda) / steps if steps else 0.0
 
 
 def cut_prompts(tokens_BT, segment_ids_BT, key, *, prompt_len: int, min_prompt: int):

@@ -35,7 +35,7 @@ def _chunked(cfg, chunk, **overrides):
     def fn(h_s, w_s, h_t, w_t, targets, mask):
         return chunked_distill_loss(
             h_s, lambda h: h @ w_s, h_t, lambda h: h @ w_t, targets, mask, cfg,
-            chunk=chunk, **overrides,
+            chunk=chunk, teacher_nll=True, **overrides,
         )  # fmt: skip
 
     return fn

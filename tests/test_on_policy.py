@@ -54,8 +54,13 @@ def test_lmbda_zero_is_off_policy_distillation_with_the_same_divergence(tmp_path
         off_cfg.distill.update(kind)
         off = distill.run(off_cfg, str(tmp_path / f"off{beta}"))
         assert on["onpolicy_fraction"] == 0.0 and "completion_len" not in on
-        for k in ("loss", "kd", "ce", "teacher_nll", "grad_norm"):
+        for k in ("loss", "kd", "grad_norm"):
             assert on[k] == off[k], k
+        # Reported, not trained on (alpha is 1); the on-policy step also reduces the
+        # teacher's NLL, which may regroup the float32 sums.
+        assert on["ce"] == pytest.approx(off["ce"], rel=1e-6)
+        # The teacher's NLL is reported where samples are scored: on-policy runs only.
+        assert np.isfinite(on["teacher_nll"]) and "teacher_nll" not in off
 
 
 def test_cut_prompts_keep_real_tokens_right_aligned():
