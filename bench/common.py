@@ -60,9 +60,9 @@ def peak_flops(device_kind: str, override_tflops: float | None = None) -> float 
     line uses too, so MFU means the same everywhere; override_tflops replaces it."""
     if override_tflops:
         return override_tflops * 1e12
-    from llama_jax import metrics
+    from llama_jax import train
 
-    return metrics.peak_flops_per_device(device_kind)
+    return train.peak_flops_per_device(device_kind)
 
 
 def versions() -> dict[str, str]:
@@ -173,8 +173,8 @@ def decode_models(config, dtype: str = "bfloat16", seed: int = 0):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import model_dir, quant, sharding
-    from llama_jax.model import Llama
+    from llama_jax import compress, formats, sharding
+    from llama_jax.nn import Llama
 
     dt = jnp.dtype(dtype)
     mesh = sharding.create_mesh(devices=jax.devices()[:1])
@@ -183,8 +183,8 @@ def decode_models(config, dtype: str = "bfloat16", seed: int = 0):
         mesh,
         sharding.DEFAULT_RULES,
     )
-    q_params = jax.jit(quant.quantize_params)(nnx.to_pure_dict(nnx.split(model)[1]))
-    q_graphdef, q_abstract = model_dir.abstract_params(config, mesh, dtype=dt, quantization="int8")
+    q_params = jax.jit(compress.quantize_params)(nnx.to_pure_dict(nnx.split(model)[1]))
+    q_graphdef, q_abstract = formats.abstract_params(config, mesh, dtype=dt, quantization="int8")
     q_state = nnx.split(nnx.eval_shape(lambda: nnx.merge(q_graphdef, q_abstract)))[1]
     nnx.replace_by_pure_dict(q_state, q_params)
     return model, nnx.merge(q_graphdef, q_state)
@@ -406,17 +406,17 @@ def heldout_scorer(s: dict, eval_data: str, tok: str, teacher: str, batches: int
     """score(model directory) -> (held-out perplexity, its parameters), on the first
     `batches` batches of eval_data, the same for every model scored."""
     from launch import demo
-    from llama_jax import distill, losses, model_dir, train
+    from llama_jax import distill, formats, nn, train
 
     ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, model_dir.read_config(teacher))
+    su = train.setup(ev, formats.read_config(teacher))
     rows = [next(su.iterator) for _ in range(batches)]
 
     def score(path):
-        config = model_dir.read_config(path)
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
-        params = model_dir.load_params(path, config, abstract)
-        return distill.perplexity(losses.make_eval_step(graphdef, 64), params, rows), params
+        config = formats.read_config(path)
+        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
+        params = formats.load_params(path, config, abstract)
+        return distill.perplexity(nn.make_eval_step(graphdef, 64), params, rows), params
 
     score.tokens = sum(int(b["loss_mask"].sum()) for b in rows)
     return score

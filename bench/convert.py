@@ -65,7 +65,7 @@ def main() -> None:
     if args.quick:
         args.preset = "tiny"
 
-    from llama_jax import safetensors_file
+    from llama_jax import formats
 
     py = sys.executable
     cache = Path(args.cache)
@@ -75,7 +75,7 @@ def main() -> None:
         shutil.rmtree(hf_dir, ignore_errors=True)
         common.run_child([py, "-c", _MAKE_HF, args.preset, args.dtype, str(hf_dir)])
         shutil.copy(common.REPO / "configs/data/tokenizer.json", hf_dir / "tokenizer.json")
-    tensors = safetensors_file.open_safetensors_dir(str(hf_dir))
+    tensors = formats.open_safetensors_dir(str(hf_dir))
     sizes = [tensors[n].get(n).nbytes for n in tensors]
     total, largest = sum(sizes), max(sizes)
     limit = 2 * largest + 1.5e9
@@ -130,7 +130,7 @@ def main() -> None:
     )
 
     # The export must equal the source bit for bit.
-    back = safetensors_file.open_safetensors_dir(str(back_dir))
+    back = formats.open_safetensors_dir(str(back_dir))
     equal = set(back) == set(tensors) and all(
         (tensors[n].get(n).view("uint8") == back[n].get(n).view("uint8")).all() for n in tensors
     )

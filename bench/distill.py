@@ -40,7 +40,7 @@ def loss_memory(vocab: int = 128256, batch: int = 2, seq: int = 2048, width: int
     import jax
     import jax.numpy as jnp
 
-    from llama_jax.losses import DistillLossConfig, chunked_distill_loss
+    from llama_jax.nn import DistillLossConfig, chunked_distill_loss
 
     cfg = DistillLossConfig(kind="forward_kl", temperature=2.0, alpha=0.5)
     spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -83,11 +83,10 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     import jax
     from flax import nnx
 
-    from llama_jax import distill_step, metrics, optim, sharding, train_step
+    from llama_jax import distill, sharding, train
     from llama_jax.config import get_preset
-    from llama_jax.losses import DistillLossConfig
-    from llama_jax.model import Llama
-    from llama_jax.run_config import ModelSpec, OptimizerConfig, apply_overrides
+    from llama_jax.nn import DistillLossConfig, Llama
+    from llama_jax.train import ModelSpec, OptimizerConfig, apply_overrides
 
     preset, teacher_over, student_over, seq, batch = SIZES[size]
     teacher_config = apply_overrides(get_preset(preset), teacher_over)
@@ -103,7 +102,7 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     )
     mesh = sharding.create_mesh()
     rules = sharding.DEFAULT_RULES
-    make_student, s_graphdef, s_abstract = train_step.abstract_model(
+    make_student, s_graphdef, s_abstract = train.abstract_model(
         student_config, model_spec, mesh, rules
     )
     teacher_kwargs = dict(model_spec.kwargs(), param_dtype=jax.numpy.dtype(dtype))
@@ -113,19 +112,19 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     t_graphdef, t_state = nnx.split(teacher)
     t_params = nnx.to_pure_dict(t_state)
     opt = OptimizerConfig(total_steps=steps + 10, warmup_steps=2)
-    tx = optim.make_optimizer(opt)
+    tx = train.make_optimizer(opt)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_student, mesh, rules))[1])
-    state, shardings = train_step.init_state(params, tx, mesh)
-    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
-    step_fn = train_step.jit_train_step(
-        distill_step.make_distill_step(
+    state, shardings = train.init_state(params, tx, mesh)
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
+    step_fn = train.jit_train_step(
+        distill.make_distill_step(
             s_graphdef,
             t_graphdef,
             tx,
-            optim.learning_rate_schedule(opt),
+            train.learning_rate_schedule(opt),
             DistillLossConfig(temperature=2.0, alpha=0.5),
-            alpha_fn=distill_step.linear_schedule(0.5, -1, steps),
-            temperature_fn=distill_step.linear_schedule(2.0, -1, steps),
+            alpha_fn=distill.linear_schedule(0.5, -1, steps),
+            temperature_fn=distill.linear_schedule(2.0, -1, steps),
             loss_chunk=512,
         ),
         shardings,
@@ -156,11 +155,11 @@ def step_throughput(size: str, steps: int, warmup: int = 2) -> dict:
     first_step_s = time.perf_counter() - start
     timed = common.time_calls(step, warmup=warmup - 1, repeats=steps)
     step_s = timed["median"]
-    flops = train_step.matmul_flops_per_token(student_config, seq) + (
-        train_step.matmul_flops_per_token(teacher_config, seq) / 3
+    flops = train.matmul_flops_per_token(student_config, seq) + (
+        train.matmul_flops_per_token(teacher_config, seq) / 3
     )
     tokens_per_s = batch * seq / step_s
-    peak = metrics.peak_flops_per_device()
+    peak = train.peak_flops_per_device()
     return dict(
         size=size,
         teacher_params=teacher_config.num_params(),

@@ -42,13 +42,13 @@ def time_generate(model, batch: int, prompt_len: int, new_tokens: int, *, repeat
     new token (the prefill). Seconds, and decode tokens/s over the difference."""
     import numpy as np
 
-    from llama_jax import generate as gen
+    from llama_jax import nn
 
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, model.config.vocab_size, (batch, prompt_len)).tolist()
 
     def run(n):
-        return gen.generate(model, prompts, max_new_tokens=n, eos_ids=[])
+        return nn.generate(model, prompts, max_new_tokens=n, eos_ids=[])
 
     start = time.perf_counter()
     outs = run(new_tokens)

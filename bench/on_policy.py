@@ -40,15 +40,15 @@ def _sample_loglik(student_dir, teacher_dir, prompts, seed=0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import generate, model_dir
+    from llama_jax import formats, nn
 
-    student, _ = model_dir.load_model(student_dir)
-    teacher, config = model_dir.load_model(teacher_dir)
-    new = generate.generate(
+    student, _ = formats.load_model(student_dir)
+    teacher, config = formats.load_model(teacher_dir)
+    new = nn.generate(
         student,
         prompts,
         max_new_tokens=SAMPLE_NEW,
-        sampling=generate.Sampling(temperature=1.0),
+        sampling=nn.Sampling(temperature=1.0),
         eos_ids=(),
         seed=seed,
     )
@@ -66,7 +66,7 @@ def _sample_loglik(student_dir, teacher_dir, prompts, seed=0) -> dict:
 def quality(mode: str, workdir: str) -> dict:
     from launch import demo
     from llama_jax import distill
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax.data import Tokenizer
 
     scale, teacher_steps, steps, max_new = MODES[mode]
     start = time.perf_counter()

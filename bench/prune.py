@@ -46,9 +46,9 @@ def step_overhead(size: str, steps: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import optim, prune, sharding, train_step
+    from llama_jax import compress, sharding, train
     from llama_jax.config import get_preset
-    from llama_jax.run_config import ModelSpec, OptimizerConfig, apply_overrides
+    from llama_jax.train import ModelSpec, OptimizerConfig, apply_overrides
 
     overrides, seq, batch = STEP_SIZES[size]
     config = (
@@ -66,12 +66,12 @@ def step_overhead(size: str, steps: int) -> dict:
     )
     mesh = sharding.create_mesh()
     rules = sharding.DEFAULT_RULES
-    make_model, graphdef, abstract = train_step.abstract_model(config, model_spec, mesh, rules)
+    make_model, graphdef, abstract = train.abstract_model(config, model_spec, mesh, rules)
     opt = OptimizerConfig(total_steps=10_000, warmup_steps=2)
-    prune_cfg = prune.PruneConfig(
+    prune_cfg = compress.PruneConfig(
         sparsity=0.5, schedule="gradual", start_step=0, end_step=10_000, update_every=100
     )
-    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq), 0, config.vocab_size)
     ones = jnp.ones((batch, seq), jnp.int32)
     data = jax.device_put(
@@ -83,9 +83,9 @@ def step_overhead(size: str, steps: int) -> dict:
         """A step function over a fresh state, compiled, and its first (untimed) call."""
         params = sharding.create_sharded(make_model, mesh, rules)
         params = nnx.to_pure_dict(nnx.split(params)[1])
-        state, shardings = train_step.init_state(params, tx, mesh)
-        step_fn = train_step.jit_train_step(
-            train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(opt)),
+        state, shardings = train.init_state(params, tx, mesh)
+        step_fn = train.jit_train_step(
+            train.make_train_step(graphdef, tx, train.learning_rate_schedule(opt)),
             shardings,
             batch_sh,
         )
@@ -101,8 +101,8 @@ def step_overhead(size: str, steps: int) -> dict:
     out = dict(size=size, num_params=config.num_params(), seq=seq, batch=batch)
     with sharding.activation_sharding(mesh, rules):
         optimizers = {
-            "dense": optim.make_optimizer(opt),
-            "pruned": prune.masked(optim.make_optimizer(opt), prune_cfg, abstract),
+            "dense": train.make_optimizer(opt),
+            "pruned": compress.masked(train.make_optimizer(opt), prune_cfg, abstract),
         }
         steps_of = {name: compiled_step(tx) for name, tx in optimizers.items()}
         # Step 0 is a schedule point (the pruned one computes masks); later ones are not.
@@ -122,11 +122,11 @@ def step_overhead(size: str, steps: int) -> dict:
         out[f"{name}_step_ms"] = round(1000 * statistics.median(ts), 3)
     state = steps_of["pruned"][1][0]
     # A mask update on its own (the cond branch taken once per 100 steps).
-    paths = prune.pruned_paths(prune_cfg, abstract)
-    update = jax.jit(lambda p: prune.compute_masks(prune_cfg, p, paths, 1))
+    paths = compress.pruned_paths(prune_cfg, abstract)
+    update = jax.jit(lambda p: compress.compute_masks(prune_cfg, p, paths, 1))
     t = common.time_calls(lambda: update(state.params), warmup=1, repeats=3)
     out["mask_update_ms"] = round(1000 * t["median"], 3)
-    out["mask_update_sparsity"] = prune.sparsity_report(update(state.params))["sparsity"]
+    out["mask_update_sparsity"] = compress.sparsity_report(update(state.params))["sparsity"]
     amortised = out["pruned_step_ms"] + out["mask_update_ms"] / prune_cfg.update_every
     out["overhead"] = round(amortised / out["dense_step_ms"] - 1, 4)
     return out
@@ -136,7 +136,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     from flax import traverse_util
 
     from launch import demo
-    from llama_jax import distill, prune, quant, sharding, transforms
+    from llama_jax import compress, distill, formats, sharding
 
     start = time.perf_counter()
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)
@@ -145,12 +145,12 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     mesh = sharding.create_mesh()
     runs = {"dense": teacher}
     for name, cfg in (
-        ("50% one-shot", prune.PruneConfig(sparsity=0.5)),
-        ("2:4 one-shot", prune.PruneConfig(sparsity=0.0, pattern="2:4")),
+        ("50% one-shot", compress.PruneConfig(sparsity=0.5)),
+        ("2:4 one-shot", compress.PruneConfig(sparsity=0.0, pattern="2:4")),
     ):
         say(f"pruning: {name}")
         out = os.path.join(workdir, re.sub(r"\W+", "_", name))
-        transforms.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
+        formats.prune_dir(teacher, out, cfg, mesh=mesh, tokenizer=tok, overwrite=True)
         runs[name] = out
     for name, block in (
         (
@@ -187,7 +187,7 @@ def quality(scale: str, teacher_steps: int, recover_steps: int, workdir: str) ->
     for name, path in runs.items():
         ppl, params = score(path)
         flat = traverse_util.flatten_dict(params, sep=".")
-        kernels = [flat[k] for k in quant.QUANTIZED_KERNELS]
+        kernels = [flat[k] for k in compress.QUANTIZED_KERNELS]
         zeros = sum(int((w == 0).sum()) for w in kernels)
         total = sum(w.size for w in kernels)
         rows.append(dict(model=name, sparsity=round(zeros / total, 4), eval_ppl=round(ppl, 3)))

@@ -29,19 +29,21 @@ def matmul(sizes, k: int = 8192, n: int = 8192, repeats: int = 5) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import quant
-    from llama_jax.kernels.int8_matmul import int8_matmul
+    from llama_jax import compress
+    from llama_jax.nn import int8_matmul
 
     on_gpu = jax.devices()[0].platform == "gpu"
     key = jax.random.PRNGKey(0)
     w = jax.random.normal(key, (k, n), jnp.bfloat16)
-    q, s = quant.quantize(w, 1, stacked=False)
+    q, s = compress.quantize(w, 1, stacked=False)
     dims = (((1,), (0,)), ((), ()))
     rows = []
     for m in sizes:
         x = jax.random.normal(key, (m, k), jnp.bfloat16)
         bf16 = jax.jit(lambda x, w: x @ w)
-        xla = jax.jit(lambda x, q, s: quant.int8_dot_general(x, q, dims, scale=s, use_kernel=False))
+        xla = jax.jit(
+            lambda x, q, s: compress.int8_dot_general(x, q, dims, scale=s, use_kernel=False)
+        )
         t_bf16 = _time(bf16, x, w, repeats=repeats)
         t_int8 = _time(xla, x, q, s, repeats=repeats)
         row = dict(m=m, bf16_us=round(1e6 * t_bf16, 1), int8_xla_us=round(1e6 * t_int8, 1))
@@ -88,25 +90,25 @@ def quality(model_path: str, eval_data: str) -> dict:
     from flax import nnx
 
     from configs.base import base_config
-    from llama_jax import distill, losses, model_dir, quant, train
+    from llama_jax import compress, distill, formats, nn, train
 
-    config = model_dir.read_config(model_path)
+    config = formats.read_config(model_path)
     c = base_config()
     c.data.path, c.data.format, c.data.seq_len, c.data.global_batch = eval_data, "jsonl", 128, 16
-    found = model_dir.find_tokenizer(model_path)
+    found = formats.find_tokenizer(model_path)
     c.data.tokenizer = found or ""
     su = train.setup(c, config)
     batches = [next(su.iterator) for _ in range(8)]
     out = {}
     for mode in (None, "int8"):
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, quantization=mode)
-        float_abstract = model_dir.abstract_params(config, su.mesh)[1]
-        params = model_dir.load_params(model_path, config, float_abstract)
+        graphdef, abstract = formats.abstract_params(config, su.mesh, quantization=mode)
+        float_abstract = formats.abstract_params(config, su.mesh)[1]
+        params = formats.load_params(model_path, config, float_abstract)
         if mode:
-            params = quant.quantize_params(params)
+            params = compress.quantize_params(params)
         model = nnx.merge(graphdef, _state(graphdef, abstract, params))
         out[mode or "float"] = dict(
-            ppl=distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches),
+            ppl=distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches),
             logits=np.asarray(model(batches[0]["tokens"][:2]), np.float32),
         )
     err = float(np.abs(out["int8"]["logits"] - out["float"]["logits"]).max())

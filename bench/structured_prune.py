@@ -44,13 +44,13 @@ CALIBRATION = dict(calibration_batches=8, calibration_batch_size=8)
 
 
 def parse_targets(spec: str) -> dict[str, int]:
-    from llama_jax import structured
+    from llama_jax import compress
 
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, value = item.partition("=")
-        if name not in structured.TARGETS:
-            raise SystemExit(f"--targets: {name!r} is not one of {structured.TARGETS}")
+        if name not in compress.TARGETS:
+            raise SystemExit(f"--targets: {name!r} is not one of {compress.TARGETS}")
         out[name] = int(value)
     return out
 
@@ -59,17 +59,17 @@ def random_model_dir(config, out: str, tokenizer: str, seed: int = 1) -> str:
     """A converted model directory of `config` with random weights (case (c)'s start)."""
     from flax import nnx
 
-    from llama_jax import dir_writer, sharding
-    from llama_jax.model import Llama
+    from llama_jax import formats, sharding
+    from llama_jax.nn import Llama
 
     model = sharding.create_sharded(
         lambda: Llama(config, rngs=nnx.Rngs(seed)), sharding.create_mesh()
     )
     params = nnx.to_pure_dict(nnx.split(model)[1])
-    dir_writer.write_model_dir(
+    formats.write_model_dir(
         out,
         config,
-        dir_writer.handed_out(params),
+        formats.handed_out(params),
         metadata={"source": {"kind": "random", "seed": seed}, "dtype": "float32"},
         files={"tokenizer.model" if tokenizer.endswith(".model") else "tokenizer.json": tokenizer},
         overwrite=True,
@@ -83,8 +83,8 @@ def step_ms(config, seq: int, batch: int, steps: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import optim, sharding, train_step
-    from llama_jax.run_config import ModelSpec, OptimizerConfig
+    from llama_jax import sharding, train
+    from llama_jax.train import ModelSpec, OptimizerConfig
 
     on_cpu = jax.devices()[0].platform == "cpu"
     spec = ModelSpec(
@@ -92,20 +92,20 @@ def step_ms(config, seq: int, batch: int, steps: int) -> dict:
         remat_policy="none" if on_cpu else "dots_no_batch",
     )
     mesh, rules = sharding.create_mesh(), sharding.DEFAULT_RULES
-    make_model, graphdef, _ = train_step.abstract_model(config, spec, mesh, rules)
+    make_model, graphdef, _ = train.abstract_model(config, spec, mesh, rules)
     opt = OptimizerConfig(total_steps=10_000, warmup_steps=2)
-    tx = optim.make_optimizer(opt)
+    tx = train.make_optimizer(opt)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_model, mesh, rules))[1])
-    state, shardings = train_step.init_state(params, tx, mesh)
-    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
+    state, shardings = train.init_state(params, tx, mesh)
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq), 0, config.vocab_size)
     ones = jnp.ones((batch, seq), jnp.int32)
     data = jax.device_put(
         dict(tokens=tokens, targets=jnp.roll(tokens, -1, 1), segment_ids=ones, loss_mask=ones),
         batch_sh,
     )
-    step_fn = train_step.jit_train_step(
-        train_step.make_train_step(graphdef, tx, optim.learning_rate_schedule(opt)),
+    step_fn = train.jit_train_step(
+        train.make_train_step(graphdef, tx, train.learning_rate_schedule(opt)),
         shardings,
         batch_sh,
     )
@@ -125,14 +125,12 @@ def speed(dense, pruned, seq: int, batch: int, steps: int) -> list[dict]:
     """Train-step and decode speed of the dense and the pruned config (random weights:
     speed does not depend on their values)."""
     from bench.generate import time_generate
-    from llama_jax import train_step
+    from llama_jax import train
 
     rows = []
     for name, config in (("dense", dense), ("pruned", pruned)):
         row = dict(model=name, params=config.num_params())
-        row["train_gflop_per_token"] = round(
-            train_step.matmul_flops_per_token(config, seq) / 1e9, 5
-        )
+        row["train_gflop_per_token"] = round(train.matmul_flops_per_token(config, seq) / 1e9, 5)
         row |= {k: v for k, v in step_ms(config, seq, batch, steps).items() if k == "step_ms"}
         model = common.decode_models(config, "float32")[0]
         t = time_generate(model, 8, 16, 64, repeats=3)
@@ -165,17 +163,7 @@ def kd_config(s, data, fmt, tok, steps, student_dir, teacher_dir):
 
 def run(args, workdir: str) -> dict:
     from launch import demo
-    from llama_jax import (
-        distill,
-        losses,
-        model_dir,
-        prune,
-        sharding,
-        structured,
-        structured_dir,
-        train,
-        transforms,
-    )
+    from llama_jax import compress, distill, formats, nn, sharding, train, tree
 
     scale, teacher_steps, kd_steps, default_targets = MODES["quick" if args.quick else "full"]
     kd_steps = args.steps or kd_steps
@@ -184,7 +172,7 @@ def run(args, workdir: str) -> dict:
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
     if args.model_dir:
         teacher, train_data, eval_data = args.model_dir, args.data, args.eval_data
-        tok = args.tokenizer or model_dir.find_tokenizer(teacher)
+        tok = args.tokenizer or formats.find_tokenizer(teacher)
         if not (train_data and eval_data and tok):
             raise SystemExit("--model_dir needs --data, --eval_data and a tokenizer")
     else:
@@ -194,9 +182,9 @@ def run(args, workdir: str) -> dict:
         say(f"training the teacher ({teacher_steps} steps)")
         c = demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"])
         train.run(c, teacher)
-    dense = model_dir.read_config(teacher)
+    dense = formats.read_config(teacher)
     fmt = "jsonl" if train_data.endswith((".jsonl", ".json")) else "text"
-    spec = structured.StructuredConfig(
+    spec = compress.StructuredConfig(
         **parse_targets(args.targets or default_targets),
         calibration_data=train_data,
         calibration_format=fmt,
@@ -207,24 +195,26 @@ def run(args, workdir: str) -> dict:
     runs = {"dense teacher": teacher}
     say("structured pruning")
     pruned_dir = os.path.join(workdir, "pruned")
-    pruned = structured_dir.prune_dir(
+    pruned = formats.structured_prune_dir(
         teacher, pruned_dir, spec, mesh=mesh, tokenizer=tok, overwrite=True
     )
     small = pruned.config
     runs["(a) pruned"] = pruned_dir
 
-    prunable = [k for k in prune.PRUNABLE if k != "lm_head.kernel" or not dense.tie_word_embeddings]
-    _, abstract = model_dir.abstract_params(dense, mesh)
-    flat = model_dir.flatten(abstract)
+    prunable = [
+        k for k in compress.PRUNABLE if k != "lm_head.kernel" or not dense.tie_word_embeddings
+    ]
+    _, abstract = formats.abstract_params(dense, mesh)
+    flat = tree.flatten(abstract)
     prunable_count = sum(flat[k].size for k in prunable if k in flat)
     sparsity = (dense.num_params() - small.num_params()) / prunable_count
     include = "|".join(re.escape(k) for k in prunable if k in flat)
     say(f"magnitude pruning to {sparsity:.4f} of the projections and head")
     magnitude_dir = os.path.join(workdir, "magnitude")
-    transforms.prune_dir(
+    formats.prune_dir(
         teacher,
         magnitude_dir,
-        prune.PruneConfig(sparsity=sparsity, include=include),
+        compress.PruneConfig(sparsity=sparsity, include=include),
         mesh=mesh,
         tokenizer=tok,
         overwrite=True,
@@ -253,11 +243,11 @@ def run(args, workdir: str) -> dict:
     batches = [next(su.iterator) for _ in range(8)]
     rows = []
     for name, path in runs.items():
-        config = model_dir.read_config(path)
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
-        params = model_dir.load_params(path, config, abstract)
-        nonzero = sum(int((v != 0).sum()) for v in model_dir.flatten(params).values())
-        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
+        config = formats.read_config(path)
+        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
+        params = formats.load_params(path, config, abstract)
+        nonzero = sum(int((v != 0).sum()) for v in tree.flatten(params).values())
+        ppl = distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches)
         rows.append(
             dict(
                 model=name,

@@ -39,8 +39,8 @@ TOP_K = 64
 def _teacher_dir(root: Path, config, dtype) -> Path:
     from flax import nnx
 
-    from llama_jax import dir_writer, sharding
-    from llama_jax.model import Llama
+    from llama_jax import formats, sharding
+    from llama_jax.nn import Llama
 
     mesh = sharding.create_mesh()
     model = sharding.create_sharded(
@@ -50,8 +50,8 @@ def _teacher_dir(root: Path, config, dtype) -> Path:
     )
     params = nnx.to_pure_dict(nnx.split(model)[1])
     del model
-    return dir_writer.write_model_dir(
-        root / "teacher", config, dir_writer.handed_out(params), metadata={}
+    return formats.write_model_dir(
+        root / "teacher", config, formats.handed_out(params), metadata={}
     )
 
 
@@ -74,12 +74,12 @@ def _max_error(cache_dir: Path, teacher: Path, rows: int = 2) -> dict:
     import numpy as np
     from flax import nnx
 
-    from llama_jax import logit_cache, logit_records, model_dir
+    from llama_jax import distill, formats
 
-    cache = logit_cache.LogitCache(cache_dir)
+    cache = distill.LogitCache(cache_dir)
     records, _ = cache.read(0, range(rows))
-    ids, logp, tail = map(np.asarray, logit_records.decode(cache.layout, records))
-    model, _ = model_dir.load_model(teacher)
+    ids, logp, tail = map(np.asarray, distill.decode(cache.layout, records))
+    model, _ = formats.load_model(teacher)
     tokens = np.load(cache.meta["data"]["path"])
     perm = np.random.default_rng((cache.meta["data"]["seed"], 0)).permutation(len(tokens))
     batch = jnp.asarray(tokens[perm[:rows]], jnp.int32)
@@ -100,10 +100,10 @@ def run(size: str, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from llama_jax import logit_cache_writer
+    from llama_jax import distill
     from llama_jax.config import get_preset
-    from llama_jax.logit_records import Layout
-    from llama_jax.run_config import apply_overrides
+    from llama_jax.distill import Layout
+    from llama_jax.train import apply_overrides
 
     preset, overrides, seq, batch = SIZES[size]
     config = apply_overrides(get_preset(preset), overrides)
@@ -116,7 +116,7 @@ def run(size: str, steps: int) -> dict:
         np.save(data, rng.integers(3, 263, (4 * batch, seq), dtype=np.int32))
         cfg = _config(teacher, data, seq, batch, steps, dtype)
         start = time.perf_counter()
-        summary = logit_cache_writer.write(cfg, root / "cache", top_k=TOP_K, log_every=steps)
+        summary = distill.write_teacher_logits(cfg, root / "cache", top_k=TOP_K, log_every=steps)
         wall = time.perf_counter() - start
         shards = sorted((root / "cache" / "shards").iterdir())
         disk = sum(p.stat().st_size for p in shards)
@@ -152,7 +152,7 @@ def quality(mode: str, workdir: str) -> dict:
     import statistics
 
     from launch import demo
-    from llama_jax import distill, logit_cache_writer
+    from llama_jax import distill
 
     scale, teacher_steps, steps = QUALITY[mode]
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def quality(mode: str, workdir: str) -> dict:
     for k in (64, 8):
         say(f"writing the k = {k} cache")
         cache = os.path.join(workdir, f"logits_k{k}")
-        logit_cache_writer.write(config(), cache, top_k=k)
+        distill.write_teacher_logits(config(), cache, top_k=k)
         runs[f"cache k={k}"] = cache
     rows = []
     score = common.heldout_scorer(s, eval_data, tok, teacher)

@@ -50,8 +50,8 @@ def jax_worker(spec: dict) -> dict:
     from flax import nnx
 
     from configs.llama3_2_1b import get_config
-    from llama_jax import attention, optim, sharding, train_step
-    from llama_jax.run_config import RunConfig
+    from llama_jax import nn, sharding, train
+    from llama_jax.train import RunConfig
 
     facts = common.device_facts()
     on_cpu = facts["platform"] == "cpu"
@@ -67,19 +67,19 @@ def jax_worker(spec: dict) -> dict:
     run = RunConfig.of(cfg)
     mesh = sharding.create_mesh(devices=jax.devices()[:1])
     rules = run.mesh.rules_table()
-    make_model, graphdef, _ = train_step.abstract_model(
+    make_model, graphdef, _ = train.abstract_model(
         model_config, run.model, mesh, rules, cfg.train.seed
     )
     opt_cfg = run.train.optimizer
-    tx = optim.make_optimizer(opt_cfg)
+    tx = train.make_optimizer(opt_cfg)
     params = nnx.to_pure_dict(nnx.split(sharding.create_sharded(make_model, mesh, rules))[1])
-    state, shardings = train_step.init_state(params, tx, mesh)
-    batch_sh = train_step.batch_sharding(mesh, rules, (batch, seq))
-    step_fn = train_step.jit_train_step(
-        train_step.make_train_step(
+    state, shardings = train.init_state(params, tx, mesh)
+    batch_sh = train.batch_sharding(mesh, rules, (batch, seq))
+    step_fn = train.jit_train_step(
+        train.make_train_step(
             graphdef,
             tx,
-            optim.learning_rate_schedule(opt_cfg),
+            train.learning_rate_schedule(opt_cfg),
             loss_chunk=cfg.train.loss_chunk,
         ),
         shardings,
@@ -131,11 +131,11 @@ def jax_worker(spec: dict) -> dict:
         model_settings=dict(
             **{k: cfg.model[k] for k in ("dtype", "param_dtype", "scan_layers", "remat_policy")},
             attention_impl=cfg.model.attention_impl,
-            attention_impl_resolved=attention.resolve_implementation(cfg.model.attention_impl),
+            attention_impl_resolved=nn.resolve_implementation(cfg.model.attention_impl),
         ),
         loss_chunk=cfg.train.loss_chunk,
         optimizer=dataclasses.asdict(opt_cfg),
-        flops_per_token=train_step.matmul_flops_per_token(model_config, seq),
+        flops_per_token=train.matmul_flops_per_token(model_config, seq),
         peak_flops=common.peak_flops(facts["device_kind"], spec["peak_tflops"]),
         compile_s=compile_s,
         lower_s=lower_s,

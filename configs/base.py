@@ -3,8 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
-from llama_jax.lora import DEFAULT_TARGETS
-from llama_jax.prune import DEFAULT_INCLUDE
+from llama_jax.compress import DEFAULT_INCLUDE, DEFAULT_TARGETS
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -70,13 +70,13 @@ def main(argv):
         )
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import gguf_import, sharding, transforms
+    from llama_jax import formats, sharding
 
     with common.clear_errors():
         mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
         rules = sharding.rules_from_config(sharding.parse_rules(_RULES.value))
         if _GGUF.value is None:
-            out = transforms.convert_hf(
+            out = formats.convert_hf(
                 _HF_DIR.value,
                 _OUT_DIR.value,
                 mesh=mesh,
@@ -89,7 +89,7 @@ def main(argv):
                 progress=common.Progress("converting"),
             )
         else:
-            out = gguf_import.import_gguf(
+            out = formats.import_gguf(
                 _GGUF.value,
                 _OUT_DIR.value,
                 mesh=mesh,

@@ -41,14 +41,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
-    from llama_jax import safetensors_file, transforms
+    from llama_jax import formats
 
     with common.clear_errors():
-        out = transforms.export_hf(
+        out = formats.export_hf(
             _MODEL_DIR.value,
             _OUT_DIR.value,
             dtype=_DTYPE.value,
-            max_shard_size=safetensors_file.parse_size(_MAX_SHARD.value),
+            max_shard_size=formats.parse_size(_MAX_SHARD.value),
             tokenizer=_TOKENIZER.value,
             overwrite=_OVERWRITE.value,
             progress=common.Progress("exporting"),

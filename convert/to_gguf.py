@@ -46,10 +46,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
-    from llama_jax import gguf_export
+    from llama_jax import formats
 
     with common.clear_errors():
-        out = gguf_export.export_gguf(
+        out = formats.export_gguf(
             _MODEL_DIR.value,
             _OUT.value,
             kind=_TYPE.value,

@@ -62,16 +62,16 @@ def main(argv):
     with common.clear_errors():
         import jax
 
-        from llama_jax import aot, topology, train
-        from llama_jax.run_config import RunConfig
+        from llama_jax import tpu, train
+        from llama_jax.train import RunConfig
 
         cfg = RunConfig.of(_CONFIG.value)
         if _TOPOLOGY.value:
-            target = topology.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
+            target = tpu.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
         else:
             common.init_distributed()
-            target = topology.local_target()
-        report = aot.compile_config(cfg, target)
+            target = tpu.local_target()
+        report = tpu.compile_config(cfg, target)
         if jax.process_index() == 0:
             print(report.table(), flush=True)
             if _JSON.value:

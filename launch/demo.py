@@ -163,9 +163,8 @@ def _plot(path: str, curves: dict[str, list[tuple[int, float]]]) -> None:
 def run(workdir: str, scale: str) -> dict:
     import jax
 
-    from llama_jax import distill, losses, model_dir, train
-    from llama_jax import generate as gen
-    from llama_jax.tokenizer import Tokenizer
+    from llama_jax import distill, formats, nn, train
+    from llama_jax.data import Tokenizer
 
     s = SCALES[scale]
     os.makedirs(workdir, exist_ok=True)
@@ -202,21 +201,21 @@ def run(workdir: str, scale: str) -> dict:
 
     say("scoring held-out perplexity")
     ev = run_config("train", s, eval_data, tok_path, 1, s["student"])
-    su = train.setup(ev, model_dir.read_config(runs["teacher"]))
+    su = train.setup(ev, formats.read_config(runs["teacher"]))
     batches = [next(su.iterator) for _ in range(8)]
     results = {}
     for name, path in runs.items():
-        config = model_dir.read_config(path)
-        graphdef, abstract = model_dir.abstract_params(config, su.mesh, su.rules)
-        params = model_dir.load_params(path, config, abstract)
-        ppl = distill.perplexity(losses.make_eval_step(graphdef, 64), params, batches)
-        model, _ = model_dir.load_model(path)
+        config = formats.read_config(path)
+        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
+        params = formats.load_params(path, config, abstract)
+        ppl = distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches)
+        model, _ = formats.load_model(path)
         ids = tokenizer.encode_batch(list(PROMPTS), add_bos=True)
-        outs = gen.generate(
+        outs = nn.generate(
             model,
             ids,
             max_new_tokens=40,
-            sampling=gen.Sampling(temperature=0.9, top_k=20),
+            sampling=nn.Sampling(temperature=0.9, top_k=20),
             seed=0,
             eos_ids=tokenizer.eos_ids,
             pad_id=tokenizer.pad_id,
@@ -275,12 +274,12 @@ def _dir_bytes(path: str) -> int:
 def write_gguf(run_dir: str, out: str) -> dict:
     """Writes the run's student as a q8_0 GGUF file and prints its size beside the float
     checkpoint's (the float parameters, and the step directory with optimizer state)."""
-    from llama_jax import gguf_export, model_dir
+    from llama_jax import formats
 
-    config = model_dir.read_config(run_dir)
-    float_bytes = config.num_params() * model_dir.stored_float_dtype(run_dir).itemsize
-    step_bytes = _dir_bytes(str(model_dir.run_step_dir(run_dir)))
-    gguf_export.export_gguf(run_dir, out, kind="q8_0", overwrite=True)
+    config = formats.read_config(run_dir)
+    float_bytes = config.num_params() * formats.stored_float_dtype(run_dir).itemsize
+    step_bytes = _dir_bytes(str(formats.run_step_dir(run_dir)))
+    formats.export_gguf(run_dir, out, kind="q8_0", overwrite=True)
     size = os.path.getsize(out)
     print(f"{'KD student':<26} {'bytes':>12}")
     print(f"{'float32 parameters':<26} {float_bytes:>12,}")

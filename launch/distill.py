@@ -40,7 +40,7 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
     with common.clear_errors():
-        from llama_jax.run_config import RunConfig
+        from llama_jax.train import RunConfig
 
         cfg = RunConfig.of(_CONFIG.value)
     common.init_distributed()

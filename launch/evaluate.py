@@ -104,8 +104,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import compare, model_dir, perplexity, sharding
-    from llama_jax.tasks import load_task
+    from llama_jax import evals, formats, sharding
+    from llama_jax.evals import load_task
 
     show = jax.process_index() == 0
     results = []
@@ -115,22 +115,22 @@ def main(argv):
         if out_dir is not None and not os.path.isdir(out_dir):
             raise FileNotFoundError(f"--output={_OUTPUT.value}: directory {out_dir} does not exist")
         if _REPORT.value:
-            compare.check_report(_REPORT.value, _REPORT_FORMATS.value)
+            evals.check_report(_REPORT.value, _REPORT_FORMATS.value)
         documents = split = None
         if _DATA.value:
-            documents = perplexity.read_documents(
+            documents = evals.read_documents(
                 _DATA.value, format=_FORMAT.value, field=_FIELD.value, split=_SPLIT.value
             )
-            jsonl = perplexity.data_format(_DATA.value, _FORMAT.value) == "jsonl"
+            jsonl = evals.data_format(_DATA.value, _FORMAT.value) == "jsonl"
             split = "jsonl" if jsonl else (_SPLIT.value or "none")
         tasks = [load_task(path) for path in _TASKS.value]
         for task in tasks:
             task.check_fewshot(
                 task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
             )
-        configs = [model_dir.read_config(path) for path in _MODEL_DIR.value]
+        configs = [formats.read_config(path) for path in _MODEL_DIR.value]
         seq_len = _SEQ_LEN.value or min(min(c.max_position_embeddings for c in configs), 2048)
-        suite = compare.Suite(
+        suite = evals.Suite(
             documents=None if documents is None else tuple(documents),
             data=_DATA.value,
             split=split,
@@ -149,7 +149,7 @@ def main(argv):
             if show:
                 print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
 
-        rows = compare.evaluate_dirs(
+        rows = evals.evaluate_dirs(
             _MODEL_DIR.value,
             suite,
             mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
@@ -161,7 +161,7 @@ def main(argv):
     if not show:
         return
     if len(rows) > 1:
-        print("\n" + compare.markdown(rows), end="", flush=True)
+        print("\n" + evals.markdown(rows), end="", flush=True)
     if _OUTPUT.value:
         # Written whole under a temporary name, then renamed: never half a file.
         tmp = f"{_OUTPUT.value}.tmp.{os.getpid()}"
@@ -169,7 +169,7 @@ def main(argv):
             f.writelines(json.dumps(r) + "\n" for r in results)
         os.replace(tmp, _OUTPUT.value)
     if _REPORT.value:
-        compare.write_report(rows, _REPORT.value, _REPORT_FORMATS.value)
+        evals.write_report(rows, _REPORT.value, _REPORT_FORMATS.value)
 
 
 if __name__ == "__main__":

@@ -60,14 +60,13 @@ def main(argv):
     import jax.numpy as jnp
 
     from launch import common
-    from llama_jax import generate as gen
-    from llama_jax import model_dir
+    from llama_jax import formats, nn
     from llama_jax.errors import ConfigError
 
     with common.clear_errors():
         # Everything about the prompts is checked before the weights are read.
-        tokenizer = model_dir.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
-        config = model_dir.read_config(_MODEL_DIR.value)
+        tokenizer = formats.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
+        config = formats.read_config(_MODEL_DIR.value)
         if tokenizer.vocab_size > config.vocab_size:
             raise ConfigError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) exceeds the "
@@ -77,14 +76,14 @@ def main(argv):
         for i, p in enumerate(ids):
             if not p:
                 raise ConfigError(f"prompt {i} encodes to no tokens; give text or --add_bos")
-        gen.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
-        model, config = model_dir.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
+        nn.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
+        model, config = formats.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
     eos_ids = tokenizer.eos_ids or config.eos_token_ids
-    outputs = gen.generate(
+    outputs = nn.generate(
         model,
         ids,
         max_new_tokens=_MAX_NEW.value,
-        sampling=gen.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        sampling=nn.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
         eos_ids=eos_ids,
         pad_id=tokenizer.pad_id,
         seed=_SEED.value,

@@ -35,10 +35,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import sharding, transforms
+    from llama_jax import formats, sharding
 
     with common.clear_errors():
-        out = transforms.merge_lora_dir(
+        out = formats.merge_lora_dir(
             _IO.model_dir.value,
             _IO.out_dir.value,
             mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),

@@ -118,18 +118,18 @@ def _present(holders) -> list[str]:
 
 
 def run_magnitude(mesh) -> None:
-    from llama_jax import prune, transforms
+    from llama_jax import compress, formats
 
     sparsity = _SPARSITY.value
     if sparsity is None:
-        sparsity = 0.5 if prune.parse_pattern(_PATTERN.value) is None else 0.0
+        sparsity = 0.5 if compress.parse_pattern(_PATTERN.value) is None else 0.0
     options = dict(sparsity=sparsity, pattern=_PATTERN.value, scope=_SCOPE.value)
     if _INCLUDE.value is not None:
         options["include"] = _INCLUDE.value
-    out, record = transforms.prune_dir(
+    out, record = formats.prune_dir(
         _IO.model_dir.value,
         _IO.out_dir.value,
-        prune.PruneConfig(**options),
+        compress.PruneConfig(**options),
         mesh=mesh,
         tokenizer=_IO.tokenizer.value,
         overwrite=_IO.overwrite.value,
@@ -138,9 +138,9 @@ def run_magnitude(mesh) -> None:
 
 
 def run_structured(mesh) -> None:
-    from llama_jax import structured, structured_dir
+    from llama_jax import compress, formats
 
-    spec = structured.StructuredConfig(
+    spec = compress.StructuredConfig(
         **{name: holder.value or 0 for name, holder in _TARGETS.items()},
         calibration_data=_CAL_DATA.value or "",
         calibration_format=_CAL_FORMAT.value,
@@ -152,7 +152,7 @@ def run_structured(mesh) -> None:
         batch_aggregation=_BATCH_AGG.value,
         layer_metric=_LAYER_METRIC.value,
     )
-    pruned = structured_dir.prune_dir(
+    pruned = formats.structured_prune_dir(
         _IO.model_dir.value,
         _IO.out_dir.value,
         spec,
@@ -162,7 +162,7 @@ def run_structured(mesh) -> None:
         dry_run=_DRY_RUN.value,
         progress=common.Progress("scoring layers (one pass each without it)"),
     )
-    print(structured.describe(pruned))
+    print(compress.describe(pruned))
     if not _DRY_RUN.value:
         print(f"wrote {_IO.out_dir.value}: {pruned.config.num_params():,} parameters")
 

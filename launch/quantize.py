@@ -25,10 +25,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_logs()
     common.init_distributed()
-    from llama_jax import sharding, transforms
+    from llama_jax import formats, sharding
 
     with common.clear_errors():
-        out = transforms.quantize_dir(
+        out = formats.quantize_dir(
             _IO.model_dir.value,
             _IO.out_dir.value,
             mode=_MODE.value,

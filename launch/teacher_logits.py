@@ -48,7 +48,7 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
     config = _CONFIG.value
     with common.clear_errors():
-        from llama_jax.run_config import RunConfig
+        from llama_jax.train import RunConfig
 
         if _TEACHER.value:
             if "teacher" not in config:
@@ -57,10 +57,10 @@ def main(argv):
         cfg = RunConfig.of(config)
     common.init_distributed()
     common.quiet_logs()
-    from llama_jax import logit_cache_writer
+    from llama_jax import distill
 
     with common.clear_errors():
-        logit_cache_writer.write(
+        distill.write_teacher_logits(
             cfg,
             _OUT_DIR.value,
             top_k=_TOP_K.value,

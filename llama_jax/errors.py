@@ -37,3 +37,10 @@ class DataError(Error):
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient became NaN or Inf; the run stops without saving."""
+
+
+def first_line(error: BaseException) -> str:
+    """The error's type and first line, without TensorStore's long spec dump."""
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec")[0] if lines else ""
+    return f"{type(error).__name__}: {text[:300]}"

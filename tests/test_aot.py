@@ -13,10 +13,10 @@ import jax
 import pytest
 
 from configs import distill_tiny, lora_tiny, tiny
-from llama_jax import aot, topology
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError
-from llama_jax.run_config import apply_overrides
+from llama_jax.tpu import aot, topology
+from llama_jax.train.run_config import apply_overrides
 
 pytest.importorskip("libtpu", reason="libtpu is not installed (make test installs it)")
 

@@ -19,9 +19,10 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
-from llama_jax import model_dir
-from llama_jax.checkpoint import Checkpointer, PreemptionWatch, latest_intact_step
 from llama_jax.errors import CheckpointError
+from llama_jax.formats import model_dir
+from llama_jax.formats.runs import latest_intact_step
+from llama_jax.train.checkpointer import Checkpointer, PreemptionWatch
 
 META = {"data": {"epoch": 1, "offset": 4096}, "teacher": "sha256:abc"}
 
@@ -285,7 +286,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from llama_jax.checkpoint import Checkpointer, PreemptionWatch
+from llama_jax.train.checkpointer import Checkpointer, PreemptionWatch
 
 process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)

@@ -16,9 +16,11 @@ import transformers
 from hf_models import make_hf_model, rewrite_config
 from safetensors.numpy import load_file, save_file
 
-from llama_jax import model_dir, safetensors_file, sharding, transforms
+from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError
+from llama_jax.formats import model_dir, transforms
+from llama_jax.formats.hf import safetensors_file
 
 REPO = str(Path(__file__).parents[1])
 TOKENIZER = os.path.join(REPO, "configs", "data", "tokenizer.json")

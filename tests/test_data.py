@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from llama_jax.data import FIELDS, DataConfig, DataIterator
+from llama_jax.data.pipeline import FIELDS, DataConfig, DataIterator
+from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError
 from llama_jax.sharding import create_mesh
-from llama_jax.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_SPEC = PartitionSpec(("dcn", "data", "fsdp"))

@@ -11,8 +11,10 @@ import pytest
 from hf_models import make_hf_model
 
 from configs import distill_tiny
-from llama_jax import distill, distill_step, model_dir, transforms
+from llama_jax.distill import recipe as distill
+from llama_jax.distill import step as distill_step
 from llama_jax.errors import ConfigError
+from llama_jax.formats import model_dir, transforms
 
 REPO = Path(__file__).parents[1]
 

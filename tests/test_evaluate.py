@@ -16,8 +16,11 @@ import torch
 from flax import nnx
 from hf_models import make_hf_model
 
-from llama_jax import evaluate, losses, model_dir, perplexity, sharding, tasks
-from llama_jax.tokenizer import Tokenizer
+from llama_jax import formats, sharding
+from llama_jax.data.tokenizer import Tokenizer
+from llama_jax.evals import evaluate, perplexity, tasks
+from llama_jax.formats import model_dir
+from llama_jax.nn import losses
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
 ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("owl", "hoot")]
@@ -405,7 +408,7 @@ def test_several_models_make_one_table(hf, tmp_path, capsys, monkeypatch):
         loaded.append(model)
         return model, config
 
-    monkeypatch.setattr(model_dir, "load_model", load)
+    monkeypatch.setattr(formats, "load_model", load)
     prefix = tmp_path / "compare"
     _cli(
         monkeypatch,
@@ -469,7 +472,7 @@ def test_report_without_matplotlib_is_refused_before_any_model(hf, tmp_path, cap
     assert exit_info.value.code == 2
     assert "the PNG chart needs matplotlib" in capsys.readouterr().err
     # The other formats need no matplotlib; a bad format is named.
-    from llama_jax import compare
+    from llama_jax.evals import compare
 
     compare.check_report(str(tmp_path / "r"), ["jsonl", "md"])
     with pytest.raises(ValueError, match=r"report formats \['pdf'\]"):
@@ -477,7 +480,7 @@ def test_report_without_matplotlib_is_refused_before_any_model(hf, tmp_path, cap
 
 
 def test_a_training_runs_size_is_its_stored_parameters():
-    from llama_jax import compare
+    from llama_jax.evals import compare
 
     run = pathlib.Path(__file__).parent / "data" / "run_before_redesign"
     facts = compare.model_facts(run)

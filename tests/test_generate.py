@@ -14,8 +14,8 @@ import torch
 from hf_models import make_hf_model
 
 from llama_jax.errors import ConfigError
-from llama_jax.generate import Sampling, check_length, generate, sample_logits
-from llama_jax.model_dir import load_hf
+from llama_jax.formats.model_dir import load_hf
+from llama_jax.nn.generation import Sampling, check_length, generate, sample_logits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

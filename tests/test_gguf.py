@@ -25,19 +25,16 @@ from flax import nnx
 from hf_models import make_hf_model, rewrite_config
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from llama_jax import (
-    generate,
-    gguf_export,
-    gguf_import,
-    gguf_model,
-    hf,
-    hf_keymap,
-    model_dir,
-    sharding,
-    transforms,
-)
+from llama_jax import sharding, tree
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.errors import CheckpointError, DataError
+from llama_jax.formats import model_dir, transforms
+from llama_jax.formats.gguf import read as gguf_import
+from llama_jax.formats.gguf import tensors as gguf_model
+from llama_jax.formats.gguf import write as gguf_export
+from llama_jax.formats.hf import keymap as hf_keymap
+from llama_jax.formats.hf import layout as hf
+from llama_jax.nn import generation as generate
 
 REPO = str(Path(__file__).parents[1])
 Q = gguf.GGMLQuantizationType
@@ -173,16 +170,14 @@ def _logits(directory, tokens, params=None):
     model, _ = model_dir.load_model(directory)
     if params is not None:
         graphdef, state = nnx.split(model)
-        nnx.replace_by_pure_dict(
-            state, model_dir.nest({k: jnp.asarray(v) for k, v in params.items()})
-        )
+        nnx.replace_by_pure_dict(state, tree.nest({k: jnp.asarray(v) for k, v in params.items()}))
         model = nnx.merge(graphdef, state)
     return np.asarray(model(tokens))
 
 
 def _file_params(path, config):
     f = gguf_import.GGUFFile(path)
-    names = model_dir.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
+    names = tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
     return {n: f.read_param(config, n, None, np.float32) for n in names}
 
 
@@ -295,7 +290,7 @@ def test_rows_q8_0_cannot_pack_stay_f16():
         mlp_dim=94,
         tie_word_embeddings=True,
     )
-    params = list(model_dir.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1]))
+    params = list(tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1]))
     types = {e.name: e.type for e in gguf_export.plan(config, params, "q8_0")}
     assert types["blk.1.ffn_down.weight"] == Q.F16  # rows of F = 94 values
     assert types["blk.1.ffn_up.weight"] == types["token_embd.weight"] == Q.Q8_0
@@ -415,7 +410,7 @@ def test_linear_rope_scaling_is_metadata(tmp_path):
 def _test_tensors(config: LlamaConfig, rng) -> dict[str, np.ndarray]:
     """Random HF-layout weights ([out, in]) of `config`, by HF tensor name."""
     dims = hf.layout_dims(config)
-    names = model_dir.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
+    names = tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
     out = {}
     for name in names:
         _, layout, _ = hf_keymap.PARAMS[name]

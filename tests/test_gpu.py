@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from llama_jax.nn.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "gpu",

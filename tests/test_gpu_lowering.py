@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import quant, sharding
+from llama_jax import sharding
+from llama_jax.compress import quant
 from llama_jax.errors import ConfigError
-from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference, tiling
+from llama_jax.nn.kernels.int8_matmul import int8_matmul, int8_matmul_reference, tiling
 
 # The custom call a Triton pallas_call lowers to: XLA's Triton op up to jaxlib 0.10.2,
 # a precompiled kernel call after it.

@@ -10,7 +10,7 @@ from hf_models import make_hf_model, rewrite_config
 from safetensors.numpy import load_file, save_file
 
 from llama_jax.errors import CheckpointError
-from llama_jax.model_dir import load_hf
+from llama_jax.formats.model_dir import load_hf
 
 
 @pytest.fixture

@@ -15,22 +15,18 @@ import pytest
 from flax import nnx
 
 from configs import lora_tiny
-from llama_jax import (
-    dir_writer,
-    lora,
-    model_dir,
-    optim,
-    quant,
-    sharding,
-    train,
-    train_step,
-    transforms,
-)
-from llama_jax.block import LORA_TARGETS
+from llama_jax import sharding
+from llama_jax.compress import lora, quant
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.layers import LoraConfig
-from llama_jax.model import Llama
+from llama_jax.formats import dir_writer, model_dir, transforms
+from llama_jax.nn.block import LORA_TARGETS
+from llama_jax.nn.layers import LoraConfig
+from llama_jax.nn.model import Llama
+from llama_jax.train import loop as train
+from llama_jax.train import optim
+from llama_jax.train import step as train_step
+from llama_jax.tree import flatten, nest
 
 REPO = Path(__file__).parents[1]
 CFG = get_preset("tiny")
@@ -48,10 +44,10 @@ def _logits(graphdef, params, tokens, keys=None):
 
 def _split(params):
     """(base, adapters) of a LoRA model's parameter dict."""
-    flat = model_dir.flatten(params)
+    flat = flatten(params)
     adapters = {k: v for k, v in flat.items() if k.rsplit(".", 1)[1] in lora.ADAPTERS}
     base = {k: v for k, v in flat.items() if k not in adapters}
-    return model_dir.nest(base), model_dir.nest(adapters)
+    return nest(base), nest(adapters)
 
 
 def _with_random_b(adapters, scale=0.05):
@@ -102,8 +98,8 @@ def test_fresh_adapters_leave_the_base_model_unchanged(models):
     (graphdef, base), (lora_graphdef, adapters) = models
     # The base parameters keep the plain model's paths; the adapters sit beside them.
     plain = nnx.state(nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0))))
-    assert model_dir.flatten(base).keys() == model_dir.flatten(nnx.to_pure_dict(plain)).keys()
-    flat = model_dir.flatten(adapters)
+    assert flatten(base).keys() == flatten(nnx.to_pure_dict(plain)).keys()
+    flat = flatten(adapters)
     assert set(flat) == {f"{t}.{n}" for t in LORA_TARGETS for n in lora.ADAPTERS}
     a, b = flat["layers.attn.o_proj.lora_a"], flat["layers.attn.o_proj.lora_b"]
     assert a.shape == (3, 6, 10, 4) and b.shape == (3, 4, 48)
@@ -155,7 +151,7 @@ def test_adapters_on_an_int8_base(models):
     # Gradients reach the adapters through the int8 path: B's first (A's gradient is
     # zero while B is), then both.
     for adapters, moving in ((fresh, ("lora_b",)), (_with_random_b(fresh), lora.ADAPTERS)):
-        flat = model_dir.flatten(grads(adapters))
+        flat = flatten(grads(adapters))
         assert all(np.isfinite(np.asarray(g)).all() for g in flat.values())
         for name, g in flat.items():
             assert bool(jnp.any(g != 0)) == name.endswith(moving), name
@@ -163,8 +159,8 @@ def test_adapters_on_an_int8_base(models):
     adapters = _with_random_b(fresh)
     unmerged = _logits(q_graphdef, lora.combine(q_base, adapters), tokens)
     merged_params = jax.jit(lora.merge, static_argnums=2)(q_base, adapters, ALL)
-    flat = model_dir.flatten(merged_params)
-    assert flat.keys() == model_dir.flatten(base).keys()
+    flat = flatten(merged_params)
+    assert flat.keys() == flatten(base).keys()
     assert flat["layers.attn.k_proj.kernel"].dtype == jnp.float32
     merged = _logits(graphdef, merged_params, tokens)
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-4, rtol=1e-4)
@@ -225,9 +221,9 @@ def test_training_moves_only_the_adapters(models):
             losses.append(float(metrics["loss"]))
     assert losses[2] < losses[0], losses
 
-    flat = model_dir.flatten(state.params)
-    assert flat.keys() == model_dir.flatten(adapters).keys()
-    start = model_dir.flatten(adapters)
+    flat = flatten(state.params)
+    assert flat.keys() == flatten(adapters).keys()
+    start = flatten(adapters)
     assert all(not np.array_equal(np.asarray(flat[k]), np.asarray(start[k])) for k in flat)
     layer = state.params["layers"]["attn"]
     assert tuple(layer["q_proj"]["lora_a"].sharding.spec) == (None, "fsdp", None)
@@ -243,7 +239,7 @@ def _write_base(out, params):
     dir_writer.write_model_dir(
         out,
         CFG,
-        iter(model_dir.flatten(params).items()),
+        iter(flatten(params).items()),
         metadata={"source": {"kind": "random"}, "dtype": "float32"},
         files=model_dir.tokenizer_files(REPO / "configs" / "data"),
     )
@@ -291,9 +287,7 @@ def test_checkpoints_hold_only_the_adapters_and_name_their_base(run, bases):
     arrays = [p for p in paths if "['params']" in p or "['mu']" in p or "['nu']" in p]
     assert arrays and all("lora_a" in p or "lora_b" in p for p in arrays), paths
     assert not any("kernel" in p or "embedding" in p or "scale" in p for p in paths)
-    assert set(model_dir.flatten(tree["params"])) == {
-        f"{t}.{n}" for t in TARGETS for n in lora.ADAPTERS
-    }
+    assert set(flatten(tree["params"])) == {f"{t}.{n}" for t in TARGETS for n in lora.ADAPTERS}
     nbytes = sum(np.prod(x.shape) * 4 for x in jax.tree.leaves(tree))
     base_bytes = json.loads((bases[0] / "metadata.json").read_text())["params_bytes"]
     assert nbytes < 0.25 * base_bytes, (nbytes, base_bytes)
@@ -311,13 +305,13 @@ def test_a_lora_run_loads_exports_and_merges_onto_its_base(run, bases, tmp_path)
     one_device = sharding.create_mesh(devices=jax.devices()[:1])
     base = model_dir.load_params(bases[0], CFG, model_dir.abstract_params(CFG, one_device)[1])
     merge = jax.jit(lora.merge, static_argnums=2)
-    want = model_dir.flatten(merge(base, adapters, lora.from_meta(model_dir.lora_info(run))))
-    base_flat = model_dir.flatten(base)
+    want = flatten(merge(base, adapters, lora.from_meta(model_dir.lora_info(run))))
+    base_flat = flatten(base)
 
     # What launch.generate and evaluation do: load_model on the run directory.
     assert model_dir.read_config(run) == CFG and model_dir.quantization(run) is None
     model, _ = model_dir.load_model(run, mesh=sharding.create_mesh())
-    got = model_dir.flatten(nnx.to_pure_dict(nnx.state(model)))
+    got = flatten(nnx.to_pure_dict(nnx.state(model)))
     assert got.keys() == want.keys() == base_flat.keys()
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, err_msg=k)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.losses import DistillLossConfig, chunked_cross_entropy, chunked_distill_loss
+from llama_jax.nn.losses import DistillLossConfig, chunked_cross_entropy, chunked_distill_loss
 
 B, T, D_STUDENT, D_TEACHER, V = 3, 37, 11, 13, 53
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from llama_jax import metrics
-from llama_jax.metrics import (
+from llama_jax.train import metrics
+from llama_jax.train.metrics import (
     MetricsWriter,
     Throughput,
     peak_flops_per_device,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention
 from llama_jax.config import get_preset
-from llama_jax.model import REMAT_POLICIES, Llama
+from llama_jax.nn import attention
+from llama_jax.nn.model import REMAT_POLICIES, Llama
 
 CFG = get_preset("tiny")
 
@@ -81,7 +81,7 @@ def test_packed_batch_equals_documents_run_separately():
 
 
 def test_positions_restart_per_segment():
-    from llama_jax.model import segment_positions
+    from llama_jax.nn.model import segment_positions
 
     seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
     np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hf_models import make_hf_model, rewrite_config
 
-from llama_jax.model_dir import load_hf
+from llama_jax.formats.model_dir import load_hf
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -86,7 +86,7 @@ def test_parity_unrolled_and_remat(tmp_path):
 )
 def test_rope_inverse_frequencies_are_bit_identical(rope, tmp_path):
     from llama_jax.config import LlamaConfig
-    from llama_jax.layers import rope_inv_freq
+    from llama_jax.nn.layers import rope_inv_freq
 
     hf_model = make_hf_model(
         tmp_path,

@@ -13,10 +13,14 @@ import pytest
 from hf_models import make_hf_model
 
 from configs import distill_tiny
-from llama_jax import distill, generate, model_dir, on_policy, train
+from llama_jax.distill import on_policy
+from llama_jax.distill import recipe as distill
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.run_config import OnPolicySpec, RunConfig
-from llama_jax.train_step import TrainState
+from llama_jax.formats import model_dir
+from llama_jax.nn import generation as generate
+from llama_jax.train import loop as train
+from llama_jax.train.run_config import OnPolicySpec, RunConfig
+from llama_jax.train.step import TrainState
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ import torch
 import transformers
 from hf_models import make_hf_model
 
-from llama_jax import model_dir, perplexity
 from llama_jax.errors import DataError
+from llama_jax.evals import perplexity
+from llama_jax.formats import model_dir
 
 # A real text: line breaks, punctuation, digits and a few non-ASCII letters.
 TEXT = """The lighthouse keeper's log for the winter of 1887 survives in a damp leather

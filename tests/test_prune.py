@@ -17,20 +17,17 @@ import pytest
 from flax import nnx, traverse_util
 
 from configs import tiny
-from llama_jax import (
-    checkpoint,
-    model_dir,
-    optim,
-    prune,
-    sharding,
-    train,
-    train_step,
-    transforms,
-)
+from llama_jax import sharding
+from llama_jax.compress import prune
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError
-from llama_jax.model import Llama
-from llama_jax.run_config import RunConfig
+from llama_jax.formats import model_dir, transforms
+from llama_jax.nn.model import Llama
+from llama_jax.train import checkpointer as checkpoint
+from llama_jax.train import loop as train
+from llama_jax.train import optim
+from llama_jax.train import step as train_step
+from llama_jax.train.run_config import RunConfig
 from tests.hf_models import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,8 +213,8 @@ def test_bad_options_fail_clearly():
     with pytest.raises(ConfigError, match="not divisible by M=32"):
         prune.pruned_paths(prune.PruneConfig(sparsity=0.0, pattern="16:32"), params)
     with pytest.raises(ConfigError, match="unknown option"):
-        prune.from_config({"sparsity": 0.5, "sparsty": 0.5})
-    assert prune.from_config({"sparsity": 0.0}) is None  # off
+        prune.parse_prune({"sparsity": 0.5, "sparsty": 0.5})
+    assert prune.parse_prune({"sparsity": 0.0}) is None  # off
 
 
 def _train_cfg(workdir_data, steps=4):
@@ -334,7 +331,7 @@ def test_one_shot_cli_on_a_converted_checkpoint(converted):
 
 def test_distillation_recovers_into_a_pruned_student(tmp_path, converted):
     from configs import distill_prune_tiny
-    from llama_jax import distill
+    from llama_jax.distill import recipe as distill
 
     c = distill_prune_tiny.get_config(str(converted / "converted"))
     c.data.seq_len = 32

@@ -15,12 +15,14 @@ import pytest
 from flax import nnx
 from hf_models import make_hf_model
 
-from llama_jax import generate as gen
-from llama_jax import model_dir, quant, sharding, transforms
+from llama_jax import sharding, tree
+from llama_jax.compress import quant
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
-from llama_jax.model import Llama
+from llama_jax.formats import model_dir, transforms
+from llama_jax.nn import generation as gen
+from llama_jax.nn.kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from llama_jax.nn.model import Llama
 
 REPO = Path(__file__).parents[1]
 TOKENIZER = REPO / "configs" / "data" / "tokenizer.json"
@@ -63,8 +65,8 @@ def _float_and_quantized(config, embed=False):
 def test_quantized_model_has_the_float_tree_and_close_logits(embed):
     config = dataclasses.replace(get_preset("tiny"), tie_word_embeddings=embed)
     model, q_model, q_params = _float_and_quantized(config, embed=embed)
-    float_paths = set(model_dir.flatten(nnx.to_pure_dict(nnx.split(model)[1])))
-    q_flat = model_dir.flatten(q_params)
+    float_paths = set(tree.flatten(nnx.to_pure_dict(nnx.split(model)[1])))
+    q_flat = tree.flatten(q_params)
     assert float_paths <= set(q_flat)
     targets = quant.quantized_paths(embed=embed)
     assert set(q_flat) - float_paths == {k + "_scale" for k in targets}

@@ -8,10 +8,11 @@ import ml_collections
 import pytest
 
 from configs.base import base_config, distill_config
-from llama_jax import run_config, sharding
+from llama_jax import sharding
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.run_config import RunConfig
+from llama_jax.train import run_config
+from llama_jax.train.run_config import RunConfig
 
 CONFIGS = sorted(
     p.stem

@@ -10,7 +10,7 @@ from flax import nnx
 from llama_jax import sharding
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError
-from llama_jax.model import Llama
+from llama_jax.nn.model import Llama
 
 CFG = get_preset("tiny")
 
@@ -100,7 +100,7 @@ def test_rule_override_changes_placement():
 def test_load_hf_straight_into_shards(tmp_path):
     from hf_models import make_hf_model
 
-    from llama_jax.model_dir import load_hf
+    from llama_jax.formats.model_dir import load_hf
 
     make_hf_model(tmp_path, hidden_size=48, num_attention_heads=6, num_key_value_heads=2)
     mesh = sharding.create_mesh(data=1, fsdp=2, tensor=4)

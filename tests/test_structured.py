@@ -16,10 +16,12 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import model_dir, sharding, structured, structured_dir, transforms
+from llama_jax import sharding, tree
+from llama_jax.compress import structured
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError, DataError
-from llama_jax.run_config import RunConfig
+from llama_jax.formats import model_dir, structured_dir, transforms
+from llama_jax.train.run_config import RunConfig
 from tests.hf_models import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +146,7 @@ def _top(scores, k):
 def test_width_and_depth_pruning_keeps_the_most_important_units(source, tmp_path):
     spec = _spec(source, num_layers=3, num_heads=4, mlp_dim=50, embed_dim=32)
     out = tmp_path / "pruned"
-    pruned = structured_dir.prune_dir(
+    pruned = structured_dir.structured_prune_dir(
         source / "converted", out, spec, mesh=sharding.create_mesh(fsdp=8)
     )
     config = model_dir.read_config(out)
@@ -271,7 +273,7 @@ def test_pruning_in_memory_is_the_same_on_every_mesh_and_runs_prune_once(source,
         np.testing.assert_allclose(value, many.scores.arrays()[name], rtol=1e-5, err_msg=name)
     for name, value in one.kept.arrays().items():
         np.testing.assert_array_equal(value, many.kept.arrays()[name], err_msg=name)
-    flat_one, flat_many = model_dir.flatten(one.params), model_dir.flatten(many.params)
+    flat_one, flat_many = tree.flatten(one.params), tree.flatten(many.params)
     for name, value in flat_one.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_many[name]), name)
     assert flat_many["layers.mlp.up_proj.kernel"].sharding.mesh.shape["tensor"] == 2
@@ -295,9 +297,9 @@ def test_pruning_in_memory_is_the_same_on_every_mesh_and_runs_prune_once(source,
         again = structured_dir.load_or_prune(save, spec, config, teacher, student_abstract, **kw)
     finally:
         structured_dir.prune_params = original
-    for name, value in model_dir.flatten(first).items():
+    for name, value in tree.flatten(first).items():
         np.testing.assert_array_equal(np.asarray(value), flat_one[name], name)
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(model_dir.flatten(again)[name]))
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(tree.flatten(again)[name]))
 
 
 @pytest.mark.parametrize(
@@ -322,7 +324,7 @@ def test_bad_targets_and_calibration_fail_before_loading(
     monkeypatch.setattr(model_dir, "load_params", no_loading)
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
-        structured_dir.prune_dir(
+        structured_dir.structured_prune_dir(
             source / "converted", out, _spec(source, **targets), mesh=sharding.create_mesh()
         )
     assert not out.exists()
@@ -333,10 +335,12 @@ def test_quantized_and_existing_outputs_are_refused(source, tmp_path):
     quantized = tmp_path / "int8"
     transforms.quantize_dir(source / "converted", quantized, mesh=mesh)
     with pytest.raises(CheckpointError, match="quantized"):
-        structured_dir.prune_dir(quantized, tmp_path / "out", _spec(source, mlp_dim=40), mesh=mesh)
+        structured_dir.structured_prune_dir(
+            quantized, tmp_path / "out", _spec(source, mlp_dim=40), mesh=mesh
+        )
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="already exists"):
-        structured_dir.prune_dir(
+        structured_dir.structured_prune_dir(
             source / "converted", quantized, _spec(source, mlp_dim=40), mesh=mesh
         )
 
@@ -351,7 +355,7 @@ def test_quantized_and_existing_outputs_are_refused(source, tmp_path):
 )
 def test_minitron_configs_compile_the_shape_pruning_gives(name, teacher):
     c = importlib.import_module(f"configs.{name}").get_config("data.jsonl")
-    spec = structured.from_config(c.structured.to_dict())
+    spec = structured.parse_structured(c.structured.to_dict())
     pruned = structured.target_config(get_preset(teacher), spec)
     # The student's preset and overrides (what ahead-of-time compilation builds) are
     # the architecture structured pruning of that teacher gives.
@@ -363,7 +367,7 @@ def test_minitron_configs_compile_the_shape_pruning_gives(name, teacher):
 def test_prune_then_distil_in_one_launch_prunes_once(source, tmp_path):
     from configs import distill_tiny
     from configs.base import structured_section
-    from llama_jax import distill
+    from llama_jax.distill import recipe as distill
 
     c = distill_tiny.get_config(str(source / "converted"))
     c.model.overrides = ""

@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from llama_jax import task_metrics, tasks
 from llama_jax.errors import DataError
+from llama_jax.evals import task_metrics, tasks
 
 
 def _write_task(path, spec, examples):

@@ -20,10 +20,21 @@ from flax import nnx
 from hf_models import make_hf_model
 
 from configs import distill_tiny
-from llama_jax import checkpoint, logit_cache, logit_cache_writer, logit_records, model_dir, train
+from llama_jax.distill import (
+    cache as logit_cache,
+)
+from llama_jax.distill import (
+    cache_writer as logit_cache_writer,
+)
+from llama_jax.distill import (
+    records as logit_records,
+)
+from llama_jax.distill.records import Layout
 from llama_jax.errors import CheckpointError, ConfigError, DataError
-from llama_jax.logit_records import Layout
-from llama_jax.losses import DistillLossConfig, chunked_distill_loss, chunked_sparse_distill_loss
+from llama_jax.formats import model_dir
+from llama_jax.formats.fingerprint import fingerprint_mismatch
+from llama_jax.nn.losses import DistillLossConfig, chunked_distill_loss, chunked_sparse_distill_loss
+from llama_jax.train import loop as train
 
 REPO = Path(__file__).parents[1]
 TOP_K = 8
@@ -119,7 +130,7 @@ def _cfg(teacher, **data):
 
 def _write(cfg, out, **kwargs):
     kwargs = dict(top_k=TOP_K, steps_per_shard=2) | kwargs
-    return logit_cache_writer.write(cfg, out, **kwargs)
+    return logit_cache_writer.write_teacher_logits(cfg, out, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +497,7 @@ def _distill_cfg(teacher, logits_dir, steps, **distill):
 
 
 def test_distilling_from_a_full_cache_equals_the_live_teacher(teachers, tmp_path):
-    from llama_jax import distill
+    from llama_jax.distill import recipe as distill
 
     full = tmp_path / "full"
     _write(_cfg(teachers[0]), full, top_k=263, steps=1)
@@ -499,13 +510,13 @@ def test_distilling_from_a_full_cache_equals_the_live_teacher(teachers, tmp_path
     meta = model_dir.run_meta(tmp_path / "cached")
     assert meta["teacher"]["logits_dir"] == str(full)
     live_fingerprint = model_dir.run_meta(tmp_path / "live")["teacher"]["fingerprint"]
-    assert checkpoint.fingerprint_mismatch(meta["teacher"]["fingerprint"], live_fingerprint) is None
+    assert fingerprint_mismatch(meta["teacher"]["fingerprint"], live_fingerprint) is None
 
 
 def test_a_cached_run_resumes_bit_for_bit_and_another_run_is_refused(cache_dir, teachers, tmp_path):
     import orbax.checkpoint as ocp
 
-    from llama_jax import distill
+    from llama_jax.distill import recipe as distill
 
     cfg = _distill_cfg(teachers[0], cache_dir, STEPS, top_k=4)
     work = tmp_path / "run"

@@ -10,8 +10,8 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU, CHRF
 
-from llama_jax import task_metrics, text_metrics
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.evals import task_metrics, text_metrics
 
 PIECES = [
     "the", "The", "THE", "cat", "cats", "running", "runs", "ran", "on", "mat", "a", "is",

@@ -12,8 +12,8 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError
-from llama_jax.tokenizer import Tokenizer
 
 BOS, EOT, EOT_ID = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 IM_END = "<|im_end|>"  # a chat fine-tune's EOS that SentencePiece treats as plain text

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from llama_jax import attention, sharding, topology
+from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError
+from llama_jax.nn import attention
+from llama_jax.tpu import topology
 
 BTNH = ("batch", "length", "heads", "head_dim")
 BTKH = ("batch", "length", "kv_heads", "head_dim")
@@ -99,7 +101,7 @@ def _compiled_train_step_text(devices, config, mesh_axes, seq_len, impl):
     """Forward and backward of a small model on the TPU mesh, compiled ahead of time."""
     from flax import nnx
 
-    from llama_jax.model import Llama
+    from llama_jax.nn.model import Llama
 
     mesh = sharding.create_mesh(devices=devices, **mesh_axes)
     rules = sharding.DEFAULT_RULES
@@ -164,8 +166,8 @@ def test_splash_compiles_for_a_tpu_mesh(head_dim, num_heads, num_kv_heads):
 def test_decode_step_compiles_for_a_tpu_mesh_with_splash_in_the_prefill(head_dim, num_heads):
     from flax import nnx
 
-    from llama_jax import generate as gen
-    from llama_jax.model import Llama
+    from llama_jax.nn import generation as gen
+    from llama_jax.nn.model import Llama
 
     devices = _tpu_devices()
     mesh = sharding.create_mesh(devices=devices, fsdp=2, tensor=2)

@@ -17,10 +17,13 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from llama_jax import optim, sharding, train, train_step
+from llama_jax import sharding
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, NonFiniteLossError
-from llama_jax.model import Llama
+from llama_jax.nn.model import Llama
+from llama_jax.train import loop as train
+from llama_jax.train import optim
+from llama_jax.train import step as train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = get_preset("tiny")
@@ -326,7 +329,7 @@ OLD_RUN = os.path.join(REPO, "tests", "data", "run_before_redesign")
 
 
 def test_a_run_written_by_an_earlier_version_resumes_and_loads(tmp_path, monkeypatch):
-    from llama_jax import model_dir
+    from llama_jax.formats import model_dir
 
     shutil.copytree(OLD_RUN, tmp_path / "run")
     shutil.copy(OLD_RUN + "_tokens.npy", tmp_path / "tokens.npy")

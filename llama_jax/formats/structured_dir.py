@@ -1,0 +1,272 @@
+"""Structured pruning of model directories and runs: the calibration data, the
+pruned model directory (weights, metadata.json `structured`, importance.npz), the
+directory-to-directory transform `launch.prune --structured` runs, and the pruned
+initial student of a prune-then-distil run (`load_or_prune`).
+
+The pruning itself (targets, ranking, slicing) is `structured`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+
+from llama_jax import data, paths, sharding
+from llama_jax.compress import SCORES_FILE, Pruned, StructuredConfig, prune_params, target_config
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import CheckpointError, ConfigError, DataError
+from llama_jax.formats import model_dir
+from llama_jax.formats.dir_writer import check_out_dir, handed_out, write_model_dir
+
+
+def check_source(path) -> dict[str, Any] | None:
+    """Refuses a model directory structured pruning cannot slice (int8, a LoRA run);
+    returns its magnitude-pruning record (metadata 'sparsity'), or None."""
+    path = paths.absolute(path)
+    mode = model_dir.quantization(path)
+    if mode is not None:
+        raise CheckpointError(
+            f"{path} is quantized ({mode}); structured pruning needs the float model it "
+            "was made from"
+        )
+    if model_dir.lora_info(path) is not None:
+        raise CheckpointError(
+            f"{path} is a LoRA run; merge it first (python -m launch.merge_lora) and prune "
+            "the merged model"
+        )
+    return model_dir.read_metadata(path).get("sparsity")
+
+
+def calibration_batches(
+    spec: StructuredConfig,
+    tokenizer,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    *,
+    vocab_size: int,
+    run_data: data.DataConfig | None = None,
+) -> list[dict[str, jax.Array]]:
+    """The calibration batches, dicts of int32[B, T] arrays on `mesh` (B =
+    calibration_batch_size, T = calibration_seq_len). Without calibration_data, the
+    run's data (`run_data`) is read. Raises DataError when there is no data or it holds
+    fewer rows than asked, before any weights are read."""
+    path, fmt, field = calibration_source(spec, run_data)
+    b, t = spec.calibration_batch_size, spec.calibration_seq_len
+    config = data.DataConfig(path=path, format=fmt, field=field, seq_len=t, global_batch=b)
+    batch_sh = NamedSharding(
+        mesh, sharding.logical_to_spec(("batch", "length"), (b, t), mesh, rules)
+    )
+    try:
+        iterator = data.DataIterator(config, tokenizer, batch_sh, vocab_size=vocab_size)
+    except DataError as e:
+        raise DataError(f"calibration data: {e}") from e
+    need = spec.calibration_batches * b
+    if iterator.num_rows < need:
+        raise DataError(
+            f"calibration data {path} makes {iterator.num_rows} rows of {t} tokens "
+            f"({iterator.num_rows * t} tokens); {spec.calibration_batches} batches of {b} "
+            f"rows ask for {need} rows ({need * t} tokens). Give more data or fewer "
+            "calibration batches"
+        )
+    return [next(iterator) for _ in range(spec.calibration_batches)]
+
+
+def calibration_source(
+    spec: StructuredConfig, run_data: data.DataConfig | None = None
+) -> tuple[str, str, str]:
+    """(path, format, JSONL field) of the calibration data: calibration_data (format
+    from its suffix unless given), else the run's data. DataError when there is none."""
+    if spec.calibration_data:
+        path = spec.calibration_data
+        suffix = epath.Path(path).suffix
+        guess = {".jsonl": "jsonl", ".json": "jsonl", ".npy": "tokens"}.get(suffix, "text")
+        return path, spec.calibration_format or guess, spec.calibration_field
+    if run_data is not None and run_data.path:
+        return run_data.path, run_data.format, run_data.field
+    raise DataError(
+        "structured pruning ranks by activations on calibration data; give "
+        "calibration_data (--calibration_data: a text, JSONL or .npy tokens file)"
+    )
+
+
+def save_pruned(
+    out_dir,
+    pruned: Pruned,
+    *,
+    metadata: Mapping[str, Any],
+    files: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> epath.Path:
+    """Writes the pruned model as a converted model directory (atomically): its
+    parameters, metadata.json with `structured` (`Pruned.record()`) beside `metadata`,
+    and importance.npz (every score and kept index, float32 / int32)."""
+    if pruned.params is None:
+        raise ValueError("a dry-run result has no parameters to save")
+    with tempfile.TemporaryDirectory() as tmp:
+        scores_path = os.path.join(tmp, SCORES_FILE)
+        np.savez(scores_path, **pruned.scores.arrays(), **pruned.kept.arrays())
+        return write_model_dir(
+            out_dir,
+            pruned.config,
+            handed_out(pruned.params),
+            metadata={**metadata, "sparsity": None, "structured": pruned.record()},
+            files={**(files or {}), SCORES_FILE: scores_path},
+            overwrite=overwrite,
+            on_param=on_param,
+        )
+
+
+def read_scores(path) -> dict[str, np.ndarray]:
+    """importance.npz of a structured-pruned model directory (no pickles are loaded)."""
+    file = paths.absolute(path) / SCORES_FILE
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist; was {path} made by structured pruning?")
+    with np.load(os.fspath(file), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str, str]:
+    source = tokenizer or model_dir.find_tokenizer(path)
+    if source is None:
+        raise CheckpointError(f"{path} has no tokenizer to ship; pass one with --tokenizer")
+    source = paths.absolute(source)
+    if source.is_dir():
+        return model_dir.tokenizer_files(source)
+    if not source.exists():
+        raise CheckpointError(f"tokenizer {source} does not exist")
+    name = model_dir.TOKENIZER_FILES[1 if source.suffix == ".model" else 0]
+    return {name: os.fspath(source)}
+
+
+def structured_prune_dir(
+    path,
+    out_dir,
+    spec: StructuredConfig,
+    *,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    dtype=jnp.float32,
+    progress: Callable[[int, int], None] | None = None,
+    on_param: Callable[[str, jax.Array], None] | None = None,
+) -> Pruned:
+    """Structured pruning of any float model directory into a converted one at `out_dir`.
+
+    Everything a user can get wrong (targets, source kind, output directory, tokenizer,
+    calibration data and its size) is checked before the weights are read, and nothing
+    is written until the pruned model is complete. dry_run: score and choose, write
+    nothing (out_dir may be None). A magnitude-pruned source is accepted: its zeros stay
+    in the kept slices, and its record moves to `structured.source_sparsity` (the
+    per-layer fractions no longer describe the sliced matrices).
+    """
+    if not dry_run:
+        out_dir = check_out_dir(out_dir, overwrite)
+    path = paths.absolute(path)
+    config = model_dir.read_config(path)
+    source_sparsity = check_source(path)
+    target_config(config, spec)
+    _, fmt, _ = calibration_source(spec)
+    files = {} if dry_run else _tokenizer_files(path, tokenizer)
+    tok = None
+    # A tokens file needs no tokenizer (a 1-D stream takes its EOS id when there is one).
+    if fmt != "tokens" or tokenizer or model_dir.find_tokenizer(path):
+        tok = model_dir.load_tokenizer(tokenizer or path)
+    batches = calibration_batches(spec, tok, mesh, rules, vocab_size=config.vocab_size)
+    stored = model_dir.stored_dtypes(path, config)["embed.embedding"]
+    _, abstract = model_dir.abstract_params(config, mesh, rules, dtype=stored)
+    params = model_dir.load_params(path, config, abstract)
+    if source_sparsity is not None:
+        logging.warning("%s is magnitude-pruned; its zeros stay in the kept slices", path)
+    pruned = prune_params(
+        config,
+        params,
+        spec,
+        batches,
+        mesh=mesh,
+        rules=rules,
+        dtype=dtype,
+        dry_run=dry_run,
+        progress=progress,
+    )
+    del params
+    if dry_run:
+        return pruned
+    save_pruned(
+        out_dir,
+        pruned,
+        metadata={
+            "source": {"kind": model_dir.detect(path), "path": os.fspath(path.resolve())},
+            "dtype": str(stored),
+            "source_sparsity": source_sparsity,
+        },
+        files=files,
+        overwrite=overwrite,
+        on_param=on_param,
+    )
+    return pruned
+
+
+def load_or_prune(
+    save_dir,
+    spec: StructuredConfig,
+    teacher_config: LlamaConfig,
+    teacher_params: Mapping[str, Any],
+    abstract: Mapping[str, Any],
+    *,
+    tokenizer,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    run_data: data.DataConfig | None = None,
+    dtype=jnp.float32,
+    teacher_source: str = "",
+    files: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The pruned initial student of a prune-then-distil run, in the dtypes and
+    shardings of `abstract` (the student's abstract parameters).
+
+    The first call prunes `teacher_params` (on the calibration data, the run's own by
+    default) and saves the result as a model directory at `save_dir` (with its scores,
+    and `files`, e.g. the tokenizer's, copied in); a later call, e.g. after a
+    preemption before the first checkpoint, reads it back instead of pruning again.
+    Every process must call this.
+    """
+    student = target_config(teacher_config, spec)
+    save_dir = paths.absolute(save_dir)
+    if not save_dir.exists():
+        # Named in full, so the saved record says what the scores were measured on.
+        path, fmt, field = calibration_source(spec, run_data)
+        spec = dataclasses.replace(
+            spec, calibration_data=path, calibration_format=fmt, calibration_field=field
+        )
+        batches = calibration_batches(
+            spec, tokenizer, mesh, rules, vocab_size=teacher_config.vocab_size, run_data=run_data
+        )
+        pruned = prune_params(
+            teacher_config, teacher_params, spec, batches, mesh=mesh, rules=rules, dtype=dtype
+        )
+        source = {"kind": "teacher", "path": teacher_source}
+        dtype_saved = str(jax.tree.leaves(pruned.params)[0].dtype)
+        save_pruned(
+            save_dir, pruned, metadata={"source": source, "dtype": dtype_saved}, files=files
+        )
+        del pruned
+    saved = model_dir.read_config(save_dir)
+    if saved != student:
+        raise ConfigError(
+            f"{save_dir} holds a pruned student of another shape than structured asks "
+            f"for ({saved} vs {student}); use a new workdir"
+        )
+    return model_dir.load_params(save_dir, student, abstract)

@@ -1,0 +1,481 @@
+"""Runs: one loop, driven by a recipe.
+
+Every run (plain training, LoRA, distillation) does the same things: check the config,
+the mesh and the data; build its step from shapes; load what it needs; start or resume
+its state; then step, log, check the loss is finite, and save (also on a preemption
+notice). `run` does them; a `Recipe` says what differs between kinds of run: the model
+and how its parameters start, the step, the frozen parameters the step reads (a LoRA
+base, a teacher), what checkpoints also record, the FLOPs of a token, and extra
+metrics. `FullTraining` and `Lora` are here; `distill.Distillation` is the third.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from llama_jax import compress, data, formats, sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.data import Tokenizer
+from llama_jax.errors import ConfigError, NonFiniteLossError
+from llama_jax.nn import Llama
+from llama_jax.train import checkpointer, metrics, optim
+from llama_jax.train.run_config import ModelSpec, RunConfig
+from llama_jax.train.step import (
+    Plan,
+    Step,
+    TrainState,
+    abstract_model,
+    init_state,
+    jit_step,
+    make_lora_train_step,
+    make_train_step,
+    matmul_flops_per_token,
+    plan,
+)
+
+
+class Setup(Plan):
+    """A Plan, the tokenizer and the data iterator: all of it checked."""
+
+    def __init__(self, p: Plan, tokenizer, iterator):
+        super().__init__(**vars(p))
+        self.tokenizer = tokenizer
+        self.iterator = iterator
+
+
+def setup(cfg, model_config: LlamaConfig) -> Setup:
+    """`train_step.plan`, then checks the tokenizer and data and builds the data iterator.
+    cfg: a RunConfig, or a config `RunConfig.of` takes."""
+    cfg = RunConfig.of(cfg)
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty; give the training data file")
+    p = plan(cfg, model_config)
+    if not epath.Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    tokenizer = None
+    if cfg.tokenizer:
+        is_dir = epath.Path(cfg.tokenizer).is_dir()
+        tokenizer = (Tokenizer.from_dir if is_dir else Tokenizer.from_file)(cfg.tokenizer)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
+                f"{model_config.vocab_size}"
+            )
+    elif cfg.data.format != "tokens":
+        raise ConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
+    vocab = model_config.vocab_size
+    iterator = data.DataIterator(cfg.data, tokenizer, p.batch_sh, vocab_size=vocab)
+    return Setup(p, tokenizer, iterator)
+
+
+def resolve_model_config(spec: ModelSpec) -> LlamaConfig:
+    """The architecture of `model`: read from its model directory, or its preset with
+    the overrides applied."""
+    return formats.read_config(spec.model_dir) if spec.model_dir else spec.preset_config()
+
+
+def initial_params(spec: ModelSpec, config: LlamaConfig, make_model, mesh, rules):
+    """Parameters in their shardings: random (from `make_model`), or read from a model
+    directory of any kind straight into their shards."""
+    if spec.model_dir:
+        _, abstract = formats.abstract_params(config, mesh, rules, **spec.kwargs())
+        return formats.load_params(spec.model_dir, config, abstract)
+    model = sharding.create_sharded(make_model, mesh, rules)
+    return nnx.to_pure_dict(nnx.split(model)[1])
+
+
+class Recipe:
+    """What one kind of run does differently; `run` calls these in this order.
+
+    __init__(cfg)      checks what the config and model directories alone can show, and
+                       sets `model_config` (the trained model's architecture)
+    build(plan)        the jitted step, from shapes alone (also compiled ahead of time)
+    check(setup)       checks what needs the tokenizer or data files, before the workdir
+                       is touched
+    load(setup, saved) the frozen parameters the step reads after the state and batch
+                       (None: it reads none); `saved` is the checkpoint metadata being
+                       resumed, or None on a fresh start
+    initial_params()   the trained parameters of a fresh start
+    prepare(step, state, batch) the batch step `step` (0-based) trains on (default: as read)
+    meta()             what checkpoints record besides data, config and model
+    flops_per_token()  matmul FLOPs of one trained token (for MFU)
+    on_log(step, state) metrics added at each logged step
+    """
+
+    model_config: LlamaConfig
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def build(self, p: Plan) -> Step:
+        raise NotImplementedError
+
+    def check(self, su: Setup) -> None:
+        return None
+
+    def load(self, su: Setup, saved: Mapping[str, Any] | None):
+        return None
+
+    def initial_params(self, su: Setup):
+        raise NotImplementedError
+
+    def prepare(self, step: int, state: TrainState, batch):
+        return batch
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    def flops_per_token(self) -> float:
+        return matmul_flops_per_token(self.model_config, self.cfg.data.seq_len)
+
+    def on_log(self, step: int, state: TrainState) -> dict[str, float]:
+        return optim.prune_metrics(state.opt_state)
+
+
+class FullTraining(Recipe):
+    """Every parameter trains, from random or from `model.model_dir`; optionally under
+    magnitude pruning (`prune`)."""
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.model_config = resolve_model_config(cfg.model)
+
+    def build(self, p: Plan) -> Step:
+        cfg = self.cfg
+        self.make_model, graphdef, abstract = abstract_model(
+            p.model_config, cfg.model, p.mesh, p.rules, cfg.train.seed
+        )
+        tx = optim.build_optimizer(p.opt_cfg, cfg.prune, abstract)
+        step_fn = make_train_step(
+            graphdef,
+            tx,
+            optim.learning_rate_schedule(p.opt_cfg),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+        )
+        return jit_step(step_fn, tx, p, abstract)
+
+    def initial_params(self, su: Setup):
+        return initial_params(self.cfg.model, self.model_config, self.make_model, su.mesh, su.rules)
+
+
+class Lora(Recipe):
+    """LoRA adapters train over the frozen base in `model.model_dir` (any model
+    directory, float or int8), which is loaded as stored and passed to the step as a
+    non-donated argument; the state and checkpoints hold only the adapters. The
+    checkpoints' `lora` entry records the settings and the base's path and fingerprint:
+    a resume with other settings or another base is refused, and the model directory
+    readers merge the adapters onto that base."""
+
+    def __init__(self, cfg: RunConfig, base_config: LlamaConfig | None = None):
+        """base_config: the base's architecture when only shapes are needed (ahead-of-time
+        compilation); by default read from model.model_dir."""
+        super().__init__(cfg)
+        if base_config is None:
+            if not cfg.model.model_dir:
+                raise ConfigError(
+                    f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model "
+                    "the adapters are trained on (Hugging Face, converted, or a run)"
+                )
+            base_config = formats.read_config(cfg.model.model_dir)
+        self.model_config = base_config
+        self.lora_meta = compress.to_meta(cfg.lora)
+
+    def build(self, p: Plan) -> Step:
+        cfg = self.cfg
+        self.make_model, graphdef, adapters, base = abstract_lora(cfg, p, cfg.model.model_dir)
+        self.abstract_adapters, self.abstract_base = adapters, base
+        tx = optim.make_optimizer(p.opt_cfg)
+        step_fn = make_lora_train_step(
+            graphdef,
+            tx,
+            optim.learning_rate_schedule(p.opt_cfg),
+            grad_accum=cfg.train.grad_accum,
+            loss_chunk=cfg.train.loss_chunk,
+            dropout_seed=cfg.train.seed if cfg.lora.dropout > 0 else None,
+        )
+        return jit_step(step_fn, tx, p, adapters, base, "frozen base")
+
+    def load(self, su: Setup, saved: Mapping[str, Any] | None):
+        return load_lora_base(
+            self.cfg.model.model_dir, self.model_config, self.abstract_base, self.lora_meta, saved
+        )
+
+    def initial_params(self, su: Setup):
+        return compress.init_adapters(self.make_model, self.abstract_adapters)
+
+    def meta(self) -> dict[str, Any]:
+        return {"lora": self.lora_meta}
+
+    def flops_per_token(self) -> float:
+        return matmul_flops_per_token(self.model_config, self.cfg.data.seq_len, frozen=True)
+
+    def on_log(self, step: int, state: TrainState) -> dict[str, float]:
+        return {}
+
+
+def abstract_lora(cfg: RunConfig, p: Plan, base_dir: str = ""):
+    """(make_model, graphdef, abstract adapters, abstract frozen base) of a LoRA run,
+    the abstract parameters ShapeDtypeStructs with shardings. The base is as stored in
+    `base_dir` (dtype and quantization); without one, float in model.dtype."""
+    base_quant = formats.quant_kwargs(base_dir) if base_dir else {"quantization": None}
+    dtype = formats.stored_float_dtype(base_dir) if base_dir else jnp.dtype(cfg.model.dtype)
+
+    def make_model():
+        return Llama(
+            p.model_config,
+            lora=cfg.lora,
+            rngs=nnx.Rngs(cfg.train.seed),
+            **cfg.model.kwargs(),
+            **compress.model_kwargs(**base_quant),
+        )
+
+    graphdef, abstract_adapters = compress.abstract_model(make_model, p.mesh, p.rules)
+    _, abstract_base = formats.abstract_params(
+        p.model_config, p.mesh, p.rules, dtype=dtype, **base_quant
+    )
+    return make_model, graphdef, abstract_adapters, abstract_base
+
+
+def load_lora_base(base_dir, config: LlamaConfig, abstract_base, lora_meta: dict, saved):
+    """The frozen base of a LoRA run, read into the shardings of `abstract_base`. A
+    resume (`saved`: the checkpoint's metadata) must train the adapters it restores
+    (checked before reading) on the same base (checked after). lora_meta (`lora.to_meta`)
+    gains the base's path and fingerprint."""
+    if saved is not None:
+        _check_same_lora(saved.get("lora"), lora_meta)
+    log_info("loading the frozen base from %s", base_dir)
+    base = formats.load_params(base_dir, config, abstract_base)
+    lora_meta["base"] = {
+        "path": str(epath.Path(base_dir).resolve()),
+        "fingerprint": formats.fingerprint(config, base),
+    }
+    if saved is not None:
+        formats.check_lora_base(saved["lora"], lora_meta["base"]["fingerprint"], base_dir)
+    return base
+
+
+def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:
+    """A resume must train the adapters it restores: same rank, alpha, dropout, targets."""
+    if saved is None:
+        raise ConfigError("the workdir holds a full training run, not LoRA adapters; use a new one")
+    changed = [k for k in now if k != "base" and saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"lora.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"the checkpoint's adapters were trained with other LoRA settings ({diffs}); "
+            "resume with those or use a new workdir"
+        )
+
+
+def recipe_for(cfg: RunConfig) -> Recipe:
+    """The recipe of a training config: LoRA when `lora.rank` > 0, else full training."""
+    if cfg.teacher is not None:
+        raise ConfigError("a distillation config runs through distill.run (launch.distill)")
+    return Lora(cfg) if cfg.lora is not None else FullTraining(cfg)
+
+
+def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
+    """Runs `recipe` (default `recipe_for(cfg)`) per `cfg` (configs/base.py layout: a
+    ConfigDict or a RunConfig) in `workdir`, resuming from its latest complete
+    checkpoint. Returns the last logged metrics.
+
+    Everything that can be checked (config, mesh, batch split, model config, tokenizer,
+    data, a resumed checkpoint's settings) is checked before anything is compiled or
+    initialised.
+    """
+    cfg = RunConfig.of(cfg)
+    recipe = recipe or recipe_for(cfg)
+    su = setup(cfg, recipe.model_config)
+    step = recipe.build(su)
+    recipe.check(su)
+
+    workdir, ckpt = open_run(cfg, workdir)
+    su.workdir = workdir
+    saved = None
+    if ckpt.latest_step() is not None:
+        saved = formats.run_meta(workdir)
+        check_resumable(saved.get("config", {}), cfg)
+    frozen = recipe.load(su, saved)
+    if saved is not None:
+        state = resume(ckpt, su.iterator, step)
+    else:
+        state, _ = init_state(recipe.initial_params(su), step.tx, su.mesh)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", cfg.raw)
+
+    next_step = [int(state.step)]
+
+    def step_fn(state, batch):
+        batch = recipe.prepare(next_step[0], state, batch)
+        next_step[0] += 1
+        return step.fn(state, batch) if frozen is None else step.fn(state, batch, frozen)
+
+    def meta() -> dict[str, Any]:
+        return {
+            "data": su.iterator.state(),
+            "config": cfg.raw,
+            "model": recipe.model_config.to_dict(),
+            **recipe.meta(),
+        }
+
+    with sharding.activation_sharding(su.mesh, su.rules):
+        return loop(
+            cfg,
+            workdir,
+            state,
+            step_fn,
+            su.iterator,
+            ckpt,
+            meta,
+            flops_per_token=recipe.flops_per_token(),
+            on_log=recipe.on_log,
+        )
+
+
+def loop(
+    cfg: RunConfig,
+    workdir,
+    state,
+    step_fn,
+    iterator,
+    ckpt,
+    meta,
+    *,
+    flops_per_token: float,
+    on_log=None,
+) -> dict[str, float]:
+    """Runs `state, metrics = step_fn(state, batch)` from state.step to cfg.train.steps:
+    logs, checks finiteness, saves (and on SIGTERM saves and stops). on_log(step,
+    state) may add entries to a logged step's metrics (e.g. an evaluation).
+    Returns the last logged metrics."""
+    start = int(state.step)
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    total = cfg.train.steps
+    last: dict[str, float] = {}
+    # Leaving the block (also by an error) waits for an asynchronous save in flight, so
+    # the last good checkpoint is complete on disk.
+    with (
+        ckpt,
+        metrics.MetricsWriter(workdir) as writer,
+        checkpointer.PreemptionWatch(check_every=cfg.train.log_every) as preemption,
+    ):
+        throughput = None
+        pending: list[tuple[int, dict]] = []
+        step = logged = start
+        while step < total:
+            state, m = step_fn(state, next(iterator))
+            step += 1
+            pending.append((step, m))
+            if throughput is None:
+                # Time from the end of the first (compiling) step.
+                jax.block_until_ready(m)
+                throughput = metrics.Throughput(flops_per_token, total_steps=total, start_step=step)
+                logged = step
+            stop = preemption.should_stop(step)
+            boundary = step % cfg.train.log_every == 0 or step == total or stop
+            saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
+            if boundary or saving:
+                # Every step's finiteness is checked before anything is saved or logged.
+                fetched = jax.device_get([pm for _, pm in pending])
+                for (s, _), pm in zip(pending, fetched, strict=True):
+                    check_finite(s, pm)
+                last = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
+                pending.clear()
+            if boundary:
+                if step > logged:
+                    rates = throughput.update(step, tokens_per_step * (step - logged))
+                    logged = step
+                    last |= {k: v for k, v in rates.items() if v is not None}
+                if on_log is not None:
+                    last |= on_log(step, state)
+                writer.write(step, last)
+                log_info("%s", metrics.progress_line(step, total, last))
+            if saving:
+                ckpt.save(step, state, meta(), force=step == total or stop)
+            if stop:
+                log_info("preemption notice: saved step %d, stopping", step)
+                break
+    return last
+
+
+def open_run(cfg: RunConfig, workdir) -> tuple[epath.Path, Any]:
+    """The run's workdir (created if missing) and its checkpoint manager."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpointer.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.checkpoint.save_every,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    return workdir, ckpt
+
+
+def resume(ckpt, iterator, step: Step) -> TrainState:
+    """Restores the latest checkpoint onto the step's state shardings and moves the data
+    iterator to where it stopped."""
+    restored_step, state, meta = ckpt.restore(step.state)
+    iterator.restore(meta["data"])
+    log_info("resumed from step %d", restored_step)
+    return state
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
+    """Raises unless a checkpoint written with config `saved` (as written) can resume
+    under `cfg`: the data position only means the same batches with the same data
+    settings, and the pruning masks and schedule live in the optimizer state."""
+    keys = ("path", "format", "field", "seq_len", "global_batch", "seed", "add_bos", "add_eos")
+    before = saved.get("data", {})
+    changed = [k for k in keys if k in before and before[k] != getattr(cfg.data, k)]
+    if changed:
+        diffs = ", ".join(f"data.{k}: {before[k]!r} -> {getattr(cfg.data, k)!r}" for k in changed)
+        raise ConfigError(
+            f"the checkpoint was written with other data settings ({diffs}); resuming would "
+            "not see the batches the run would have. Use a new workdir or the old settings."
+        )
+    structured_before = saved.get("structured")
+    if compress.parse_structured(structured_before) != cfg.structured:
+        raise ConfigError(
+            f"the checkpoint was written with structured settings {structured_before}, not "
+            f"{cfg.raw.get('structured')}; resume with the same block or use a new workdir"
+        )
+    prune_before = saved.get("prune")
+    if compress.parse_prune(prune_before) != cfg.prune:
+        raise ConfigError(
+            f"the checkpoint was written with prune settings {prune_before}, not "
+            f"{cfg.raw.get('prune')}; resume with the same prune block or use a new workdir"
+        )
+
+
+def write_json(path, obj: Mapping[str, Any]) -> None:
+    """Writes JSON to a temporary name and renames it, so readers never see half a file."""
+    path = epath.Path(path)
+    tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+    if not metrics["finite"]:
+        raise NonFiniteLossError(
+            f"step {step}: loss={metrics['loss']} grad_norm={metrics['grad_norm']} is not "
+            "finite; stopping without saving (the last checkpoint is intact). Lower the "
+            "learning rate, check the data, or use float32 compute to find the cause."
+        )
+
+
+def log_info(msg: str, *args) -> None:
+    """Progress for people: stdout on process 0 (and the absl log)."""
+    if jax.process_index() == 0:
+        logging.info(msg, *args)
+        print(msg % args, flush=True)
