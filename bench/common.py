@@ -173,7 +173,7 @@ def decode_models(config, dtype: str = "bfloat16", seed: int = 0):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama_jax import compress, formats, sharding
+    from llama_jax import compress, nn, sharding
     from llama_jax.nn import Llama
 
     dt = jnp.dtype(dtype)
@@ -184,7 +184,9 @@ def decode_models(config, dtype: str = "bfloat16", seed: int = 0):
         sharding.DEFAULT_RULES,
     )
     q_params = jax.jit(compress.quantize_params)(nnx.to_pure_dict(nnx.split(model)[1]))
-    q_graphdef, q_abstract = formats.abstract_params(config, mesh, dtype=dt, quantization="int8")
+    q_graphdef, q_abstract = nn.abstract_params(
+        config, mesh, dtype=dt, **compress.model_kwargs("int8")
+    )
     q_state = nnx.split(nnx.eval_shape(lambda: nnx.merge(q_graphdef, q_abstract)))[1]
     nnx.replace_by_pure_dict(q_state, q_params)
     return model, nnx.merge(q_graphdef, q_state)
@@ -409,14 +411,14 @@ def heldout_scorer(s: dict, eval_data: str, tok: str, teacher: str, batches: int
     from llama_jax import distill, formats, nn, train
 
     ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, formats.read_config(teacher))
+    su = train.setup(ev, formats.ModelDir.open(teacher).config)
     rows = [next(su.iterator) for _ in range(batches)]
 
     def score(path):
-        config = formats.read_config(path)
-        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
-        params = formats.load_params(path, config, abstract)
-        return distill.perplexity(nn.make_eval_step(graphdef, 64), params, rows), params
+        model_dir = formats.ModelDir.open(path)
+        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        params = model_dir.load_params(abstract)
+        return distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, rows), params
 
     score.tokens = sum(int(b["loss_mask"].sum()) for b in rows)
     return score

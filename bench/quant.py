@@ -92,23 +92,24 @@ def quality(model_path: str, eval_data: str) -> dict:
     from configs.base import base_config
     from llama_jax import compress, distill, formats, nn, train
 
-    config = formats.read_config(model_path)
+    model_dir = formats.ModelDir.open(model_path)
+    config = model_dir.config
     c = base_config()
     c.data.path, c.data.format, c.data.seq_len, c.data.global_batch = eval_data, "jsonl", 128, 16
-    found = formats.find_tokenizer(model_path)
+    found = model_dir.tokenizer_path
     c.data.tokenizer = found or ""
     su = train.setup(c, config)
     batches = [next(su.iterator) for _ in range(8)]
     out = {}
     for mode in (None, "int8"):
-        graphdef, abstract = formats.abstract_params(config, su.mesh, quantization=mode)
-        float_abstract = formats.abstract_params(config, su.mesh)[1]
-        params = formats.load_params(model_path, config, float_abstract)
+        graphdef, abstract = nn.abstract_params(config, su.mesh, **compress.model_kwargs(mode))
+        float_abstract = nn.abstract_params(config, su.mesh)[1]
+        params = model_dir.load_params(float_abstract)
         if mode:
             params = compress.quantize_params(params)
         model = nnx.merge(graphdef, _state(graphdef, abstract, params))
         out[mode or "float"] = dict(
-            ppl=distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches),
+            ppl=distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, batches),
             logits=np.asarray(model(batches[0]["tokens"][:2]), np.float32),
         )
     err = float(np.abs(out["int8"]["logits"] - out["float"]["logits"]).max())

@@ -172,7 +172,7 @@ def run(args, workdir: str) -> dict:
     say = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
     if args.model_dir:
         teacher, train_data, eval_data = args.model_dir, args.data, args.eval_data
-        tok = args.tokenizer or formats.find_tokenizer(teacher)
+        tok = args.tokenizer or formats.ModelDir.open(teacher).tokenizer_path
         if not (train_data and eval_data and tok):
             raise SystemExit("--model_dir needs --data, --eval_data and a tokenizer")
     else:
@@ -182,7 +182,7 @@ def run(args, workdir: str) -> dict:
         say(f"training the teacher ({teacher_steps} steps)")
         c = demo.run_config("train", s, train_data, tok, teacher_steps, s["teacher"])
         train.run(c, teacher)
-    dense = formats.read_config(teacher)
+    dense = formats.ModelDir.open(teacher).config
     fmt = "jsonl" if train_data.endswith((".jsonl", ".json")) else "text"
     spec = compress.StructuredConfig(
         **parse_targets(args.targets or default_targets),
@@ -204,7 +204,7 @@ def run(args, workdir: str) -> dict:
     prunable = [
         k for k in compress.PRUNABLE if k != "lm_head.kernel" or not dense.tie_word_embeddings
     ]
-    _, abstract = formats.abstract_params(dense, mesh)
+    _, abstract = nn.abstract_params(dense, mesh)
     flat = tree.flatten(abstract)
     prunable_count = sum(flat[k].size for k in prunable if k in flat)
     sparsity = (dense.num_params() - small.num_params()) / prunable_count
@@ -243,11 +243,12 @@ def run(args, workdir: str) -> dict:
     batches = [next(su.iterator) for _ in range(8)]
     rows = []
     for name, path in runs.items():
-        config = formats.read_config(path)
-        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
-        params = formats.load_params(path, config, abstract)
+        model_dir = formats.ModelDir.open(path)
+        config = model_dir.config
+        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        params = model_dir.load_params(abstract)
         nonzero = sum(int((v != 0).sum()) for v in tree.flatten(params).values())
-        ppl = distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches)
+        ppl = distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, batches)
         rows.append(
             dict(
                 model=name,

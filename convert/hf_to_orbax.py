@@ -28,13 +28,8 @@ _HF_DIR = flags.DEFINE_string(
     "hf_dir", None, "Hugging Face model directory (config.json, safetensors)."
 )
 _GGUF = flags.DEFINE_string("gguf", None, "A LLaMA GGUF file to convert instead of --hf_dir.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output model directory.", required=True)
-_MESH = flags.DEFINE_string(
-    "mesh",
-    "fsdp=-1",
-    "Mesh the parameters are sharded over, e.g. 'fsdp=-1,tensor=4' (axes: dcn, data, "
-    "fsdp, tensor; -1 takes the remaining devices).",
-)
+_OUT_DIR = common.out_dir_flag()
+_MESH = common.mesh_flag("convert")
 _RULES = flags.DEFINE_string(
     "rules", "", "Logical-axis rule overrides, e.g. 'vocab=fsdp,embed=' ('' replicates)."
 )
@@ -53,9 +48,7 @@ _QUANTIZE_HEAD = flags.DEFINE_bool(
 _QUANTIZE_EMBED = flags.DEFINE_bool(
     "quantize_embed", False, "With --quantize: also the embedding table (and a tied head)."
 )
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
-)
+_OVERWRITE = common.overwrite_flag()
 flags.mark_flags_as_mutual_exclusive(["hf_dir", "gguf"], required=True)
 
 

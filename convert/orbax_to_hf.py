@@ -16,10 +16,8 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string(
-    "model_dir", None, "Model directory: converted, a training run, or Hugging Face.", required=True
-)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output Hugging Face directory.", required=True)
+_MODEL_DIR = common.model_dir_flag("Model directory: converted, a training run, or Hugging Face.")
+_OUT_DIR = common.out_dir_flag("Output Hugging Face directory.")
 _MAX_SHARD = flags.DEFINE_string(
     "max_shard_size", "5GB", "Largest safetensors file, e.g. 5GB or 500MB."
 )
@@ -29,12 +27,8 @@ _DTYPE = flags.DEFINE_enum(
     ["auto", "bfloat16", "float32", "float16"],
     "Dtype of the written tensors; 'auto' keeps the stored one.",
 )
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file to ship (default: the model's own)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
-)
+_TOKENIZER = common.tokenizer_flag()
+_OVERWRITE = common.overwrite_flag()
 
 
 def main(argv):

@@ -21,12 +21,7 @@ from absl import app, flags
 
 from launch import common
 
-_MODEL_DIR = flags.DEFINE_string(
-    "model_dir",
-    None,
-    "Model directory: converted, a run, LoRA, int8 or Hugging Face.",
-    required=True,
-)
+_MODEL_DIR = common.model_dir_flag("Model directory: converted, a run, LoRA, int8 or Hugging Face.")
 _OUT = flags.DEFINE_string("out", None, "Output GGUF file, e.g. student.gguf.", required=True)
 _TYPE = flags.DEFINE_enum(
     "type",
@@ -34,12 +29,8 @@ _TYPE = flags.DEFINE_enum(
     ["auto", "f32", "f16", "bf16", "q8_0"],
     "Tensor type of the matrices; 'auto' keeps the stored one (q8_0 for int8).",
 )
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer directory or file to embed (default: the model's own)."
-)
-_OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing --out (only once the new file is complete)."
-)
+_TOKENIZER = common.tokenizer_flag("embed")
+_OVERWRITE = common.overwrite_flag("--out")
 
 
 def main(argv):

@@ -22,6 +22,40 @@ class ModelToModelFlags(NamedTuple):
     overwrite: flags.FlagHolder
 
 
+def model_dir_flag(help_text: str) -> flags.FlagHolder:
+    """--model_dir, the model directory a command reads (required)."""
+    return flags.DEFINE_string("model_dir", None, help_text, required=True)
+
+
+def out_dir_flag(help_text: str = "Output model directory.", required: bool = True):
+    """--out_dir (required unless `required` is False: then the command checks it)."""
+    return flags.DEFINE_string("out_dir", None, help_text, required=required)
+
+
+def mesh_flag(verb: str) -> flags.FlagHolder:
+    """--mesh, the one the command `verb`s on."""
+    return flags.DEFINE_string(
+        "mesh",
+        "fsdp=-1",
+        f"Mesh to {verb} on, e.g. 'fsdp=-1,tensor=4' (axes: dcn, data, fsdp, tensor; -1 "
+        "takes the remaining devices).",
+    )
+
+
+def tokenizer_flag(action: str = "ship", default: str = "the model's own") -> flags.FlagHolder:
+    """--tokenizer, a tokenizer directory or file the output carries."""
+    return flags.DEFINE_string(
+        "tokenizer", None, f"Tokenizer directory or file to {action} (default: {default})."
+    )
+
+
+def overwrite_flag(output: str = "--out_dir") -> flags.FlagHolder:
+    """--overwrite: replace an existing output, once the new one is complete."""
+    return flags.DEFINE_bool(
+        "overwrite", False, f"Replace an existing {output} (only once the new one is complete)."
+    )
+
+
 def model_to_model_flags(
     model_help: str,
     verb: str,
@@ -32,17 +66,11 @@ def model_to_model_flags(
     --model_dir, --out_dir (required unless out_required is False: then the command
     checks it), --mesh (the one `verb` runs on), --tokenizer, --overwrite."""
     return ModelToModelFlags(
-        flags.DEFINE_string("model_dir", None, model_help, required=True),
-        flags.DEFINE_string("out_dir", None, "Output model directory.", required=out_required),
-        flags.DEFINE_string("mesh", "fsdp=-1", f"Mesh to {verb} on, e.g. 'fsdp=-1,tensor=4'."),
-        flags.DEFINE_string(
-            "tokenizer",
-            None,
-            f"Tokenizer directory or file to ship (default: {tokenizer_default}).",
-        ),
-        flags.DEFINE_bool(
-            "overwrite", False, "Replace an existing --out_dir (only once the new one is complete)."
-        ),
+        model_dir_flag(model_help),
+        out_dir_flag(required=out_required),
+        mesh_flag(verb),
+        tokenizer_flag(default=tokenizer_default),
+        overwrite_flag(),
     )
 
 

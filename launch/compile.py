@@ -62,10 +62,9 @@ def main(argv):
     with common.clear_errors():
         import jax
 
-        from llama_jax import tpu, train
-        from llama_jax.train import RunConfig
+        from llama_jax import distill, tpu, train
 
-        cfg = RunConfig.of(_CONFIG.value)
+        cfg = distill.typed_config(_CONFIG.value)
         if _TOPOLOGY.value:
             target = tpu.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
         else:

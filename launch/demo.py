@@ -201,15 +201,15 @@ def run(workdir: str, scale: str) -> dict:
 
     say("scoring held-out perplexity")
     ev = run_config("train", s, eval_data, tok_path, 1, s["student"])
-    su = train.setup(ev, formats.read_config(runs["teacher"]))
+    model_dirs = {name: formats.ModelDir.open(path) for name, path in runs.items()}
+    su = train.setup(ev, model_dirs["teacher"].config)
     batches = [next(su.iterator) for _ in range(8)]
     results = {}
-    for name, path in runs.items():
-        config = formats.read_config(path)
-        graphdef, abstract = formats.abstract_params(config, su.mesh, su.rules)
-        params = formats.load_params(path, config, abstract)
-        ppl = distill.perplexity(nn.make_eval_step(graphdef, 64), params, batches)
-        model, _ = formats.load_model(path)
+    for name, model_dir in model_dirs.items():
+        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        params = model_dir.load_params(abstract)
+        ppl = distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, batches)
+        model = model_dir.load()
         ids = tokenizer.encode_batch(list(PROMPTS), add_bos=True)
         outs = nn.generate(
             model,
@@ -222,7 +222,10 @@ def run(workdir: str, scale: str) -> dict:
         )
         samples = [p + tokenizer.decode(o) for p, o in zip(PROMPTS, outs, strict=True)]
         results[name] = dict(
-            eval_ppl=ppl, params=config.num_params(), layers=config.num_layers, samples=samples
+            eval_ppl=ppl,
+            params=model_dir.config.num_params(),
+            layers=model_dir.config.num_layers,
+            samples=samples,
         )
         del params, model
     jax.clear_caches()
@@ -276,10 +279,10 @@ def write_gguf(run_dir: str, out: str) -> dict:
     checkpoint's (the float parameters, and the step directory with optimizer state)."""
     from llama_jax import formats
 
-    config = formats.read_config(run_dir)
-    float_bytes = config.num_params() * formats.stored_float_dtype(run_dir).itemsize
-    step_bytes = _dir_bytes(str(formats.run_step_dir(run_dir)))
-    formats.export_gguf(run_dir, out, kind="q8_0", overwrite=True)
+    run = formats.ModelDir.open(run_dir)
+    float_bytes = run.config.num_params() * run.stored_float_dtype.itemsize
+    step_bytes = _dir_bytes(str(run.step_dir))
+    formats.export_gguf(run, out, kind="q8_0", overwrite=True)
     size = os.path.getsize(out)
     print(f"{'KD student':<26} {'bytes':>12}")
     print(f"{'float32 parameters':<26} {float_bytes:>12,}")

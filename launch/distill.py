@@ -15,43 +15,16 @@ The config also chooses: hidden-state matching (--config.distill.features="1:3,3
 on-policy samples (--config.distill.on_policy.max_new_tokens=N with distill.alpha=1),
 a cached teacher (--config.teacher.logits_dir=DIR from launch.teacher_logits), a LoRA
 student (--config.lora.rank=R over model.model_dir), and a structured-pruned start
-(the `structured` section; see configs/distill_minitron_tiny.py).
+(the `structured` section; see configs/distill_minitron_tiny.py). This command is
+launch.train's under another name: the config decides the recipe.
+
 Multi-host: on TPU pods (and SLURM clusters) JAX finds its peers itself; elsewhere pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-from launch import common
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/distill_*.py file[:arg].")
-_WORKDIR = flags.DEFINE_string(
-    "workdir",
-    None,
-    "Run directory: checkpoints (the student), metrics.jsonl, TensorBoard events.",
-    required=True,
-)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
-    with common.clear_errors():
-        from llama_jax.train import RunConfig
-
-        cfg = RunConfig.of(_CONFIG.value)
-    common.init_distributed()
-    import jax
-
-    from llama_jax import distill
-
-    last = distill.run(cfg, _WORKDIR.value)
-    if jax.process_index() == 0 and last:
-        print(f"final step metrics: loss={last.get('loss'):.4f}")
-
+from launch.train import main
 
 if __name__ == "__main__":
     app.run(main)

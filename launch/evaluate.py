@@ -128,8 +128,10 @@ def main(argv):
             task.check_fewshot(
                 task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
             )
-        configs = [formats.read_config(path) for path in _MODEL_DIR.value]
-        seq_len = _SEQ_LEN.value or min(min(c.max_position_embeddings for c in configs), 2048)
+        model_dirs = [formats.ModelDir.open(path) for path in _MODEL_DIR.value]
+        seq_len = _SEQ_LEN.value or min(
+            min(d.config.max_position_embeddings for d in model_dirs), 2048
+        )
         suite = evals.Suite(
             documents=None if documents is None else tuple(documents),
             data=_DATA.value,
@@ -150,7 +152,7 @@ def main(argv):
                 print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
 
         rows = evals.evaluate_dirs(
-            _MODEL_DIR.value,
+            model_dirs,
             suite,
             mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
             dtype=jnp.dtype(_DTYPE.value),

@@ -65,8 +65,9 @@ def main(argv):
 
     with common.clear_errors():
         # Everything about the prompts is checked before the weights are read.
-        tokenizer = formats.load_tokenizer(_TOKENIZER.value or _MODEL_DIR.value)
-        config = formats.read_config(_MODEL_DIR.value)
+        model_dir = formats.ModelDir.open(_MODEL_DIR.value)
+        tokenizer = formats.load_tokenizer(_TOKENIZER.value or model_dir)
+        config = model_dir.config
         if tokenizer.vocab_size > config.vocab_size:
             raise ConfigError(
                 f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) exceeds the "
@@ -77,7 +78,7 @@ def main(argv):
             if not p:
                 raise ConfigError(f"prompt {i} encodes to no tokens; give text or --add_bos")
         nn.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
-        model, config = formats.load_model(_MODEL_DIR.value, dtype=jnp.dtype(_DTYPE.value))
+        model = model_dir.load(dtype=jnp.dtype(_DTYPE.value))
     eos_ids = tokenizer.eos_ids or config.eos_token_ids
     outputs = nn.generate(
         model,

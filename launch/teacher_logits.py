@@ -48,16 +48,15 @@ def main(argv):
         raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
     config = _CONFIG.value
     with common.clear_errors():
-        from llama_jax.train import RunConfig
+        from llama_jax import distill
 
         if _TEACHER.value:
             if "teacher" not in config:
                 raise app.UsageError("--teacher needs a distillation config (configs/distill_*.py)")
             config.teacher.model_dir = _TEACHER.value
-        cfg = RunConfig.of(config)
+        cfg = distill.DistillConfig.of(config)
     common.init_distributed()
     common.quiet_logs()
-    from llama_jax import distill
 
     with common.clear_errors():
         distill.write_teacher_logits(

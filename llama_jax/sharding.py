@@ -202,6 +202,17 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_arrays(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """An (abstract) NNX state as a nested dict of ShapeDtypeStructs carrying the
+    shardings `state_shardings` gives them."""
+    shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+    return jax.tree.map(
+        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
+        nnx.to_pure_dict(state),
+        shardings,
+    )
+
+
 def create_sharded(
     make: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES
 ) -> nnx.Module:

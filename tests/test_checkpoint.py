@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
 from llama_jax.errors import CheckpointError
-from llama_jax.formats import model_dir
+from llama_jax.formats import runs
 from llama_jax.formats.runs import latest_intact_step
 from llama_jax.train.checkpointer import Checkpointer, PreemptionWatch
 
@@ -167,7 +167,7 @@ def test_model_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, caplo
         for step in (10, 20, 30):
             ckpt.save(step, _state(seed=step), {"at": step})
     assert latest_intact_step(checkpoints) == 30
-    assert model_dir.run_meta(tmp_path) == {"at": 30}
+    assert runs.latest_meta(tmp_path) == {"at": 30}
 
     os.remove(checkpoints / "30" / "state" / "_METADATA")
     shutil.rmtree(checkpoints / "20" / "meta")
@@ -176,14 +176,14 @@ def test_model_readers_skip_a_damaged_latest_step_with_a_warning(tmp_path, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("step 30" in w and "damaged" in w and "metadata" in w for w in warnings), warnings
     assert any("step 20" in w and "damaged" in w and "meta/" in w for w in warnings), warnings
-    assert model_dir.run_step_dir(tmp_path) == checkpoints / "10"
-    assert model_dir.run_meta(tmp_path) == {"at": 10}
+    assert runs.latest_step_dir(tmp_path) == checkpoints / "10"
+    assert runs.latest_meta(tmp_path) == {"at": 10}
 
     shutil.rmtree(checkpoints / "10" / "state")
     with pytest.raises(CheckpointError, match=r"checkpoints holds no complete checkpoint; damaged"):
         latest_intact_step(checkpoints)
     with pytest.raises(CheckpointError, match=r"checkpoints holds no complete checkpoint"):
-        model_dir.run_meta(tmp_path)
+        runs.latest_meta(tmp_path)
 
 
 def test_failed_save_keeps_the_previous_step_and_its_tmp_dir_is_ignored(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError
-from llama_jax.formats import model_dir, transforms
+from llama_jax.formats import ModelDir, model_dir, transforms
 from llama_jax.formats.hf import safetensors_file
 
 REPO = str(Path(__file__).parents[1])
@@ -173,9 +173,8 @@ def test_two_process_conversion_equals_one_process(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert "converting: " in one.stderr and "tensors" in one.stderr
-    config = model_dir.read_config(tmp_path / "one")
-    a = dict(model_dir.iter_host_params(tmp_path / "one", config))
-    b = dict(model_dir.iter_host_params(tmp_path / "two", config))
+    a = dict(ModelDir.open(tmp_path / "one").iter_host_params())
+    b = dict(ModelDir.open(tmp_path / "two").iter_host_params())
     assert a.keys() == b.keys() and len(a) > 5
     for name in a:
         assert np.array_equal(a[name], b[name]), name
@@ -344,10 +343,10 @@ def test_a_training_run_starts_from_a_converted_model_and_exports_to_transformer
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert model_dir.detect(run) == "run"
-    assert model_dir.read_config(run) == model_dir.read_config(converted)
-    start = dict(model_dir.iter_host_params(converted, model_dir.read_config(run)))
-    trained = dict(model_dir.iter_host_params(run, model_dir.read_config(run)))
+    assert ModelDir.open(run).kind == "run"
+    assert ModelDir.open(run).config == ModelDir.open(converted).config
+    start = dict(ModelDir.open(converted).iter_host_params())
+    trained = dict(ModelDir.open(run).iter_host_params())
     assert start.keys() == trained.keys()
     changed = [n for n in start if not np.array_equal(start[n], trained[n])]
     assert changed, "two AdamW steps changed nothing"

@@ -14,7 +14,7 @@ from configs import distill_tiny
 from llama_jax.distill import recipe as distill
 from llama_jax.distill import step as distill_step
 from llama_jax.errors import ConfigError
-from llama_jax.formats import model_dir, transforms
+from llama_jax.formats import ModelDir, runs, transforms
 
 REPO = Path(__file__).parents[1]
 
@@ -57,11 +57,11 @@ def test_resume_is_exact_teacher_never_saved_and_another_teacher_refused(tmp_pat
 
     # The checkpoint holds the student's training state only.
     assert set(straight) == {"step", "params", "opt_state"}
-    student = model_dir.read_config(work)
+    student = ModelDir.open(work).config
     assert student.num_layers == 2 and student.embed_dim == 32
     q = straight["params"]["layers"]["attn"]["q_proj"]["kernel"]
     assert q.shape == (2, 32, 4, 8)
-    meta = model_dir.run_meta(work)
+    meta = runs.latest_meta(work)
     assert meta["teacher"]["source"] == str(teachers[0])
     assert meta["teacher"]["fingerprint"]["params"]
 
@@ -87,11 +87,11 @@ def test_student_from_teacher_layers_and_eval(tmp_path, teachers):
     # Warmup starts at a zero learning rate: step 1 leaves the initial weights.
     last = distill.run(cfg, str(tmp_path / "run"))
     assert last["eval_ppl"] > 1 and last["teacher_eval_ppl"] > 1
-    config = model_dir.read_config(tmp_path / "run")
-    teacher_config = model_dir.read_config(teachers[0])
+    config = ModelDir.open(tmp_path / "run").config
+    teacher_config = ModelDir.open(teachers[0]).config
     assert config.num_layers == 2 and config.embed_dim == teacher_config.embed_dim
-    student = dict(model_dir.iter_host_params(tmp_path / "run", config))
-    teacher = dict(model_dir.iter_host_params(teachers[0], teacher_config))
+    student = dict(ModelDir.open(tmp_path / "run").iter_host_params())
+    teacher = dict(ModelDir.open(teachers[0]).iter_host_params())
     for name, value in student.items():
         want = teacher[name][[0, 2]] if name.startswith("layers.") else teacher[name]
         np.testing.assert_array_equal(value, want.astype(value.dtype), err_msg=name)
@@ -155,8 +155,7 @@ def test_feature_distillation_matches_the_mapped_layers(tmp_path, teachers):
     assert np.isfinite(last["loss"]) and last["feature"] > 0
     params = _state_tree(tmp_path / "projected" / "checkpoints" / "4")["params"]
     assert params[distill_step.PROJECTION]["kernel"].shape == (2, 32, 40)
-    config = model_dir.read_config(tmp_path / "projected")
-    names = {n for n, _ in model_dir.iter_host_params(tmp_path / "projected", config)}
+    names = {n for n, _ in ModelDir.open(tmp_path / "projected").iter_host_params()}
     assert names and not any(distill_step.PROJECTION in n for n in names)
 
 
@@ -170,7 +169,7 @@ def test_demo_small_kd_student_beats_ce_student(tmp_path):
     png = Path(summary["loss_curves"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     for run in ("teacher", "student_kd", "student_ce"):
-        assert model_dir.detect(tmp_path / run) == "run"
+        assert ModelDir.open(tmp_path / run).kind == "run"
     assert all(len(r["samples"]) == 3 for r in results.values())
 
 
@@ -186,7 +185,7 @@ def test_an_int8_teacher_distils(tmp_path, teachers):
     )
     last = distill.run(_cfg(teacher, steps=2), str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and last["kd"] > 0
-    meta = model_dir.run_meta(tmp_path / "run")
+    meta = runs.latest_meta(tmp_path / "run")
     assert meta["teacher"]["source"] == str(teacher)
 
 
@@ -205,12 +204,12 @@ def test_a_lora_student_distils_on_policy_and_resumes(tmp_path, teachers):
     state = _state_tree(work / "checkpoints" / "4")
     flat = {"/".join(k) for k in _paths(state["params"])}
     assert flat and all(k.endswith(("lora_a", "lora_b")) for k in flat)
-    meta = model_dir.run_meta(work)
+    meta = runs.latest_meta(work)
     assert meta["lora"]["rank"] == 4 and meta["lora"]["base"]["path"] == str(base.resolve())
     assert meta["teacher"]["source"] == str(teachers[0])
     # The run reads as a model: its adapters merged onto the base.
-    merged = dict(model_dir.iter_host_params(work, model_dir.read_config(work)))
-    original = dict(model_dir.iter_host_params(base, model_dir.read_config(base)))
+    merged = dict(ModelDir.open(work).iter_host_params())
+    original = dict(ModelDir.open(base).iter_host_params())
     assert not np.array_equal(
         merged["layers.attn.q_proj.kernel"], original["layers.attn.q_proj.kernel"]
     )

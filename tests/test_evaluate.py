@@ -16,10 +16,10 @@ import torch
 from flax import nnx
 from hf_models import make_hf_model
 
-from llama_jax import formats, sharding
+from llama_jax import sharding
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.evals import evaluate, perplexity, tasks
-from llama_jax.formats import model_dir
+from llama_jax.formats import ModelDir, model_dir
 from llama_jax.nn import losses
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -337,7 +337,7 @@ def test_command_prints_one_json_line_and_names_bad_input(hf, tmp_path, capsys, 
     assert 0.0 <= result["metrics"]["acc"] <= 1.0
 
     # Bad input is named before the weights are read (a broken directory would fail).
-    monkeypatch.setattr(model_dir, "load_model", _no_weights)
+    monkeypatch.setattr(ModelDir, "load", _no_weights)
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     long_answer = {"type": "generate", "prompt": "{q}", "max_new_tokens": 24}
@@ -399,16 +399,16 @@ def test_several_models_make_one_table(hf, tmp_path, capsys, monkeypatch):
     )
     # Each model is freed before the next is read.
     loaded = []
-    real_load = model_dir.load_model
+    real_load = ModelDir.load
 
-    def load(path, **kwargs):
+    def load(self, **kwargs):
         for earlier in loaded:
             assert all(leaf.is_deleted() for leaf in jax.tree.leaves(nnx.state(earlier)))
-        model, config = real_load(path, **kwargs)
+        model = real_load(self, **kwargs)
         loaded.append(model)
-        return model, config
+        return model
 
-    monkeypatch.setattr(formats, "load_model", load)
+    monkeypatch.setattr(ModelDir, "load", load)
     prefix = tmp_path / "compare"
     _cli(
         monkeypatch,
@@ -464,7 +464,7 @@ def test_report_without_matplotlib_is_refused_before_any_model(hf, tmp_path, cap
     _, _, _, directory = hf
     text = tmp_path / "eval.txt"
     text.write_text("some text\n")
-    monkeypatch.setattr(model_dir, "load_model", _no_weights)
+    monkeypatch.setattr(ModelDir, "load", _no_weights)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     args = [f"--model_dir={directory}", f"--data={text}", f"--report={tmp_path / 'r'}"]
     with pytest.raises(SystemExit) as exit_info:
@@ -484,7 +484,7 @@ def test_a_training_runs_size_is_its_stored_parameters():
 
     run = pathlib.Path(__file__).parent / "data" / "run_before_redesign"
     facts = compare.model_facts(run)
-    config = model_dir.read_config(run)
+    config = ModelDir.open(run).config
     assert facts["parameters"] == config.num_params()
     # float32 parameters; the checkpoint's optimizer state is left out.
     assert facts["bytes_on_disk"] == 4 * config.num_params()

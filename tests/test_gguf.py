@@ -25,10 +25,10 @@ from flax import nnx
 from hf_models import make_hf_model, rewrite_config
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
-from llama_jax import sharding, tree
+from llama_jax import nn, sharding, tree
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.errors import CheckpointError, DataError
-from llama_jax.formats import model_dir, transforms
+from llama_jax.formats import ModelDir, model_dir, transforms
 from llama_jax.formats.gguf import read as gguf_import
 from llama_jax.formats.gguf import tensors as gguf_model
 from llama_jax.formats.gguf import write as gguf_export
@@ -177,7 +177,7 @@ def _logits(directory, tokens, params=None):
 
 def _file_params(path, config):
     f = gguf_import.GGUFFile(path)
-    names = tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
+    names = tree.flatten(nn.abstract_params(config, sharding.create_mesh())[1])
     return {n: f.read_param(config, n, None, np.float32) for n in names}
 
 
@@ -192,9 +192,9 @@ def _q8_0_bound(w: np.ndarray) -> np.ndarray:
 
 def _check_rounding(path, directory, kind):
     """Each tensor of the file is the model's, rounded as `kind` rounds it."""
-    config = model_dir.read_config(directory)
+    config = ModelDir.open(directory).config
     f = gguf_import.GGUFFile(path)
-    for name, x in model_dir.iter_host_params(directory, config):
+    for name, x in ModelDir.open(directory).iter_host_params():
         stacked = x if "{i}" in gguf_model.TENSOR_NAMES[name] else x[None]
         for gguf_name, layer in zip(gguf_model.tensor_names(name, config), stacked, strict=True):
             want = gguf_model.to_gguf(name, layer, config).astype(np.float32)
@@ -214,7 +214,7 @@ def _check_rounding(path, directory, kind):
 
 @pytest.mark.parametrize("kind", gguf_export.TYPES)
 def test_export_loads_in_transformers_with_llama_jax_logits(model, tmp_path, kind):
-    config = model_dir.read_config(model)
+    config = ModelDir.open(model).config
     path = gguf_export.export_gguf(model, tmp_path / f"model-{kind}.gguf", kind=kind)
     assert not list(tmp_path.glob(".*"))
     tokens = _tokens(config.vocab_size)
@@ -238,7 +238,7 @@ def test_export_loads_in_transformers_with_llama_jax_logits(model, tmp_path, kin
 def test_metadata_is_what_llama_cpp_reads(model, tmp_path):
     path = gguf_export.export_gguf(model, tmp_path / "m.gguf", kind="q8_0")
     f = gguf_import.GGUFFile(path)
-    config = model_dir.read_config(model)
+    config = ModelDir.open(model).config
     spm = (model.parent / "hf" / "tokenizer.model").exists()
     want = {
         "general.architecture": "llama",
@@ -290,7 +290,7 @@ def test_rows_q8_0_cannot_pack_stay_f16():
         mlp_dim=94,
         tie_word_embeddings=True,
     )
-    params = list(tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1]))
+    params = list(tree.flatten(nn.abstract_params(config, sharding.create_mesh())[1]))
     types = {e.name: e.type for e in gguf_export.plan(config, params, "q8_0")}
     assert types["blk.1.ffn_down.weight"] == Q.F16  # rows of F = 94 values
     assert types["blk.1.ffn_up.weight"] == types["token_embd.weight"] == Q.Q8_0
@@ -324,7 +324,7 @@ def test_llama3_rope_scaling_round_trips_through_import(tmp_path, tokenizer_file
         num_attention_heads=2,
         num_key_value_heads=1,
     )
-    config = model_dir.read_config(source)
+    config = ModelDir.open(source).config
     path = gguf_export.export_gguf(source, tmp_path / "m.gguf", kind="f32")
     f = gguf_import.GGUFFile(path)
     np.testing.assert_allclose(
@@ -333,10 +333,10 @@ def test_llama3_rope_scaling_round_trips_through_import(tmp_path, tokenizer_file
         rtol=1e-6,
     )
     back = gguf_import.import_gguf(path, tmp_path / "back", mesh=sharding.create_mesh(fsdp=8))
-    assert model_dir.read_config(back) == config
+    assert ModelDir.open(back).config == config
     meta = json.loads((back / "metadata.json").read_text())
     assert meta["source"]["kind"] == "gguf" and meta["dtype"] == "float32"
-    a, b = (dict(model_dir.iter_host_params(d, config)) for d in (source, back))
+    a, b = (dict(ModelDir.open(d).iter_host_params()) for d in (source, back))
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -410,7 +410,7 @@ def test_linear_rope_scaling_is_metadata(tmp_path):
 def _test_tensors(config: LlamaConfig, rng) -> dict[str, np.ndarray]:
     """Random HF-layout weights ([out, in]) of `config`, by HF tensor name."""
     dims = hf.layout_dims(config)
-    names = tree.flatten(model_dir.abstract_params(config, sharding.create_mesh())[1])
+    names = tree.flatten(nn.abstract_params(config, sharding.create_mesh())[1])
     out = {}
     for name in names:
         _, layout, _ = hf_keymap.PARAMS[name]
@@ -558,7 +558,7 @@ def test_a_file_written_with_the_gguf_package_imports_exactly(tmp_path, tokenize
     out = gguf_import.import_gguf(
         tmp_path / "m.gguf", tmp_path / "out", mesh=sharding.create_mesh(fsdp=2, tensor=4)
     )
-    assert model_dir.read_config(out).replace(initializer_range=0.02) == config
+    assert ModelDir.open(out).config.replace(initializer_range=0.02) == config
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["dtype"] == "float32"
     assert meta["source"]["tensor_types"] == {
@@ -571,7 +571,7 @@ def test_a_file_written_with_the_gguf_package_imports_exactly(tmp_path, tokenize
         "Q4_K": 2,
     }
     dims = hf.layout_dims(config)
-    for name, x in model_dir.iter_host_params(out, config):
+    for name, x in ModelDir.open(out).iter_host_params():
         hf_name, hf_layout, proj_layout = hf_keymap.PARAMS[name]
         parts = [x] if "{i}" not in hf_name else list(x)
         for tensor, part in zip(hf.hf_tensor_names(name, config), parts, strict=True):
@@ -592,11 +592,11 @@ def test_a_file_written_with_the_gguf_package_imports_exactly(tmp_path, tokenize
 def test_an_int8_directory_is_packed_as_q8_0_from_its_dequantized_weights(model, tmp_path):
     int8 = transforms.quantize_dir(model, tmp_path / "int8", mesh=sharding.create_mesh(fsdp=8))
     path = gguf_export.export_gguf(int8, tmp_path / "m.gguf")
-    config = model_dir.read_config(model)
+    config = ModelDir.open(model).config
     f = gguf_import.GGUFFile(path)
     assert f.get("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
-    held = dict(gguf_export.float_params(int8, config))
-    original = dict(model_dir.iter_host_params(model, config))
+    held = dict(gguf_export.float_params(ModelDir.open(int8)))
+    original = dict(ModelDir.open(model).iter_host_params())
     for name, x in held.items():
         assert x.dtype == original[name].dtype == np.float32, name
         stacked = x if "{i}" in gguf_model.TENSOR_NAMES[name] else x[None]
@@ -782,7 +782,7 @@ def test_command_line_writes_and_reads_gguf(model, tmp_path):
         timeout=300,
     )
     assert back.returncode == 0, back.stderr[-3000:]
-    assert model_dir.read_config(tmp_path / "b") == model_dir.read_config(model)
+    assert ModelDir.open(tmp_path / "b").config == ModelDir.open(model).config
 
 
 def test_llama_cpp_generates_what_llama_jax_generates(tmp_path, tokenizer_files):

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 from configs import lora_tiny
-from llama_jax import sharding
+from llama_jax import nn, sharding
 from llama_jax.compress import lora, quant
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.formats import dir_writer, model_dir, transforms
+from llama_jax.formats import ModelDir, dir_writer, model_dir, transforms
 from llama_jax.nn.block import LORA_TARGETS
 from llama_jax.nn.layers import LoraConfig
 from llama_jax.nn.model import Llama
@@ -199,7 +199,7 @@ def test_training_moves_only_the_adapters(models):
     (_, base), (graphdef, adapters) = models
     mesh = sharding.create_mesh(data=2, fsdp=2, tensor=2)
     abstract = lora.abstract_model(lambda: Llama(CFG, lora=ALL, rngs=nnx.Rngs(0)), mesh)[1]
-    base_sh = _shardings(model_dir.abstract_params(CFG, mesh)[1])
+    base_sh = _shardings(nn.abstract_params(CFG, mesh)[1])
     base = jax.device_put(base, base_sh)
     before = jax.device_get(base)
     opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
@@ -292,7 +292,7 @@ def test_checkpoints_hold_only_the_adapters_and_name_their_base(run, bases):
     base_bytes = json.loads((bases[0] / "metadata.json").read_text())["params_bytes"]
     assert nbytes < 0.25 * base_bytes, (nbytes, base_bytes)
 
-    info = model_dir.lora_info(run)
+    info = ModelDir.open(run).lora
     assert (info["rank"], info["alpha"], info["dropout"]) == (4, 16.0, 0.1)
     assert tuple(info["targets"]) == TARGETS
     assert info["base"]["path"] == str(bases[0].resolve())
@@ -303,13 +303,13 @@ def test_a_lora_run_loads_exports_and_merges_onto_its_base(run, bases, tmp_path)
     state = ocp.StandardCheckpointer().restore(run / "checkpoints" / "3" / "state")
     adapters = jax.device_get(state["params"])
     one_device = sharding.create_mesh(devices=jax.devices()[:1])
-    base = model_dir.load_params(bases[0], CFG, model_dir.abstract_params(CFG, one_device)[1])
+    base = ModelDir.open(bases[0]).load_params(nn.abstract_params(CFG, one_device)[1])
     merge = jax.jit(lora.merge, static_argnums=2)
-    want = flatten(merge(base, adapters, lora.from_meta(model_dir.lora_info(run))))
+    want = flatten(merge(base, adapters, lora.from_meta(ModelDir.open(run).lora)))
     base_flat = flatten(base)
 
     # What launch.generate and evaluation do: load_model on the run directory.
-    assert model_dir.read_config(run) == CFG and model_dir.quantization(run) is None
+    assert ModelDir.open(run).config == CFG and ModelDir.open(run).quantization is None
     model, _ = model_dir.load_model(run, mesh=sharding.create_mesh())
     got = flatten(nnx.to_pure_dict(nnx.state(model)))
     assert got.keys() == want.keys() == base_flat.keys()
@@ -321,7 +321,7 @@ def test_a_lora_run_loads_exports_and_merges_onto_its_base(run, bases, tmp_path)
 
     # convert.orbax_to_hf on the run directory streams the same merged weights.
     out = transforms.export_hf(run, tmp_path / "hf")
-    exported = dict(model_dir.iter_host_params(out, CFG))
+    exported = dict(ModelDir.open(out).iter_host_params())
     for k in want:
         np.testing.assert_allclose(exported[k], np.asarray(want[k]), rtol=1e-6, atol=1e-7)
 
@@ -334,7 +334,7 @@ def test_a_lora_run_loads_exports_and_merges_onto_its_base(run, bases, tmp_path)
     meta = json.loads((merged / "metadata.json").read_text())
     assert meta["source"]["base"] == str(moved) and meta["lora"]["rank"] == 4
     assert meta["quantization"] is None
-    written = dict(model_dir.iter_host_params(merged, CFG))
+    written = dict(ModelDir.open(merged).iter_host_params())
     for k in want:
         np.testing.assert_allclose(written[k], np.asarray(want[k]), rtol=1e-6, atol=1e-7)
 

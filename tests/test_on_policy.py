@@ -15,11 +15,11 @@ from hf_models import make_hf_model
 from configs import distill_tiny
 from llama_jax.distill import on_policy
 from llama_jax.distill import recipe as distill
+from llama_jax.distill.spec import DistillConfig, OnPolicySpec
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.formats import model_dir
+from llama_jax.formats import ModelDir, model_dir
 from llama_jax.nn import generation as generate
 from llama_jax.train import loop as train
-from llama_jax.train.run_config import OnPolicySpec, RunConfig
 from llama_jax.train.step import TrainState
 
 
@@ -95,13 +95,13 @@ def test_samples_follow_the_current_student_and_a_resume_replays_them(tmp_path, 
 
     # Step 2's samples come from the step-2 student: greedy continuations equal
     # llama_jax.generate's on the parameters the checkpoint holds.
-    rc = RunConfig.of(cfg)
+    rc = DistillConfig.of(cfg)
     recipe = distill.Distillation(rc)
     su = train.setup(rc, recipe.model_config)
     recipe.build(su)
     recipe.check(su)
     recipe.load(su, None)
-    config = model_dir.read_config(work)
+    config = ModelDir.open(work).config
     model, _ = model_dir.load_model(work / "checkpoints" / "2")
     state = _state(work / "checkpoints" / "2")
     state = TrainState(state["step"], state["params"], state["opt_state"])

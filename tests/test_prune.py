@@ -21,7 +21,7 @@ from llama_jax import sharding
 from llama_jax.compress import prune
 from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError
-from llama_jax.formats import model_dir, transforms
+from llama_jax.formats import ModelDir, model_dir, transforms
 from llama_jax.nn.model import Llama
 from llama_jax.train import checkpointer as checkpoint
 from llama_jax.train import loop as train
@@ -270,7 +270,7 @@ def test_training_prunes_and_masks_survive_checkpoints_and_export(tmp_path):
 
     # A params-only export keeps the zeros (the masks themselves are not exported).
     transforms.export_hf(tmp_path / "run", tmp_path / "hf")
-    exported = dict(model_dir.iter_host_params(tmp_path / "hf", su.model_config))
+    exported = dict(ModelDir.open(tmp_path / "hf").iter_host_params())
     for k, m in masks.items():
         np.testing.assert_array_equal(exported[k] == 0, ~m, err_msg=k)
 
@@ -303,9 +303,8 @@ def test_one_shot_cli_on_a_converted_checkpoint(converted):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["sparsity"]["pattern"] == "2:4" and meta["sparsity"]["overall"] == 0.5
     assert meta["sparsity"]["per_layer"] == [0.5, 0.5, 0.5]
-    config = model_dir.read_config(out)
-    before = dict(model_dir.iter_host_params(converted / "converted", config))
-    after = dict(model_dir.iter_host_params(out, config))
+    before = dict(ModelDir.open(converted / "converted").iter_host_params())
+    after = dict(ModelDir.open(out).iter_host_params())
     for name, w in after.items():
         if name in prune.PRUNABLE and name != "lm_head.kernel":
             groups = np.moveaxis(w != 0, prune.PRUNABLE[name], -1)
@@ -344,8 +343,7 @@ def test_distillation_recovers_into_a_pruned_student(tmp_path, converted):
     c.prune.schedule = "one_shot"
     last = distill.run(c, str(tmp_path / "kd"))
     assert last["sparsity"] == 0.5 and np.isfinite(last["loss"])
-    config = model_dir.read_config(tmp_path / "kd")
-    for name, w in model_dir.iter_host_params(tmp_path / "kd", config):
+    for name, w in ModelDir.open(tmp_path / "kd").iter_host_params():
         if name in prune.PRUNABLE and name != "lm_head.kernel":
             groups = np.moveaxis(w != 0, prune.PRUNABLE[name], -1)
             assert (groups.reshape(*groups.shape[:-1], -1, 4).sum(-1) == 2).all(), name

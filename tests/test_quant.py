@@ -19,7 +19,7 @@ from llama_jax import sharding, tree
 from llama_jax.compress import quant
 from llama_jax.config import get_preset
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.formats import model_dir, transforms
+from llama_jax.formats import ModelDir, model_dir, transforms
 from llama_jax.nn import generation as gen
 from llama_jax.nn.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from llama_jax.nn.model import Llama
@@ -127,9 +127,8 @@ def test_offline_and_on_the_fly_quantization_agree_and_round_trip(dirs):
         meta = json.loads((dirs / d / "metadata.json").read_text())
         assert meta["quantization"] == "int8"
         assert meta["quantized_head"] and meta["quantized_embed"]
-    config = model_dir.read_config(dirs / "float")
-    a = dict(model_dir.iter_host_params(dirs / "offline", config))
-    b = dict(model_dir.iter_host_params(dirs / "onthefly", config))
+    a = dict(ModelDir.open(dirs / "offline").iter_host_params())
+    b = dict(ModelDir.open(dirs / "onthefly").iter_host_params())
     assert a.keys() == b.keys() and "layers.mlp.up_proj.kernel_scale" in a
     for name in a:
         assert a[name].dtype == b[name].dtype, name
@@ -164,7 +163,7 @@ def test_bad_quantization_requests_are_refused(tmp_path, dirs, hf_dir):
         transforms.quantize_dir(hf_dir, tmp_path / "q4", mode="int4", mesh=mesh)
     with pytest.raises(ConfigError, match="mode='int3'"):
         transforms.convert_hf(hf_dir, tmp_path / "q3", mesh=mesh, quantize="int3")
-    tied = dataclasses.replace(model_dir.read_config(hf_dir), tie_word_embeddings=True)
+    tied = dataclasses.replace(ModelDir.open(hf_dir).config, tie_word_embeddings=True)
     with pytest.raises(CheckpointError, match="ties its LM head"):
         transforms.quant_options(tied, "int8", True, False)
     with pytest.raises(CheckpointError, match="is quantized"):
@@ -185,7 +184,7 @@ def test_quantize_cli_writes_a_directory_generate_reads(tmp_path, hf_dir):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert model_dir.quantization(out) == "int8"
+    assert ModelDir.open(out).quantization == "int8"
     meta = json.loads((out / "metadata.json").read_text())
     assert not meta["quantized_head"] and not meta["quantized_embed"]
     model, _ = model_dir.load_model(out)

@@ -10,6 +10,7 @@ import pytest
 from configs.base import base_config, distill_config
 from llama_jax import sharding
 from llama_jax.config import get_preset
+from llama_jax.distill.spec import DistillConfig, typed_config
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.train import run_config
 from llama_jax.train.run_config import RunConfig
@@ -23,9 +24,11 @@ CONFIGS = sorted(
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_parses(name):
-    cfg = RunConfig.of(importlib.import_module(f"configs.{name}").get_config())
+    cfg = typed_config(importlib.import_module(f"configs.{name}").get_config())
     assert cfg.train.optimizer.total_steps == cfg.train.steps
-    assert (cfg.teacher is None) == (cfg.distill is None) == (not name.startswith("distill"))
+    assert isinstance(cfg, DistillConfig) == name.startswith("distill")
+    if isinstance(cfg, DistillConfig):
+        assert cfg.teacher is not None and cfg.distill is not None
     # The config as written is kept: runs save it and resumes compare against it.
     assert cfg.raw["data"]["seq_len"] == cfg.data.seq_len
 
@@ -100,7 +103,14 @@ def test_bad_distillation_configs_are_refused(edit, match):
     cfg = distill_config()
     edit(cfg)
     with pytest.raises(ConfigError, match=match):
-        RunConfig.of(cfg)
+        DistillConfig.of(cfg)
+
+
+def test_a_training_config_type_refuses_distillation_sections():
+    with pytest.raises(ConfigError, match=r"distillation sections \['teacher', 'distill'"):
+        RunConfig.of(distill_config())
+    with pytest.raises(ConfigError, match="'teacher' and 'distill'"):
+        DistillConfig.of(base_config())
 
 
 def test_teacher_layers_need_a_distillation_config():

@@ -16,12 +16,12 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import sharding, tree
+from llama_jax import nn, sharding, tree
 from llama_jax.compress import structured
 from llama_jax.config import get_preset
+from llama_jax.distill.spec import typed_config
 from llama_jax.errors import CheckpointError, ConfigError, DataError
-from llama_jax.formats import model_dir, structured_dir, transforms
-from llama_jax.train.run_config import RunConfig
+from llama_jax.formats import ModelDir, model_dir, runs, structured_dir, transforms
 from tests.hf_models import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def test_width_and_depth_pruning_keeps_the_most_important_units(source, tmp_path
     pruned = structured_dir.structured_prune_dir(
         source / "converted", out, spec, mesh=sharding.create_mesh(fsdp=8)
     )
-    config = model_dir.read_config(out)
+    config = ModelDir.open(out).config
     assert (config.num_layers, config.num_heads, config.num_kv_heads) == (3, 4, 2)
     assert (config.mlp_dim, config.embed_dim, config.head_dim) == (50, 32, 10)
     assert config.rope_theta == pruned.source_config.rope_theta
@@ -176,8 +176,8 @@ def test_width_and_depth_pruning_keeps_the_most_important_units(source, tmp_path
     np.testing.assert_array_equal(saved["kept_embed"], embed)
 
     # The weights are the source's at those indices.
-    before = dict(model_dir.iter_host_params(source / "converted", pruned.source_config))
-    after = dict(model_dir.iter_host_params(out, config))
+    before = dict(ModelDir.open(source / "converted").iter_host_params())
+    after = dict(ModelDir.open(out).iter_host_params())
     heads, mlp = saved["kept_heads"], saved["kept_mlp"]
     for row, layer in enumerate(layers):
         q = before["layers.attn.q_proj.kernel"][layer][embed][:, heads[row]]
@@ -228,7 +228,7 @@ def test_cli_prunes_tied_embeddings_and_whole_kv_groups(tmp_path):
     ]
     proc = _cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = model_dir.read_config(out)
+    config = ModelDir.open(out).config
     assert (config.num_heads, config.num_kv_heads, config.embed_dim) == (3, 1, 36)
     assert config.tie_word_embeddings and config.num_layers == 3
     assert f"{config.num_params():,} parameters" in proc.stdout
@@ -239,7 +239,7 @@ def test_cli_prunes_tied_embeddings_and_whole_kv_groups(tmp_path):
         assert saved["kept_kv_heads"][row].tolist() == [group]
         assert saved["kept_heads"][row].tolist() == [3 * group, 3 * group + 1, 3 * group + 2]
     np.testing.assert_array_equal(saved["kept_layers"], _top(saved["block_influence"], 3))
-    params = dict(model_dir.iter_host_params(out, config))
+    params = dict(ModelDir.open(out).iter_host_params())
     assert "lm_head.kernel" not in params and params["embed.embedding"].shape == (263, 36)
     _logits_parity(out, tmp_path / "export", np.array([[1, 5, 9, 3, 7, 11, 2]]))
 
@@ -262,9 +262,9 @@ def test_pruning_in_memory_is_the_same_on_every_mesh_and_runs_prune_once(source,
         sharding.create_mesh(devices=jax.devices()[:1]),
         sharding.create_mesh(data=2, fsdp=2, tensor=2),
     ):
-        config = model_dir.read_config(source / "converted")
-        _, abstract = model_dir.abstract_params(config, mesh)
-        params = model_dir.load_params(source / "converted", config, abstract)
+        config = ModelDir.open(source / "converted").config
+        _, abstract = nn.abstract_params(config, mesh)
+        params = ModelDir.open(source / "converted").load_params(abstract)
         batches = structured_dir.calibration_batches(spec, None, mesh, vocab_size=263)
         results.append(structured.prune_params(config, params, spec, batches, mesh=mesh))
     one, many = results
@@ -281,9 +281,9 @@ def test_pruning_in_memory_is_the_same_on_every_mesh_and_runs_prune_once(source,
     # A run's initial student: pruned once and saved, read back on the next start.
     mesh = sharding.create_mesh(devices=jax.devices()[:1])
     config = one.source_config
-    _, teacher_abstract = model_dir.abstract_params(config, mesh)
-    teacher = model_dir.load_params(source / "converted", config, teacher_abstract)
-    _, student_abstract = model_dir.abstract_params(one.config, mesh)
+    _, teacher_abstract = nn.abstract_params(config, mesh)
+    teacher = ModelDir.open(source / "converted").load_params(teacher_abstract)
+    _, student_abstract = nn.abstract_params(one.config, mesh)
     save = tmp_path / "pruned_student"
     kw = dict(tokenizer=None, mesh=mesh, teacher_source=str(source / "converted"))
     first = structured_dir.load_or_prune(save, spec, config, teacher, student_abstract, **kw)
@@ -321,7 +321,7 @@ def test_bad_targets_and_calibration_fail_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(model_dir, "load_params", no_loading)
+    monkeypatch.setattr(ModelDir, "load_params", no_loading)
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
         structured_dir.structured_prune_dir(
@@ -359,7 +359,7 @@ def test_minitron_configs_compile_the_shape_pruning_gives(name, teacher):
     pruned = structured.target_config(get_preset(teacher), spec)
     # The student's preset and overrides (what ahead-of-time compilation builds) are
     # the architecture structured pruning of that teacher gives.
-    assert RunConfig.of(c).model.preset_config() == pruned
+    assert typed_config(c).model.preset_config() == pruned
     assert pruned.embed_dim % pruned.num_heads == 0  # transformers loads the export
     assert pruned.num_params() < 0.65 * get_preset(teacher).num_params()
 
@@ -388,19 +388,19 @@ def test_prune_then_distil_in_one_launch_prunes_once(source, tmp_path):
     work = tmp_path / "run"
     distill.run(c, str(work))
     pruned = work / "pruned_student"
-    config = model_dir.read_config(pruned)
+    config = ModelDir.open(pruned).config
     assert (config.num_heads, config.num_kv_heads, config.mlp_dim, config.embed_dim) == (
         4,
         2,
         40,
         30,
     )
-    assert model_dir.read_config(work) == config
+    assert ModelDir.open(work).config == config
     # Step 1 runs at a zero learning rate: the checkpoint holds the pruned teacher.
-    saved = dict(model_dir.iter_host_params(work, config))
-    for name, value in model_dir.iter_host_params(pruned, config):
+    saved = dict(ModelDir.open(work).iter_host_params())
+    for name, value in ModelDir.open(pruned).iter_host_params():
         np.testing.assert_array_equal(saved[name], value.astype(saved[name].dtype), err_msg=name)
-    assert model_dir.run_meta(work)["structured"]["mlp_dim"] == 40
+    assert runs.latest_meta(work)["structured"]["mlp_dim"] == 40
 
     # A resume starts from the checkpoint and never prunes again.
     shutil.rmtree(pruned)

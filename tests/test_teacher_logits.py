@@ -30,8 +30,9 @@ from llama_jax.distill import (
     records as logit_records,
 )
 from llama_jax.distill.records import Layout
+from llama_jax.distill.spec import DistillConfig
 from llama_jax.errors import CheckpointError, ConfigError, DataError
-from llama_jax.formats import model_dir
+from llama_jax.formats import ModelDir, model_dir, runs
 from llama_jax.formats.fingerprint import fingerprint_mismatch
 from llama_jax.nn.losses import DistillLossConfig, chunked_distill_loss, chunked_sparse_distill_loss
 from llama_jax.train import loop as train
@@ -153,11 +154,11 @@ def test_cache_holds_the_teachers_top_k_of_each_batch_in_data_order(cache_dir, t
     assert meta["version"] == 1 and meta["layout"]["top_k"] == TOP_K
     assert meta["data"]["seed"] == 0 and meta["data"]["seq_len"] == 32
     assert meta["teacher"]["fingerprint"]["params"]
-    assert cache.mismatches(train.RunConfig.of(cfg).data, vocab_size=263) == []
+    assert cache.mismatches(DistillConfig.of(cfg).data, vocab_size=263) == []
 
     model, config = model_dir.load_model(teachers[0])
     forward = nnx.jit(lambda m, tokens, segment_ids: m(tokens, segment_ids_BT=segment_ids))
-    iterator = train.setup(cfg, config).iterator
+    iterator = train.setup(DistillConfig.of(cfg), config).iterator
     for step in range(STEPS):
         batch = iterator.local_batch(step)
         records, crc = cache.read(step, range(8))
@@ -267,15 +268,17 @@ def test_bad_arguments_are_refused_before_any_work(teachers, tmp_path):
 def test_cached_batches_on_another_mesh_resume_and_check_the_data(cache_dir, teachers):
     cfg = _cfg(teachers[0])
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
-    config = model_dir.read_config(teachers[0])
+    config = ModelDir.open(teachers[0]).config
     cache = logit_cache.LogitCache(cache_dir)
     full = _all_records(cache_dir)
 
-    batches = logit_cache.CachedBatches(train.setup(cfg, config).iterator, cache, STEPS)
+    batches = logit_cache.CachedBatches(
+        train.setup(DistillConfig.of(cfg), config).iterator, cache, STEPS
+    )
     first = next(batches)
     records = first[logit_cache.RECORDS]
     assert records.shape == (8, 32, 23) and records.dtype == jnp.uint8
-    assert records.sharding.spec[0] == train.setup(cfg, config).batch_sh.spec[0]
+    assert records.sharding.spec[0] == train.setup(DistillConfig.of(cfg), config).batch_sh.spec[0]
     np.testing.assert_array_equal(np.asarray(records), full[0])
     state = batches.state()
     second = next(batches)
@@ -286,11 +289,15 @@ def test_cached_batches_on_another_mesh_resume_and_check_the_data(cache_dir, tea
     np.testing.assert_array_equal(np.asarray(second[logit_cache.RECORDS]), full[1])
 
     with pytest.raises(ConfigError, match="holds 4 steps; 5 are needed"):
-        logit_cache.CachedBatches(train.setup(cfg, config).iterator, cache, STEPS + 1)
+        logit_cache.CachedBatches(
+            train.setup(DistillConfig.of(cfg), config).iterator, cache, STEPS + 1
+        )
     other = _cfg(teachers[0], seed=3)
-    assert cache.mismatches(train.RunConfig.of(other).data) == ["data.seed: cache 0, run 3"]
+    assert cache.mismatches(DistillConfig.of(other).data) == ["data.seed: cache 0, run 3"]
     with pytest.raises(DataError, match="batch 0, row 0: its tokens are not the ones"):
-        logit_cache.CachedBatches(train.setup(other, config).iterator, cache, STEPS)
+        logit_cache.CachedBatches(
+            train.setup(DistillConfig.of(other), config).iterator, cache, STEPS
+        )
 
 
 def test_missing_or_truncated_shards_are_named(cache_dir, tmp_path):
@@ -507,9 +514,9 @@ def test_distilling_from_a_full_cache_equals_the_live_teacher(teachers, tmp_path
     # Every token stored: the KL differs from the live one by the log-probs' rounding only.
     assert abs(cached["kd"] - live["kd"]) < 2e-3 < live["kd"]
     assert cached["ce"] == pytest.approx(live["ce"], rel=1e-6)
-    meta = model_dir.run_meta(tmp_path / "cached")
+    meta = runs.latest_meta(tmp_path / "cached")
     assert meta["teacher"]["logits_dir"] == str(full)
-    live_fingerprint = model_dir.run_meta(tmp_path / "live")["teacher"]["fingerprint"]
+    live_fingerprint = runs.latest_meta(tmp_path / "live")["teacher"]["fingerprint"]
     assert fingerprint_mismatch(meta["teacher"]["fingerprint"], live_fingerprint) is None
 
 

@@ -201,7 +201,7 @@ def activation_scores(
     `nnx.merge(graphdef, params)` over `batches`.
 
     graphdef: a `Llama` graph definition (its dtype is the compute dtype), e.g. from
-      `model_dir.abstract_params`; params: its parameters, sharded on `mesh`.
+      `nn.abstract_params`; params: its parameters, sharded on `mesh`.
     batches: DataIterator batches, dicts of int32[B, T] tokens, segment_ids, targets,
       loss_mask. All statistics are reduced in float32 on the devices.
     """

@@ -131,13 +131,7 @@ def abstract_model(
     model = nnx.eval_shape(make_model)
     graphdef, _ = nnx.split(model)
     adapters = nnx.state(model, nnx.LoRAParam)
-    shardings = nnx.to_pure_dict(sharding.state_shardings(adapters, mesh, rules))
-    abstract = jax.tree.map(
-        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
-        nnx.to_pure_dict(adapters),
-        shardings,
-    )
-    return graphdef, abstract
+    return graphdef, sharding.abstract_arrays(adapters, mesh, rules)
 
 
 def init_adapters(make_model: Callable[[], Llama], abstract: Mapping[str, Any]) -> dict[str, Any]:

@@ -224,7 +224,7 @@ def int8_dot_general(
 
 
 def model_kwargs(
-    quantization: str | None, quantize_head: bool = False, quantize_embed: bool = False
+    quantization: str | None = None, quantize_head: bool = False, quantize_embed: bool = False
 ) -> dict[str, Any]:
     """`Llama` keyword arguments for a model stored with this quantization (None: float)."""
     if quantization is None:

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from llama_jax import data, formats, sharding, tree
+from llama_jax import data, nn, sharding, tree
 from llama_jax.compress import importance
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ConfigError, DataError
@@ -267,7 +267,7 @@ def slice_params(
     abstract: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The kept slices of `params` (the `source` model's), in the dtypes and shardings of
-    `abstract` (the pruned model's `model_dir.abstract_params`). One parameter at a time,
+    `abstract` (the pruned model's `nn.abstract_params`). One parameter at a time,
     each in its own jit, so the only temporaries are one parameter's."""
     names = axis_names(source)
     index = dict(
@@ -375,9 +375,7 @@ def prune_params(
             target.num_heads,
         )
     source_dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
-    graphdef, _ = formats.abstract_params(
-        config, mesh, rules, dtype=dtype, param_dtype=source_dtype
-    )
+    graphdef, _ = nn.abstract_params(config, mesh, rules, dtype=dtype, param_dtype=source_dtype)
     common = dict(mesh=mesh, rules=rules, loss_chunk=loss_chunk)
     scores = importance.activation_scores(
         graphdef, params, batches, aggregation=spec.aggregation(), **common
@@ -389,7 +387,7 @@ def prune_params(
     kept = choose(config, target, scores, spec.layer_metric)
     pruned = Pruned(config=target, source_config=config, spec=spec, scores=scores, kept=kept)
     if not dry_run:
-        _, abstract = formats.abstract_params(
+        _, abstract = nn.abstract_params(
             target, mesh, rules, dtype=jnp.dtype(param_dtype or source_dtype)
         )
         pruned.params = slice_params(params, config, kept, abstract)

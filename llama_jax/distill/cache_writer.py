@@ -31,8 +31,9 @@ from llama_jax.distill import cache as logit_cache
 from llama_jax.distill import recipe
 from llama_jax.distill import records as logit_records
 from llama_jax.distill.records import Layout
+from llama_jax.distill.spec import DistillConfig
 from llama_jax.errors import CheckpointError, ConfigError
-from llama_jax.train import RunConfig, matmul_flops_per_token
+from llama_jax.train import matmul_flops_per_token
 
 # Default shard size: large enough that a pod writes few files, small enough that a
 # killed run loses little and a host holds it in memory.
@@ -125,9 +126,7 @@ def write_shard(path: epath.Path, crc: np.ndarray, records: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def _check_args(cfg: RunConfig, **values) -> None:
-    if cfg.teacher is None:
-        raise ConfigError("the teacher logit cache needs a distillation config (a teacher section)")
+def _check_args(cfg: DistillConfig, **values) -> None:
     if not cfg.teacher.model_dir:
         raise ConfigError("teacher.model_dir is empty; give the teacher's model directory")
     if not epath.Path(cfg.teacher.model_dir).exists():
@@ -138,7 +137,7 @@ def _check_args(cfg: RunConfig, **values) -> None:
             raise ConfigError(f"{name}={value!r}; expected an integer >= {lows[name]}")
 
 
-def _metadata(cfg: RunConfig, layout: Layout, steps, steps_per_shard, parts, saved, out_dir):
+def _metadata(cfg: DistillConfig, layout: Layout, steps, steps_per_shard, parts, saved, out_dir):
     """This run's cache metadata (the teacher's fingerprint still to come), after
     refusing a `saved` cache it does not match."""
     if not steps_per_shard:
@@ -232,7 +231,7 @@ def write_teacher_logits(
     with the same arguments.
 
     cfg: a distillation config (configs/base.py `distill_config` layout; a ConfigDict or
-      a RunConfig): its teacher, data, mesh and train.grad_accum are used.
+      a DistillConfig): its teacher, data, mesh and train.grad_accum are used.
     top_k: tokens kept per position. steps: global batches to cache (default
       train.steps). steps_per_shard: 0 picks about SHARD_TARGET_BYTES per shard; a
       cache keeps the value it was started with. chunk: positions per logits block (0:
@@ -242,10 +241,11 @@ def write_teacher_logits(
     process's shards on disk over their tokens), "tokens_per_s" (teacher tokens per
     second over all devices, compilation excluded; None below two computed steps)}.
     """
-    cfg = RunConfig.of(cfg)
+    cfg = DistillConfig.of(cfg)
     steps = cfg.train.steps if steps is None else steps
     _check_args(cfg, steps=steps, steps_per_shard=steps_per_shard, chunk=chunk, log_every=log_every)
-    teacher_config = formats.read_config(cfg.teacher.model_dir)
+    teacher = formats.ModelDir.open(cfg.teacher.model_dir)
+    teacher_config = teacher.config
     layout = Layout(top_k, teacher_config.vocab_size)
     out_dir = epath.Path(logit_cache.norm_path(str(out_dir)))
     if out_dir.exists() and not out_dir.is_dir():
@@ -265,10 +265,9 @@ def write_teacher_logits(
     rows_per_device = b // micro // sharding.axis_size(su.mesh, su.rules, "batch")
     chunk = chunk or default_chunk(t, layout.vocab_size, rows_per_device)
 
-    graphdef, abstract = recipe.abstract_teacher(cfg, teacher_config, su.mesh, su.rules)
-    train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
-    params = formats.load_params(cfg.teacher.model_dir, teacher_config, abstract)
-    meta["teacher"]["fingerprint"] = formats.fingerprint(teacher_config, params)
+    graphdef, params, meta["teacher"]["fingerprint"] = recipe.load_teacher(
+        cfg, teacher, su.mesh, su.rules
+    )
     if saved is not None:
         why = formats.fingerprint_mismatch(
             saved["teacher"]["fingerprint"], meta["teacher"]["fingerprint"]
@@ -289,7 +288,7 @@ def write_teacher_logits(
 
     fn = jax.jit(
         records_fn(graphdef, layout, chunk=chunk, micro=micro),
-        in_shardings=(jax.tree.map(lambda x: x.sharding, abstract), su.batch_sh, su.batch_sh),
+        in_shardings=(jax.tree.map(lambda x: x.sharding, params), su.batch_sh, su.batch_sh),
         out_shardings=out_sh,
     )
     flops = matmul_flops_per_token(teacher_config, t) / 3

@@ -25,10 +25,10 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import data, sharding
+from llama_jax import data, nn, sharding
+from llama_jax.distill.spec import OnPolicySpec
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.nn import Sampling, sample_logits, segment_positions
-from llama_jax.train import OnPolicySpec
+from llama_jax.nn import segment_positions
 
 _SALT = 0x6B44  # separates these draws from the data order's
 
@@ -94,40 +94,18 @@ def complete(
     """
     b, p = tokens_BP.shape
     g = spec.max_new_tokens
-    sampling = Sampling(temperature=spec.temperature)
-    cache = model.init_cache(b, p + g)
-    h_BPD, cache = model.hidden_states(
-        tokens_BP, positions_BT=positions_BP, segment_ids_BT=segment_ids_BP, cache=cache
+    segment_B = segment_ids_BP[:, -1]
+    new_BG, length_B = nn.decode(
+        model,
+        tokens_BP,
+        segment_ids_BP,
+        positions_BP,
+        key,
+        max_new_tokens=g,
+        sampling=nn.Sampling(temperature=spec.temperature),
+        eos_ids=eos_ids,
+        pad_id=pad_id,
     )
-    segment_B, position_B = segment_ids_BP[:, -1], positions_BP[:, -1]
-    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    first = sample_logits(model.unembed(h_BPD[:, -1:])[:, 0], jax.random.fold_in(key, 0), sampling)
-    done_B = (segment_B == 0) | jnp.isin(first, eos)
-    new_BG = (
-        jnp.full((b, g), pad_id, jnp.int32).at[:, 0].set(jnp.where(segment_B == 0, pad_id, first))
-    )
-    length_B = (segment_B != 0).astype(jnp.int32)
-
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < g) & ~jnp.all(done)
-
-    def body(carry):
-        i, tok_B, cache, out, done, length = carry
-        logits, cache = model(
-            tok_B[:, None],
-            positions_BT=(position_B + i)[:, None],
-            segment_ids_BT=segment_B[:, None],
-            cache=cache,
-        )
-        new = sample_logits(logits[:, 0], jax.random.fold_in(key, i), sampling)
-        new = jnp.where(done, pad_id, new)
-        out = out.at[:, i].set(new)
-        return i + 1, new, cache, out, done | jnp.isin(new, eos), length + (~done)
-
-    carry = (jnp.int32(1), first, cache, new_BG, done_B, length_B)
-    _, _, _, new_BG, _, length_B = jax.lax.while_loop(cond, body, carry)
-
     sampled_BG = jnp.arange(g)[None, :] < length_B[:, None]
     tokens_BT = jnp.concatenate([tokens_BP, new_BG], axis=1)
     segment_ids_BT = jnp.concatenate(

@@ -21,17 +21,17 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from llama_jax import compress, data, formats, sharding, train
+from llama_jax import compress, data, formats, nn, sharding, train
 from llama_jax.config import LlamaConfig
 from llama_jax.distill import cache as logit_cache
 from llama_jax.distill import on_policy
+from llama_jax.distill.spec import DistillConfig, typed_config
 from llama_jax.distill.step import PROJECTION, feature_match, linear_schedule, make_distill_step
 from llama_jax.errors import ConfigError
 from llama_jax.nn import make_eval_step
-from llama_jax.train import RunConfig
 
 
-def perplexity(eval_fn, params, batches) -> float:
+def heldout_perplexity(eval_fn, params, batches) -> float:
     """exp(mean token loss) over `batches`."""
     total = count = 0.0
     for batch in batches:
@@ -76,11 +76,17 @@ def parse_layer_map(spec: str, teacher_layers: int) -> list[int]:
     return layers
 
 
-def student_model_config(cfg: RunConfig, teacher_config: LlamaConfig) -> LlamaConfig:
-    """The student's architecture: the teacher's with `model.teacher_layers` picked, or
-    from `model` (preset or model directory)."""
+def student_model_config(
+    cfg: DistillConfig,
+    teacher_config: LlamaConfig,
+    teacher: formats.ModelDir | None,
+    student_dir: formats.ModelDir | None,
+) -> LlamaConfig:
+    """The student's architecture: the teacher's with `model.teacher_layers` picked, the
+    structured targets' slice of it, or from `model` (its model directory `student_dir`,
+    or its preset)."""
     if cfg.model.teacher_layers:
-        if cfg.teacher.model_dir and formats.quantization(cfg.teacher.model_dir):
+        if teacher is not None and teacher.quantization:
             raise ConfigError("model.teacher_layers needs a float teacher; this one is quantized")
         if cfg.model.model_dir:
             raise ConfigError("set model.model_dir or model.teacher_layers, not both")
@@ -97,10 +103,12 @@ def student_model_config(cfg: RunConfig, teacher_config: LlamaConfig) -> LlamaCo
                 f"{pruned}; make them agree or drop model.overrides"
             )
         return pruned
-    return train.resolve_model_config(cfg.model)
+    return student_dir.config if student_dir is not None else cfg.model.preset_config()
 
 
-def check_pair(cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig) -> None:
+def check_pair(
+    cfg: DistillConfig, student_config: LlamaConfig, teacher_config: LlamaConfig
+) -> None:
     """Raises unless the student and teacher share a vocabulary that distill.top_k fits."""
     teacher = cfg.teacher.model_dir or cfg.teacher.preset
     if student_config.vocab_size != teacher_config.vocab_size:
@@ -116,12 +124,22 @@ def check_pair(cfg: RunConfig, student_config: LlamaConfig, teacher_config: Llam
         )
 
 
-def abstract_teacher(cfg: RunConfig, teacher_config: LlamaConfig, mesh, rules):
+def abstract_teacher(cfg: DistillConfig, teacher_config: LlamaConfig, teacher, mesh, rules):
     """(graphdef, abstract parameters with shardings) of the teacher: as stored in
-    `teacher.model_dir` (int8 or float), or float without one; computed in
+    `teacher` (its ModelDir: int8 or float), or float without one; computed in
     teacher.dtype."""
-    quant = formats.quant_kwargs(cfg.teacher.model_dir) if cfg.teacher.model_dir else {}
-    return formats.abstract_params(teacher_config, mesh, rules, **quant, **cfg.teacher.kwargs())
+    if teacher is not None:
+        return teacher.abstract(mesh, rules, **cfg.teacher.kwargs())
+    return nn.abstract_params(teacher_config, mesh, rules, **cfg.teacher.kwargs())
+
+
+def load_teacher(cfg: DistillConfig, teacher: formats.ModelDir, mesh, rules):
+    """(graphdef, parameters on the mesh, fingerprint) of the frozen teacher, read as
+    stored into teacher.dtype."""
+    graphdef, abstract = abstract_teacher(cfg, teacher.config, teacher, mesh, rules)
+    train.log_info("loading the teacher from %s", teacher)
+    params = teacher.load_params(abstract)
+    return graphdef, params, teacher.fingerprint(params)
 
 
 class Distillation(train.Recipe):
@@ -131,27 +149,38 @@ class Distillation(train.Recipe):
     Logged steps add the student's held-out perplexity (`distill.eval_path`) and the
     teacher's, computed once.
 
-    teacher_config: the teacher's architecture, read from teacher.model_dir, or from
-    teacher.preset when only shapes are needed (ahead-of-time compilation).
+    teacher: the handle of teacher.model_dir when the caller has opened it (by default
+    opened here); teacher_config: the teacher's architecture from teacher.preset when
+    only shapes are needed (ahead-of-time compilation). model_dir: the handle of
+    model.model_dir (the student to start from, or a LoRA student's base), likewise.
     """
 
-    def __init__(self, cfg: RunConfig, teacher_config: LlamaConfig | None = None):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        teacher: formats.ModelDir | None = None,
+        teacher_config: LlamaConfig | None = None,
+        model_dir: formats.ModelDir | None = None,
+    ):
         super().__init__(cfg)
         if cfg.teacher is None or cfg.distill is None:
             raise ConfigError("distillation needs a config with teacher and distill sections")
-        if teacher_config is None:
+        if teacher is None and teacher_config is None:
             if not cfg.teacher.model_dir:
                 raise ConfigError("teacher.model_dir is empty; give the teacher's model directory")
             if not epath.Path(cfg.teacher.model_dir).exists():
                 raise ConfigError(f"teacher.model_dir={cfg.teacher.model_dir} does not exist")
-            teacher_config = formats.read_config(cfg.teacher.model_dir)
+            teacher = formats.ModelDir.open(cfg.teacher.model_dir)
             if cfg.structured is not None:
-                formats.check_source(cfg.teacher.model_dir)
+                formats.check_source(teacher)
                 formats.calibration_source(cfg.structured, cfg.data)
+        self.teacher = teacher
+        teacher_config = teacher_config or teacher.config
+        self.model_dir = model_dir or train.open_model_dir(cfg.model)
         if cfg.distill.eval_path and not epath.Path(cfg.distill.eval_path).exists():
             raise ConfigError(f"distill.eval_path={cfg.distill.eval_path} does not exist")
         self.teacher_config = teacher_config
-        self.model_config = student_model_config(cfg, teacher_config)
+        self.model_config = student_model_config(cfg, teacher_config, teacher, self.model_dir)
         check_pair(cfg, self.model_config, teacher_config)
         self.features = feature_match(cfg, self.model_config, teacher_config)
         self.on_policy = cfg.distill.on_policy
@@ -169,12 +198,12 @@ class Distillation(train.Recipe):
             student = abstract
         else:
             self.make_model, self.graphdef, abstract, frozen["base"] = train.abstract_lora(
-                cfg, p, cfg.model.model_dir
+                cfg, p, self.model_dir
             )
             self.abstract_adapters = abstract
             student = compress.combine(frozen["base"], abstract)
         self.teacher_graphdef, abstract_teacher_params = abstract_teacher(
-            cfg, self.teacher_config, p.mesh, p.rules
+            cfg, self.teacher_config, self.teacher, p.mesh, p.rules
         )
         extra_batch = {}
         if self.cache is None:
@@ -254,8 +283,13 @@ class Distillation(train.Recipe):
 
     def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
         cfg = self.cfg
-        self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": time.perf_counter()}
-        self.decided = None  # [steps prepared so far, how many of them sampled]
+        self.generation = {
+            "seconds": 0.0,
+            "tokens": 0.0,
+            "lengths": [],
+            "since": time.perf_counter(),
+        }
+        self.policy_tally = None  # [steps prepared so far, how many of them sampled]
         self.eval_batches = []
         if cfg.distill.eval_path:
             eval_cfg = dataclasses.replace(cfg.data, path=cfg.distill.eval_path)
@@ -267,19 +301,13 @@ class Distillation(train.Recipe):
         if cfg.lora is not None:
             self.lora_meta = compress.to_meta(cfg.lora)
             self.base = train.load_lora_base(
-                cfg.model.model_dir,
-                self.model_config,
-                self.abstract_frozen["base"],
-                self.lora_meta,
-                saved,
+                self.model_dir, self.abstract_frozen["base"], self.lora_meta, saved
             )
         self.teacher_params = None
         if self.cache is None:
-            train.log_info("loading the teacher from %s", cfg.teacher.model_dir)
-            self.teacher_params = formats.load_params(
-                cfg.teacher.model_dir, self.teacher_config, self.abstract_frozen["teacher"]
-            )
-            fingerprint = formats.fingerprint(self.teacher_config, self.teacher_params)
+            train.log_info("loading the teacher from %s", self.teacher)
+            self.teacher_params = self.teacher.load_params(self.abstract_frozen["teacher"])
+            fingerprint = self.teacher.fingerprint(self.teacher_params)
         else:
             fingerprint = self.cache.meta["teacher"]["fingerprint"]
         self.teacher_meta = {"source": str(cfg.teacher.model_dir), "fingerprint": fingerprint}
@@ -324,10 +352,9 @@ class Distillation(train.Recipe):
         if cfg.lora is not None:
             return compress.init_adapters(self.make_model, self.abstract_adapters)
         if cfg.structured is not None:
-            _, abstract = formats.abstract_params(
+            _, abstract = nn.abstract_params(
                 self.model_config, su.mesh, su.rules, **cfg.model.kwargs()
             )
-            tokenizer_dir = formats.find_tokenizer(cfg.teacher.model_dir)
             return formats.load_or_prune(
                 epath.Path(su.workdir) / "pruned_student",
                 cfg.structured,
@@ -340,11 +367,11 @@ class Distillation(train.Recipe):
                 run_data=cfg.data,
                 dtype=jnp.dtype(cfg.teacher.dtype),
                 teacher_source=str(cfg.teacher.model_dir),
-                files=formats.tokenizer_files(tokenizer_dir) if tokenizer_dir else None,
+                files=self.teacher.tokenizer_files() or None,
             )
         if not cfg.model.teacher_layers:
             return train.initial_params(
-                cfg.model, self.model_config, self.make_model, su.mesh, su.rules
+                self.model_dir, cfg.model, self.make_model, su.mesh, su.rules
             )
         teacher_layers = len_layers(self.teacher_params)
         layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, teacher_layers))
@@ -366,10 +393,10 @@ class Distillation(train.Recipe):
         if spec is None:
             return batch
         seed = self.cfg.train.seed
-        if self.decided is None:  # the steps before a resume, counted once
-            self.decided = [step, on_policy.sampling_steps(seed, step, spec.lmbda)]
+        if self.policy_tally is None:  # the steps before a resume, counted once
+            self.policy_tally = [step, on_policy.sampling_steps(seed, step, spec.lmbda)]
         sample = on_policy.is_on_policy(seed, step, spec.lmbda)
-        self.decided = [step + 1, self.decided[1] + sample]
+        self.policy_tally = [step + 1, self.policy_tally[1] + sample]
         if not sample:
             return batch
         start = time.perf_counter()
@@ -379,9 +406,9 @@ class Distillation(train.Recipe):
         out, mean_length = self.sampler(student, source, key)
         # Waiting here times generation apart from training (the step needs it anyway).
         mean_length = float(mean_length)
-        self.sampled["seconds"] += time.perf_counter() - start
-        self.sampled["tokens"] += mean_length * self.cfg.data.global_batch
-        self.sampled["lengths"].append(mean_length)
+        self.generation["seconds"] += time.perf_counter() - start
+        self.generation["tokens"] += mean_length * self.cfg.data.global_batch
+        self.generation["lengths"].append(mean_length)
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -391,6 +418,16 @@ class Distillation(train.Recipe):
         if self.cfg.structured is not None:
             out["structured"] = dataclasses.asdict(self.cfg.structured)
         return out
+
+    def check_resumable(self, saved: Mapping[str, Any]) -> None:
+        super().check_resumable(saved)
+        before = saved.get("structured")
+        if compress.parse_structured(before) != self.cfg.structured:
+            raise ConfigError(
+                f"the checkpoint was written with structured settings {before}, not "
+                f"{self.cfg.raw.get('structured')}; resume with the same block or use a new "
+                "workdir"
+            )
 
     def flops_per_token(self) -> float:
         seq = self.cfg.data.seq_len
@@ -408,12 +445,14 @@ class Distillation(train.Recipe):
             return out
         if not (step == self.cfg.train.steps or (every and step % every == 0)):
             return out
-        out["eval_ppl"] = perplexity(
+        out["eval_ppl"] = heldout_perplexity(
             self.student_eval, self._student(state.params), self.eval_batches
         )
         if self.teacher_ppl is None and self.teacher_params is not None:
             teacher_eval = make_eval_step(self.teacher_graphdef, self.cfg.train.loss_chunk)
-            self.teacher_ppl = perplexity(teacher_eval, self.teacher_params, self.eval_batches)
+            self.teacher_ppl = heldout_perplexity(
+                teacher_eval, self.teacher_params, self.eval_batches
+            )
         return out if self.teacher_ppl is None else out | {"teacher_eval_ppl": self.teacher_ppl}
 
     def _sampling_metrics(self, step: int) -> dict[str, float]:
@@ -421,20 +460,20 @@ class Distillation(train.Recipe):
         sampled length, and tokens/s of generation and of the rest of the steps."""
         if self.on_policy is None:
             return {}
-        s, now = self.sampled, time.perf_counter()
+        s, now = self.generation, time.perf_counter()
         train_s = max(now - s["since"] - s["seconds"], 1e-9)
-        steps, sampled = self.decided or (0, 0)
+        steps, sampled = self.policy_tally or (0, 0)
         out = {"onpolicy_fraction": sampled / steps if steps else 0.0}
         if s["lengths"]:
             out["completion_len"] = float(np.mean(s["lengths"]))
             out["gen_tokens_per_s"] = s["tokens"] / max(s["seconds"], 1e-9)
         out["gen_s"] = s["seconds"]
         out["train_s"] = train_s
-        self.sampled = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": now}
+        self.generation = {"seconds": 0.0, "tokens": 0.0, "lengths": [], "since": now}
         return out
 
 
-def open_cache(cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig):
+def open_cache(cfg: DistillConfig, student_config: LlamaConfig, teacher_config: LlamaConfig):
     """The teacher's logit cache of `teacher.logits_dir`, refused unless it was written
     for this run's data settings, vocabulary and teacher (its architecture and
     directory: the weights are not read to compare them) with k >= distill.top_k."""
@@ -459,16 +498,23 @@ def open_cache(cfg: RunConfig, student_config: LlamaConfig, teacher_config: Llam
     return cache
 
 
-def run(cfg, workdir) -> dict[str, float]:
-    """Distils per `cfg` (configs/base.py `distill_config` layout: a ConfigDict or a
-    RunConfig) in `workdir`, resuming from its latest complete checkpoint: `train.run`
-    with the `Distillation` recipe. Returns the last logged metrics.
+def recipe_for(cfg) -> train.Recipe:
+    """The recipe a config asks for (typed or not): `Distillation` when it has
+    distillation sections, else `train.recipe_for` (full training or LoRA)."""
+    cfg = typed_config(cfg)
+    return Distillation(cfg) if isinstance(cfg, DistillConfig) else train.recipe_for(cfg)
 
-    Config, teacher directory and architecture, vocabularies, mesh, batch split,
-    tokenizer and data are all checked before anything is compiled or initialised.
+
+def run(cfg, workdir) -> dict[str, float]:
+    """Runs any config (configs/base.py layout, a ConfigDict or a typed config) in
+    `workdir`, resuming from its latest complete checkpoint: `train.run` with the recipe
+    the config asks for (`recipe_for`). Returns the last logged metrics.
+
+    Config, model directories, vocabularies, mesh, batch split, tokenizer and data are
+    all checked before anything is compiled or initialised.
     """
-    cfg = RunConfig.of(cfg)
-    return train.run(cfg, workdir, Distillation(cfg))
+    cfg = typed_config(cfg)
+    return train.run(cfg, workdir, recipe_for(cfg))
 
 
 def len_layers(params) -> int:

@@ -19,9 +19,9 @@ from llama_jax import compress, train
 from llama_jax.config import LlamaConfig
 from llama_jax.distill import cache as logit_cache
 from llama_jax.distill import records as logit_records
+from llama_jax.distill.spec import DistillConfig
 from llama_jax.errors import ConfigError
 from llama_jax.nn import DistillLossConfig, chunked_distill_loss, chunked_sparse_distill_loss
-from llama_jax.train import RunConfig
 
 
 def linear_schedule(start: float, end: float, total_steps: int):
@@ -49,13 +49,14 @@ class FeatureMatch:
     projected: bool
 
 
-def feature_distance(x_student_MBTD, x_teacher_MBTD, kernel_MDE, match: FeatureMatch):
+def feature_distance(x_student_MBTD, x_teacher_MBTE, projection_MDE, match: FeatureMatch):
     """float32[B, T]: the weighted feature distance of each token, averaged over the M
-    matched layers. kernel: float[M, D_student, D_teacher] or None (equal widths)."""
+    matched layers. x_student: [M, B, T, D]; x_teacher: [M, B, T, E] (E the teacher's
+    width); projection: float[M, D, E], or None when D == E."""
     s = x_student_MBTD.astype(jnp.float32)
-    t = jax.lax.stop_gradient(x_teacher_MBTD).astype(jnp.float32)
-    if kernel_MDE is not None:
-        s = jnp.einsum("MBTD,MDE->MBTE", s, kernel_MDE.astype(jnp.float32))
+    t = jax.lax.stop_gradient(x_teacher_MBTE).astype(jnp.float32)
+    if projection_MDE is not None:
+        s = jnp.einsum("MBTD,MDE->MBTE", s, projection_MDE.astype(jnp.float32))
     out = jnp.zeros(s.shape[1:3], jnp.float32)
     if match.mse:
         out += match.mse * jnp.mean(jnp.square(s - t), axis=(0, 3))
@@ -172,7 +173,7 @@ def _aux(out, alpha, temperature) -> dict[str, jax.Array]:
 
 
 def feature_match(
-    cfg: RunConfig, student_config: LlamaConfig, teacher_config: LlamaConfig
+    cfg: DistillConfig, student_config: LlamaConfig, teacher_config: LlamaConfig
 ) -> FeatureMatch | None:
     """The checked FeatureMatch of `distill.features`, or None without features."""
     d = cfg.distill

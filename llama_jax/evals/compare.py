@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import formats, paths, sharding, tree
+from llama_jax import formats, nn, sharding, tree
 from llama_jax.errors import ConfigError
 from llama_jax.evals import evaluate, perplexity
 from llama_jax.evals.tasks import Task
@@ -58,19 +58,20 @@ class Suite:
     details: bool = False
 
 
-def check_dirs(paths: Sequence[str], suite: Suite, mesh, tokenizer: str | None = None):
+def check_dirs(
+    model_dirs: Sequence[formats.ModelDir], suite: Suite, mesh, tokenizer: str | None = None
+):
     """The tokenizer of each model directory (`tokenizer`, a directory or file, for all of
     them when given), once everything but the weights checks out: the config, the
     tokenizer against the vocabulary, seq_len against max_position_embeddings, the batch
     size against the mesh, the stride, the generation tasks' lengths."""
     tokenizers = []
-    for path in paths:
-        config = formats.read_config(path)
-        tok = formats.load_tokenizer(tokenizer or path)
+    for model_dir in model_dirs:
+        tok = formats.load_tokenizer(tokenizer or model_dir)
         try:
-            evaluate.check_setup(config, tok, suite.seq_len, suite.batch_size, mesh)
+            evaluate.check_setup(model_dir.config, tok, suite.seq_len, suite.batch_size, mesh)
         except ValueError as e:
-            raise type(e)(f"{path}: {e}") from e
+            raise type(e)(f"{model_dir}: {e}") from e
         tokenizers.append(tok)
     perplexity.check_stride(suite.stride, suite.seq_len)
     for task in suite.tasks:
@@ -132,7 +133,7 @@ def free(model) -> None:
 
 
 def evaluate_dirs(
-    paths: Sequence[str],
+    paths: Sequence,
     suite: Suite,
     *,
     mesh,
@@ -140,18 +141,17 @@ def evaluate_dirs(
     tokenizer: str | None = None,
     on_result: Callable[[str, dict[str, Any]], None] | None = None,
     progress: Callable[[str], evaluate.Progress] | None = None,
-    load: Callable | None = None,
 ) -> list[dict[str, Any]]:
-    """Scores each model directory in turn (see the module docstring) and returns one
-    `table_row` per directory. Every result is also passed to on_result(path, result) as
-    soon as it exists, with "model": path added. load(path, dtype=, mesh=) -> (model,
-    config) reads a model (default `model_dir.load_model`)."""
-    load = load or formats.load_model
-    tokenizers = check_dirs(paths, suite, mesh, tokenizer)
+    """Scores each model directory (a path or a ModelDir) in turn (see the module
+    docstring) and returns one `table_row` per directory. Every result is also passed to
+    on_result(path, result) as soon as it exists, with "model": path added."""
+    model_dirs = [formats.ModelDir.open(p) for p in paths]
+    tokenizers = check_dirs(model_dirs, suite, mesh, tokenizer)
     rows = []
-    for path, tok in zip(paths, tokenizers, strict=True):
-        facts = model_facts(path)
-        model, _ = load(path, dtype=dtype, mesh=mesh)
+    for model_dir, tok in zip(model_dirs, tokenizers, strict=True):
+        path = model_dir.given
+        facts = model_facts(model_dir)
+        model = model_dir.load(dtype=dtype, mesh=mesh)
         try:
             part = progress
             if progress is not None and len(paths) > 1:
@@ -169,29 +169,28 @@ def evaluate_dirs(
     return rows
 
 
-def disk_bytes(path) -> int:
+def disk_bytes(model_dir: formats.ModelDir) -> int:
     """Bytes a model takes on disk: every file of a Hugging Face or converted directory; the
     stored parameters of a training run (its checkpoints also hold optimizer state)."""
-    path = paths.absolute(path)
-    if formats.detect(path) == "run":
-        config = formats.read_config(path)
-        dtypes = formats.stored_dtypes(path, config)
-        _, abstract = formats.abstract_params(
-            config, sharding.create_mesh(devices=jax.devices()[:1])
+    if model_dir.kind == "run":
+        dtypes = model_dir.stored_dtypes
+        _, abstract = nn.abstract_params(
+            model_dir.config, sharding.create_mesh(devices=jax.devices()[:1])
         )
         shapes = {k: v.shape for k, v in tree.flatten(abstract).items()}
         return sum(int(np.prod(shapes[k])) * np.dtype(dt).itemsize for k, dt in dtypes.items())
     total = 0
-    for root, _, files in path.walk():
+    for root, _, files in model_dir.path.walk():
         total += sum((root / f).stat().length for f in files)
     return total
 
 
-def model_facts(path) -> dict[str, int]:
-    """{"parameters", "bytes_on_disk"} of a model directory."""
+def model_facts(model_dir) -> dict[str, int]:
+    """{"parameters", "bytes_on_disk"} of a model directory (a path or a ModelDir)."""
+    model_dir = formats.ModelDir.open(model_dir)
     return {
-        "parameters": formats.read_config(path).num_params(),
-        "bytes_on_disk": disk_bytes(path),
+        "parameters": model_dir.config.num_params(),
+        "bytes_on_disk": disk_bytes(model_dir),
     }
 
 

@@ -1,31 +1,28 @@
 """Models on disk: model directories of every kind (Hugging Face, converted, training runs,
-LoRA runs), writing them atomically, directory-to-directory transforms, the Hugging Face
-and GGUF formats, run checkpoints' layout and fingerprints."""
+LoRA runs) behind one handle, writing them atomically, directory-to-directory transforms,
+the Hugging Face and GGUF formats, run checkpoints' layout and fingerprints."""
 
 from llama_jax.formats.dir_writer import handed_out, write_model_dir
-from llama_jax.formats.fingerprint import config_digest, fingerprint, fingerprint_mismatch
+from llama_jax.formats.fingerprint import config_digest, fingerprint_mismatch
 from llama_jax.formats.gguf.read import import_gguf
 from llama_jax.formats.gguf.write import export_gguf
 from llama_jax.formats.hf.safetensors_file import open_safetensors_dir, parse_size
 from llama_jax.formats.lora_dir import check_lora_base
 from llama_jax.formats.model_dir import (
-    abstract_params,
-    detect,
-    find_tokenizer,
+    ModelDir,
     load_hf,
     load_model,
-    load_params,
     load_tokenizer,
-    quant_kwargs,
-    quantization,
-    read_config,
-    run_meta,
-    run_step_dir,
-    stored_dtypes,
-    stored_float_dtype,
     tokenizer_files,
 )
-from llama_jax.formats.runs import COMMIT_MARKER, META, STATE, step_damage
+from llama_jax.formats.runs import (
+    COMMIT_MARKER,
+    META,
+    STATE,
+    latest_meta,
+    latest_step_dir,
+    step_damage,
+)
 from llama_jax.formats.structured_dir import (
     calibration_source,
     check_source,
@@ -41,41 +38,32 @@ from llama_jax.formats.transforms import (
 )
 
 __all__ = [
-    "abstract_params",
+    "COMMIT_MARKER",
+    "META",
+    "STATE",
+    "ModelDir",
     "calibration_source",
     "check_lora_base",
     "check_source",
-    "COMMIT_MARKER",
     "config_digest",
     "convert_hf",
-    "detect",
     "export_gguf",
     "export_hf",
-    "find_tokenizer",
-    "fingerprint",
     "fingerprint_mismatch",
     "handed_out",
     "import_gguf",
+    "latest_meta",
+    "latest_step_dir",
     "load_hf",
     "load_model",
     "load_or_prune",
-    "load_params",
     "load_tokenizer",
     "merge_lora_dir",
-    "META",
     "open_safetensors_dir",
     "parse_size",
     "prune_dir",
-    "quant_kwargs",
-    "quantization",
     "quantize_dir",
-    "read_config",
-    "run_meta",
-    "run_step_dir",
-    "STATE",
     "step_damage",
-    "stored_dtypes",
-    "stored_float_dtype",
     "structured_prune_dir",
     "tokenizer_files",
     "write_model_dir",

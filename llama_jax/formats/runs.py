@@ -4,8 +4,12 @@ Orbax's commit marker is in it; which step is the latest intact one."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from llama_jax.errors import CheckpointError, first_line
 from llama_jax.paths import absolute
@@ -62,3 +66,31 @@ def latest_intact_step(directory) -> int:
         f"{directory} holds no complete checkpoint"
         + (f"; damaged: {'; '.join(damaged)}" if damaged else "")
     )
+
+
+def latest_step_dir(run) -> epath.Path:
+    """The latest intact step directory of the run at `run` (or `run` itself when it
+    is a step directory)."""
+    run = absolute(run)
+    if (run / STATE).is_dir():
+        return run
+    return run / "checkpoints" / str(latest_intact_step(run / "checkpoints"))
+
+
+def read_meta(step_dir) -> dict[str, Any]:
+    """The `meta` item (a JSON dict: data position, config, model, teacher, LoRA) of a
+    step directory."""
+    step_dir = absolute(step_dir)
+    meta_dir = step_dir / META
+    files = list(meta_dir.iterdir()) if meta_dir.is_dir() else []
+    if not files:
+        raise CheckpointError(f"{step_dir} has no {META}/ item")
+    try:
+        return json.loads(files[0].read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{files[0]}: expected a JSON object ({e})") from e
+
+
+def latest_meta(run) -> dict[str, Any]:
+    """The `meta` item of the run's latest intact step."""
+    return read_meta(latest_step_dir(run))

@@ -25,26 +25,24 @@ from llama_jax import data, paths, sharding
 from llama_jax.compress import SCORES_FILE, Pruned, StructuredConfig, prune_params, target_config
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError, ConfigError, DataError
-from llama_jax.formats import model_dir
 from llama_jax.formats.dir_writer import check_out_dir, handed_out, write_model_dir
+from llama_jax.formats.model_dir import TOKENIZER_FILES, ModelDir, load_tokenizer, tokenizer_files
 
 
-def check_source(path) -> dict[str, Any] | None:
+def check_source(source: ModelDir) -> dict[str, Any] | None:
     """Refuses a model directory structured pruning cannot slice (int8, a LoRA run);
     returns its magnitude-pruning record (metadata 'sparsity'), or None."""
-    path = paths.absolute(path)
-    mode = model_dir.quantization(path)
-    if mode is not None:
+    if source.quantization is not None:
         raise CheckpointError(
-            f"{path} is quantized ({mode}); structured pruning needs the float model it "
-            "was made from"
+            f"{source} is quantized ({source.quantization}); structured pruning needs the "
+            "float model it was made from"
         )
-    if model_dir.lora_info(path) is not None:
+    if source.lora is not None:
         raise CheckpointError(
-            f"{path} is a LoRA run; merge it first (python -m launch.merge_lora) and prune "
+            f"{source} is a LoRA run; merge it first (python -m launch.merge_lora) and prune "
             "the merged model"
         )
-    return model_dir.read_metadata(path).get("sparsity")
+    return source.sparsity
 
 
 def calibration_batches(
@@ -136,16 +134,16 @@ def read_scores(path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str, str]:
-    source = tokenizer or model_dir.find_tokenizer(path)
+def _tokenizer_files(model: ModelDir, tokenizer: str | None) -> dict[str, str]:
+    source = tokenizer or model.tokenizer_path
     if source is None:
-        raise CheckpointError(f"{path} has no tokenizer to ship; pass one with --tokenizer")
+        raise CheckpointError(f"{model} has no tokenizer to ship; pass one with --tokenizer")
     source = paths.absolute(source)
     if source.is_dir():
-        return model_dir.tokenizer_files(source)
+        return tokenizer_files(source)
     if not source.exists():
         raise CheckpointError(f"tokenizer {source} does not exist")
-    name = model_dir.TOKENIZER_FILES[1 if source.suffix == ".model" else 0]
+    name = TOKENIZER_FILES[1 if source.suffix == ".model" else 0]
     return {name: os.fspath(source)}
 
 
@@ -163,7 +161,8 @@ def structured_prune_dir(
     progress: Callable[[int, int], None] | None = None,
     on_param: Callable[[str, jax.Array], None] | None = None,
 ) -> Pruned:
-    """Structured pruning of any float model directory into a converted one at `out_dir`.
+    """Structured pruning of any float model directory (a path or a ModelDir) into a
+    converted one at `out_dir`.
 
     Everything a user can get wrong (targets, source kind, output directory, tokenizer,
     calibration data and its size) is checked before the weights are read, and nothing
@@ -174,22 +173,22 @@ def structured_prune_dir(
     """
     if not dry_run:
         out_dir = check_out_dir(out_dir, overwrite)
-    path = paths.absolute(path)
-    config = model_dir.read_config(path)
-    source_sparsity = check_source(path)
+    source = ModelDir.open(path)
+    config = source.config
+    source_sparsity = check_source(source)
     target_config(config, spec)
     _, fmt, _ = calibration_source(spec)
-    files = {} if dry_run else _tokenizer_files(path, tokenizer)
+    files = {} if dry_run else _tokenizer_files(source, tokenizer)
     tok = None
     # A tokens file needs no tokenizer (a 1-D stream takes its EOS id when there is one).
-    if fmt != "tokens" or tokenizer or model_dir.find_tokenizer(path):
-        tok = model_dir.load_tokenizer(tokenizer or path)
+    if fmt != "tokens" or tokenizer or source.tokenizer_path:
+        tok = load_tokenizer(tokenizer or source)
     batches = calibration_batches(spec, tok, mesh, rules, vocab_size=config.vocab_size)
-    stored = model_dir.stored_dtypes(path, config)["embed.embedding"]
-    _, abstract = model_dir.abstract_params(config, mesh, rules, dtype=stored)
-    params = model_dir.load_params(path, config, abstract)
+    stored = source.stored_dtypes["embed.embedding"]
+    _, abstract = source.abstract(mesh, rules, dtype=stored)
+    params = source.load_params(abstract)
     if source_sparsity is not None:
-        logging.warning("%s is magnitude-pruned; its zeros stay in the kept slices", path)
+        logging.warning("%s is magnitude-pruned; its zeros stay in the kept slices", source)
     pruned = prune_params(
         config,
         params,
@@ -208,7 +207,7 @@ def structured_prune_dir(
         out_dir,
         pruned,
         metadata={
-            "source": {"kind": model_dir.detect(path), "path": os.fspath(path.resolve())},
+            "source": {"kind": source.kind, "path": os.fspath(source.path.resolve())},
             "dtype": str(stored),
             "source_sparsity": source_sparsity,
         },
@@ -263,10 +262,10 @@ def load_or_prune(
             save_dir, pruned, metadata={"source": source, "dtype": dtype_saved}, files=files
         )
         del pruned
-    saved = model_dir.read_config(save_dir)
-    if saved != student:
+    saved = ModelDir.open(save_dir)
+    if saved.config != student:
         raise ConfigError(
             f"{save_dir} holds a pruned student of another shape than structured asks "
-            f"for ({saved} vs {student}); use a new workdir"
+            f"for ({saved.config} vs {student}); use a new workdir"
         )
-    return model_dir.load_params(save_dir, student, abstract)
+    return saved.load_params(abstract)

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from llama_jax import compress, paths, sharding
+from llama_jax import compress, nn, paths, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError
-from llama_jax.formats import lora_dir
 from llama_jax.formats.dir_writer import (
     check_out_dir,
     default_generation_config,
@@ -44,18 +43,7 @@ from llama_jax.formats.hf.safetensors_file import write_safetensors
 from llama_jax.formats.model_dir import (
     GENERATION_CONFIG,
     TOKENIZER_FILES,
-    abstract_params,
-    detect,
-    find_tokenizer,
-    iter_host_params,
-    load_lora_run,
-    load_params,
-    lora_info,
-    quantization,
-    read_config,
-    read_metadata,
-    stored_dtypes,
-    stored_float_dtype,
+    ModelDir,
     tokenizer_files,
 )
 from llama_jax.tree import flatten
@@ -105,7 +93,9 @@ def convert_hf(
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
     qopts = quant_options(reader.config, quantize, quantize_head, quantize_embed)
-    _, abstract = abstract_params(reader.config, mesh, rules, dtype=jnp.dtype(dtype), **qopts)
+    _, abstract = nn.abstract_params(
+        reader.config, mesh, rules, dtype=jnp.dtype(dtype), **compress.model_kwargs(**qopts)
+    )
     targets = set(compress.quantized_paths(head=quantize_head, embed=quantize_embed))
     names = [n for n in flatten(abstract) if not n.endswith(compress.SCALE_SUFFIX)]
     reader.check(names)
@@ -167,7 +157,8 @@ def export_hf(
     overwrite: bool = False,
     progress=None,
 ) -> epath.Path:
-    """Writes the model in any kind of model directory as a Hugging Face directory:
+    """Writes the model in any kind of model directory (a path or a ModelDir) as a
+    Hugging Face directory:
     sharded safetensors with an index, a transformers config.json, generation_config.json
     and the tokenizer files.
 
@@ -177,17 +168,17 @@ def export_hf(
     on one process; written under a temporary name and renamed when complete.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = paths.absolute(path)
-    config = read_config(path)
-    if quantization(path) is not None:
+    source = ModelDir.open(path)
+    config = source.config
+    if source.quantization is not None:
         raise CheckpointError(
-            f"{path} is quantized ({quantization(path)}); export the float model it was "
+            f"{source} is quantized ({source.quantization}); export the float model it was "
             "made from (transformers has no matching int8 LLaMA layout)"
         )
     if dtype != "auto" and dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
-    files = _export_tokenizer_files(path, tokenizer)
-    stored = stored_dtypes(path, config)
+    files = _export_tokenizer_files(source, tokenizer or source.tokenizer_path)
+    stored = source.stored_dtypes
     dims = layout_dims(config)
     entries = []
     for name in stored:
@@ -200,7 +191,7 @@ def export_hf(
     out_dtypes = {e[0]: e[2] for e in entries}
 
     def tensors():
-        for name, array in iter_host_params(path, config):
+        for name, array in source.iter_host_params():
             hf_name, hf_layout, proj_layout = keymap.PARAMS[name]
             names = hf_tensor_names(name, config)
             parts = list(array) if "{i}" in hf_name else [array]
@@ -229,11 +220,12 @@ def export_hf(
     return out_dir
 
 
-def _export_tokenizer_files(path: epath.Path, tokenizer: str | None) -> dict[str, str]:
-    source = tokenizer or find_tokenizer(path)
+def _export_tokenizer_files(model: ModelDir, source: str | None) -> dict[str, str]:
+    """The tokenizer files to ship with `model`'s export, from `source` (a tokenizer
+    directory or file)."""
     if source is None:
         raise CheckpointError(
-            f"{path} has no tokenizer to ship with the export; pass one with --tokenizer"
+            f"{model} has no tokenizer to ship with the export; pass one with --tokenizer"
         )
     source = paths.absolute(source)
     if source.is_dir():
@@ -267,20 +259,22 @@ def quantize_dir(
     overwrite: bool = False,
     on_param: Callable[[str, jax.Array], None] | None = None,
 ) -> epath.Path:
-    """Writes a quantized model directory from any float model directory.
+    """Writes a quantized model directory from any float model directory (a path or a
+    ModelDir).
 
     The float parameters are read into their shards on `mesh`, quantized there by one
     jitted function whose outputs carry the quantized model's shardings, and written one
     parameter at a time. Norms, the embedding and the LM head keep their stored dtype.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path, config = paths.absolute(path), read_config(path)
+    source = ModelDir.open(path)
+    config = source.config
     qopts = quant_options(config, mode, quantize_head, quantize_embed)
-    files, float_dtype, float_abstract = float_source(
-        path, config, tokenizer, mesh, rules, "quantize"
+    files, float_dtype, float_abstract = float_source(source, tokenizer, mesh, rules, "quantize")
+    params = source.load_params(float_abstract)
+    _, q_abstract = nn.abstract_params(
+        config, mesh, rules, dtype=float_dtype, **compress.model_kwargs(**qopts)
     )
-    params = load_params(path, config, float_abstract)
-    _, q_abstract = abstract_params(config, mesh, rules, dtype=float_dtype, **qopts)
     q_params = jax.jit(
         lambda p: compress.quantize_params(p, head=quantize_head, embed=quantize_embed),
         out_shardings=jax.tree.map(lambda x: x.sharding, q_abstract),
@@ -293,9 +287,9 @@ def quantize_dir(
         config,
         arrays,
         metadata={
-            "source": {"kind": detect(path), "path": str(path.resolve())},
+            "source": {"kind": source.kind, "path": str(source.path.resolve())},
             "dtype": str(float_dtype),
-            "sparsity": read_metadata(path).get("sparsity"),
+            "sparsity": source.sparsity,
             **_quant_metadata(qopts),
         },
         files=files,
@@ -315,7 +309,8 @@ def prune_dir(
     overwrite: bool = False,
     on_param: Callable[[str, jax.Array], None] | None = None,
 ) -> tuple[epath.Path, dict[str, Any]]:
-    """One-shot magnitude pruning of any float model directory into a converted one.
+    """One-shot magnitude pruning of any float model directory (a path or a ModelDir)
+    into a converted one.
 
     The parameters are read into their shards on `mesh`; the masks for `cfg`'s final
     sparsity are computed there (no array is gathered) and applied, and the result is
@@ -323,10 +318,11 @@ def prune_dir(
     overall and per-layer fractions). Returns (out_dir, that sparsity record).
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path, config = paths.absolute(path), read_config(path)
-    files, dtype, abstract = float_source(path, config, tokenizer, mesh, rules, "prune")
+    source = ModelDir.open(path)
+    config = source.config
+    files, dtype, abstract = float_source(source, tokenizer, mesh, rules, "prune")
     pruned = compress.pruned_paths(cfg, abstract)
-    params = load_params(path, config, abstract)
+    params = source.load_params(abstract)
     last = len(cfg.points()) - 1
 
     def apply(p):
@@ -351,7 +347,7 @@ def prune_dir(
         config,
         arrays,
         metadata={
-            "source": {"kind": detect(path), "path": str(path.resolve())},
+            "source": {"kind": source.kind, "path": str(source.path.resolve())},
             "dtype": str(dtype),
             "sparsity": record,
         },
@@ -381,28 +377,26 @@ def merge_lora_dir(
     merged parameters are built in their shards on `mesh` and written one at a time.
     """
     out_dir = check_out_dir(out_dir, overwrite)
-    path = paths.absolute(path)
-    info = lora_info(path)
+    run = ModelDir.open(path)
+    info = run.lora
     if info is None:
         raise CheckpointError(
-            f"{path} is not a LoRA run: its checkpoint metadata has no 'lora' entry"
+            f"{run} is not a LoRA run: its checkpoint metadata has no 'lora' entry"
         )
-    base_dir = lora_dir.locate_base(path, info, base_dir)
-    config = read_config(path)
+    base = run.base(base_dir)
+    config = run.config
     if dtype == "auto":
-        dtype = str(stored_float_dtype(base_dir))
+        dtype = str(base.stored_float_dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
-    files = _export_tokenizer_files(
-        path, tokenizer or find_tokenizer(path) or find_tokenizer(base_dir)
-    )
-    _, abstract = abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
+    files = _export_tokenizer_files(run, tokenizer or run.tokenizer_path or base.tokenizer_path)
+    _, abstract = nn.abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
     return write_model_dir(
         out_dir,
         config,
-        handed_out(load_lora_run(path, config, abstract, base_dir=base_dir)),
+        handed_out(run.load_params(abstract, base_dir=base.path)),
         metadata={
-            "source": {"kind": "lora", "path": str(path.resolve()), "base": str(base_dir)},
+            "source": {"kind": "lora", "path": str(run.path.resolve()), "base": str(base)},
             "dtype": dtype,
             "lora": {k: v for k, v in info.items() if k != "base"},
         },
@@ -412,20 +406,20 @@ def merge_lora_dir(
     )
 
 
-def float_source(path: epath.Path, config: LlamaConfig, tokenizer, mesh, rules, verb: str):
-    """What a transform of the float model in `path` starts from: (tokenizer files to
+def float_source(source: ModelDir, tokenizer, mesh, rules, verb: str):
+    """What a transform of the float model `source` starts from: (tokenizer files to
     ship, the stored float dtype, abstract parameters in it on `mesh`). A quantized
     source is refused: `verb` its float source instead."""
-    already = quantization(path)
+    already = source.quantization
     if already is not None:
-        raise CheckpointError(f"{path} is already quantized ({already}); {verb} its float source")
-    dtype = stored_dtypes(path, config)["embed.embedding"]
-    _, abstract = abstract_params(config, mesh, rules, dtype=dtype)
-    return _export_tokenizer_files(path, tokenizer), dtype, abstract
+        raise CheckpointError(f"{source} is already quantized ({already}); {verb} its float source")
+    dtype = source.stored_dtypes["embed.embedding"]
+    _, abstract = nn.abstract_params(source.config, mesh, rules, dtype=dtype)
+    return _export_tokenizer_files(source, tokenizer or source.tokenizer_path), dtype, abstract
 
 
 def quant_options(config: LlamaConfig, mode, head: bool, embed: bool) -> dict[str, Any]:
-    """Checked `abstract_params` quantization arguments."""
+    """Checked `compress.model_kwargs` arguments."""
     if mode is None:
         if head or embed:
             raise CheckpointError("quantize_head / quantize_embed need a quantization mode")

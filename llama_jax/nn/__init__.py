@@ -3,7 +3,7 @@ and the losses."""
 
 from llama_jax.nn.attention import resolve_implementation
 from llama_jax.nn.block import LORA_TARGETS
-from llama_jax.nn.generation import Sampling, check_length, generate, sample_logits
+from llama_jax.nn.generation import Sampling, check_length, decode, generate, sample_logits
 from llama_jax.nn.kernels.int8_matmul import int8_matmul
 from llama_jax.nn.layers import LoraConfig, rope_inv_freq
 from llama_jax.nn.losses import (
@@ -14,9 +14,11 @@ from llama_jax.nn.losses import (
     make_eval_step,
     token_loss_sum,
 )
-from llama_jax.nn.model import Llama, segment_positions
+from llama_jax.nn.model import Llama, abstract_params, segment_positions
 
 __all__ = [
+    "decode",
+    "abstract_params",
     "check_length",
     "chunked_cross_entropy",
     "chunked_distill_loss",

@@ -63,54 +63,71 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id")
-)
-def _generate_jit(
-    graphdef,
-    state,
-    tokens_BT,
-    segment_ids_BT,
-    positions_BT,
-    key,
+def decode(
+    model: Llama,
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array,
+    positions_BT: jax.Array,
+    key: jax.Array,
     *,
-    max_new_tokens,
-    sampling,
-    eos_ids,
-    pad_id,
-):
-    model = nnx.merge(graphdef, state)
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The prefill and decode loop every generation runs (traced: call it under jit).
+
+    tokens, segment_ids, positions: int32[B, T] prompts aligned to the right (padding,
+    segment id 0, on the left). Each row continues its last prompt token's segment and
+    position; a row whose prompt is all padding samples nothing. The new token i of
+    every row is drawn with key fold_in(key, i). Returns (new tokens int32[B, G], pad_id
+    after a row's EOS; lengths int32[B], each row's sampled tokens with its EOS), G =
+    max_new_tokens. The loop is a `lax.while_loop` over a static-shape KV cache that
+    stops once every row is done.
+    """
     b, t = tokens_BT.shape
     cache = model.init_cache(b, t + max_new_tokens)
     h_BTD, cache = model.hidden_states(
         tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache
     )
-    # Left padding puts every row's last prompt token in the last slot.
-    logits_BV = model.unembed(h_BTD[:, -1:])[:, 0]
+    segment_B, position_B = segment_ids_BT[:, -1], positions_BT[:, -1]
+    empty_B = segment_B == 0
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    first = sample_logits(logits_BV, jax.random.fold_in(key, 0), sampling)
-    # int32[B, max_new_tokens]: the new tokens, padding after a row's EOS.
-    new_tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done_B = jnp.isin(first, eos)
-    ones_B1 = jnp.ones((b, 1), jnp.int32)
+    # Right alignment puts every row's last prompt token in the last slot.
+    first = sample_logits(model.unembed(h_BTD[:, -1:])[:, 0], jax.random.fold_in(key, 0), sampling)
+    first = jnp.where(empty_B, pad_id, first)
+    new_BG = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done_B = empty_B | jnp.isin(first, eos)
+    length_B = (~empty_B).astype(jnp.int32)
 
     def cond(carry):
-        step, _, _, _, _, done = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok_B, pos_B, cache, out, done = carry
+        i, tok_B, cache, out, done, length = carry
         logits, cache = model(
-            tok_B[:, None], positions_BT=pos_B[:, None], segment_ids_BT=ones_B1, cache=cache
+            tok_B[:, None],
+            positions_BT=(position_B + i)[:, None],
+            segment_ids_BT=segment_B[:, None],
+            cache=cache,
         )
-        new = sample_logits(logits[:, 0], jax.random.fold_in(key, step), sampling)
+        new = sample_logits(logits[:, 0], jax.random.fold_in(key, i), sampling)
         new = jnp.where(done, pad_id, new)
-        out = out.at[:, step].set(new)
-        return step + 1, new, pos_B + 1, cache, out, done | jnp.isin(new, eos)
+        out = out.at[:, i].set(new)
+        return i + 1, new, cache, out, done | jnp.isin(new, eos), length + (~done)
 
-    carry = (jnp.int32(1), first, positions_BT[:, -1] + 1, cache, new_tokens, done_B)
-    _, _, _, _, new_tokens, _ = jax.lax.while_loop(cond, body, carry)
-    return new_tokens
+    carry = (jnp.int32(1), first, cache, new_BG, done_B, length_B)
+    _, _, _, new_BG, _, length_B = jax.lax.while_loop(cond, body, carry)
+    return new_BG, length_B
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id")
+)
+def _generate_jit(graphdef, state, tokens_BT, segment_ids_BT, positions_BT, key, **kwargs):
+    model = nnx.merge(graphdef, state)
+    return decode(model, tokens_BT, segment_ids_BT, positions_BT, key, **kwargs)[0]
 
 
 def check_length(prompt_len: int, max_new_tokens: int, max_position_embeddings: int) -> None:

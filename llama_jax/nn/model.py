@@ -17,6 +17,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
+from llama_jax.errors import ConfigError
 from llama_jax.nn import attention as attn_lib
 from llama_jax.nn.attention import KVCache
 from llama_jax.nn.block import LORA_TARGETS, Block
@@ -75,19 +76,19 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"remat_policy={remat_policy!r} is unknown; "
                 f"expected one of {sorted(REMAT_POLICIES)}"
             )
         if (quantize_head or quantize_embed) and not quantized:
-            raise ValueError("quantize_head and quantize_embed need quantized=True")
+            raise ConfigError("quantize_head and quantize_embed need quantized=True")
         if quantized and dot_general is jax.lax.dot_general:
-            raise ValueError(
+            raise ConfigError(
                 "a quantized model needs a dot_general that applies the kernel scales, "
                 "e.g. dot_general=llama_jax.quant.int8_dot_general"
             )
         if lora is not None and set(lora.targets) - set(LORA_TARGETS):
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA targets {sorted(set(lora.targets) - set(LORA_TARGETS))} are not block "
                 f"projections; expected some of {list(LORA_TARGETS)}"
             )
@@ -207,7 +208,7 @@ class Llama(nnx.Module):
         stream after each, before the final norm) as dtype[M, B, T, D] in that order."""
         for i in layers:
             if not 0 <= i < self.config.num_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"layer {i} does not exist; the model has {self.config.num_layers}"
                 )
         h_BTD, _, kept = self._forward(
@@ -223,7 +224,7 @@ class Llama(nnx.Module):
                 chex.assert_equal_shape([tokens_BT, other])
         b, t = tokens_BT.shape
         if cache is not None and t > cache.max_len:
-            raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
+            raise ConfigError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
         packed = segment_ids_BT is not None
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((b, t), jnp.int32)
@@ -289,3 +290,27 @@ class Llama(nnx.Module):
         return KVCache.zeros(
             c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, dtype or self.dtype
         )
+
+
+def abstract_params(
+    config: LlamaConfig,
+    mesh,
+    rules=sharding.DEFAULT_RULES,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    **model_kwargs,
+) -> tuple[nnx.GraphDef, dict]:
+    """The model's graphdef and its parameters as a nested dict of ShapeDtypeStructs
+    carrying their target shardings on `mesh`, built without allocating anything.
+    dtype: compute dtype; param_dtype: stored dtype (default: dtype); other keyword
+    arguments go to `Llama` (a quantized model's dot_general among them)."""
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    graphdef, state = nnx.split(
+        nnx.eval_shape(
+            lambda: Llama(
+                config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **model_kwargs
+            )
+        )
+    )
+    return graphdef, sharding.abstract_arrays(state, mesh, rules)

@@ -27,7 +27,6 @@ from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, DoesNotFitError
 from llama_jax.tpu import topology
 from llama_jax.tpu.topology import Target
-from llama_jax.train import RunConfig
 
 GiB = 1 << 30
 
@@ -48,28 +47,20 @@ class Build:
     notes: list[str]
 
 
-def _readable(path: str) -> tuple[bool, str]:
-    """Whether a model directory's config can be read here, and why not."""
-    if not path:
-        return False, "not set"
-    try:
-        formats.read_config(path)
-    except Exception as e:  # noqa: BLE001 - any reason (missing, remote, unreadable) counts
-        return False, topology.first_line(e)
-    return True, ""
-
-
 def _model_source(spec, section: str, notes: list[str]):
-    """`spec` (a ModelSpec or TeacherSpec) with its model_dir cleared when it cannot be
-    read here, noting it: the shapes then come from the section's preset."""
-    ok, why = _readable(spec.model_dir)
-    if spec.model_dir and not ok:
+    """(`spec` (a ModelSpec or TeacherSpec), the handle of its model_dir). When the
+    directory cannot be read here, the handle is None and model_dir is cleared, noting
+    it: the shapes then come from the section's preset."""
+    if not spec.model_dir:
+        return spec, None
+    try:
+        return spec, formats.ModelDir.open(spec.model_dir)
+    except Exception as e:  # noqa: BLE001 - any reason (missing, remote, unreadable) counts
         notes.append(
-            f"{section}.model_dir={spec.model_dir} cannot be read here ({why}); shapes from "
-            f"{section}.preset={spec.preset!r}"
+            f"{section}.model_dir={spec.model_dir} cannot be read here "
+            f"({topology.first_line(e)}); shapes from {section}.preset={spec.preset!r}"
         )
-        return dataclasses.replace(spec, model_dir="")
-    return spec
+        return dataclasses.replace(spec, model_dir=""), None
 
 
 def build(cfg, target: Target) -> Build:
@@ -79,7 +70,7 @@ def build(cfg, target: Target) -> Build:
     (`model.preset` with `model.overrides`, `teacher.preset`); a LoRA base that cannot
     be read is taken as float in model.dtype. Config, mesh and batch problems raise
     ConfigErrors, as a run would."""
-    cfg = RunConfig.of(cfg)
+    cfg = distill.typed_config(cfg)
     notes: list[str] = []
     if cfg.mesh.dcn not in (1, target.num_slices):
         raise ConfigError(
@@ -87,14 +78,15 @@ def build(cfg, target: Target) -> Build:
             "dcn axis is the number of slices"
         )
     mesh = dataclasses.replace(cfg.mesh, dcn=target.num_slices)
-    cfg = cfg.replace(mesh=mesh, model=_model_source(cfg.model, "model", notes))
+    model, model_dir = _model_source(cfg.model, "model", notes)
+    cfg = cfg.replace(mesh=mesh, model=model)
 
     recipe: train.Recipe
-    if cfg.teacher is not None:
-        teacher = _model_source(cfg.teacher, "teacher", notes)
+    if isinstance(cfg, distill.DistillConfig):
+        teacher, teacher_dir = _model_source(cfg.teacher, "teacher", notes)
         cfg = cfg.replace(teacher=teacher)
-        if teacher.model_dir:
-            teacher_config = formats.read_config(teacher.model_dir)
+        if teacher_dir is not None:
+            teacher_config = teacher_dir.config
         elif teacher.preset:
             try:
                 teacher_config = get_preset(teacher.preset)
@@ -105,14 +97,16 @@ def build(cfg, target: Target) -> Build:
                 "the teacher's shapes are unknown: give teacher.model_dir (a readable model "
                 "directory) or teacher.preset (e.g. --config.teacher.preset=llama3-8b)"
             )
-        recipe = distill.Distillation(cfg, teacher_config)
+        recipe = distill.Distillation(
+            cfg, teacher=teacher_dir, teacher_config=teacher_config, model_dir=model_dir
+        )
         kind, models = "distill", {"student": recipe.model_config, "teacher": teacher_config}
     elif cfg.lora is not None:
-        base = None if cfg.model.model_dir else cfg.model.preset_config()
-        recipe = train.Lora(cfg, base_config=base)
+        base_config = None if model_dir is not None else cfg.model.preset_config()
+        recipe = train.Lora(cfg, base=model_dir, base_config=base_config)
         kind, models = "lora", {"base": recipe.model_config}
     else:
-        recipe = train.FullTraining(cfg)
+        recipe = train.FullTraining(cfg, model_dir=model_dir)
         kind, models = "train", {"model": recipe.model_config}
     try:
         p = train.plan(cfg, recipe.model_config, devices=target.devices)

@@ -10,7 +10,8 @@ from llama_jax.train.loop import (
     initial_params,
     load_lora_base,
     log_info,
-    resolve_model_config,
+    open_model_dir,
+    recipe_for,
     run,
     setup,
     write_json,
@@ -23,11 +24,16 @@ from llama_jax.train.optim import (
     prune_metrics,
 )
 from llama_jax.train.run_config import (
+    DISTILL_SECTIONS,
+    DTYPES,
     ModelSpec,
-    OnPolicySpec,
     OptimizerConfig,
     RunConfig,
     apply_overrides,
+    check_int,
+    fields_of,
+    parse_sections,
+    plain_config,
 )
 from llama_jax.train.step import (
     Plan,
@@ -45,6 +51,12 @@ from llama_jax.train.step import (
 )
 
 __all__ = [
+    "DISTILL_SECTIONS",
+    "DTYPES",
+    "check_int",
+    "fields_of",
+    "parse_sections",
+    "plain_config",
     "abstract_lora",
     "abstract_model",
     "apply_overrides",
@@ -64,7 +76,6 @@ __all__ = [
     "make_train_step",
     "matmul_flops_per_token",
     "ModelSpec",
-    "OnPolicySpec",
     "OptimizerConfig",
     "peak_flops_per_device",
     "Plan",
@@ -72,7 +83,8 @@ __all__ = [
     "progress_line",
     "prune_metrics",
     "Recipe",
-    "resolve_model_config",
+    "open_model_dir",
+    "recipe_for",
     "run",
     "RunConfig",
     "Setup",

@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from llama_jax import compress, data, formats, sharding
+from llama_jax import compress, data, formats, nn, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import Tokenizer
 from llama_jax.errors import ConfigError, NonFiniteLossError
@@ -77,18 +77,17 @@ def setup(cfg, model_config: LlamaConfig) -> Setup:
     return Setup(p, tokenizer, iterator)
 
 
-def resolve_model_config(spec: ModelSpec) -> LlamaConfig:
-    """The architecture of `model`: read from its model directory, or its preset with
-    the overrides applied."""
-    return formats.read_config(spec.model_dir) if spec.model_dir else spec.preset_config()
+def open_model_dir(spec: ModelSpec) -> formats.ModelDir | None:
+    """The handle of `model.model_dir`, or None when the model starts from its preset."""
+    return formats.ModelDir.open(spec.model_dir) if spec.model_dir else None
 
 
-def initial_params(spec: ModelSpec, config: LlamaConfig, make_model, mesh, rules):
-    """Parameters in their shardings: random (from `make_model`), or read from a model
-    directory of any kind straight into their shards."""
-    if spec.model_dir:
-        _, abstract = formats.abstract_params(config, mesh, rules, **spec.kwargs())
-        return formats.load_params(spec.model_dir, config, abstract)
+def initial_params(model_dir, spec: ModelSpec, make_model, mesh, rules):
+    """Parameters in their shardings: read from `model_dir` (a ModelDir of any kind)
+    straight into their shards, or random (from `make_model`) when it is None."""
+    if model_dir is not None:
+        _, abstract = model_dir.abstract(mesh, rules, **spec.kwargs())
+        return model_dir.load_params(abstract)
     model = sharding.create_sharded(make_model, mesh, rules)
     return nnx.to_pure_dict(nnx.split(model)[1])
 
@@ -97,13 +96,16 @@ class Recipe:
     """What one kind of run does differently; `run` calls these in this order.
 
     __init__(cfg)      checks what the config and model directories alone can show, and
-                       sets `model_config` (the trained model's architecture)
+                       sets `model_config` (the trained model's architecture); the
+                       model directories it reads are opened once, here
     build(plan)        the jitted step, from shapes alone (also compiled ahead of time)
     check(setup)       checks what needs the tokenizer or data files, before the workdir
                        is touched
     load(setup, saved) the frozen parameters the step reads after the state and batch
                        (None: it reads none); `saved` is the checkpoint metadata being
                        resumed, or None on a fresh start
+    check_resumable(saved) raises unless a checkpoint written with config `saved` can
+                       resume under this one
     initial_params()   the trained parameters of a fresh start
     prepare(step, state, batch) the batch step `step` (0-based) trains on (default: as read)
     meta()             what checkpoints record besides data, config and model
@@ -134,6 +136,9 @@ class Recipe:
     def meta(self) -> dict[str, Any]:
         return {}
 
+    def check_resumable(self, saved: Mapping[str, Any]) -> None:
+        check_resumable(saved, self.cfg)
+
     def flops_per_token(self) -> float:
         return matmul_flops_per_token(self.model_config, self.cfg.data.seq_len)
 
@@ -143,11 +148,14 @@ class Recipe:
 
 class FullTraining(Recipe):
     """Every parameter trains, from random or from `model.model_dir`; optionally under
-    magnitude pruning (`prune`)."""
+    magnitude pruning (`prune`). model_dir: that directory's handle when the caller has
+    opened it (by default opened here)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, model_dir: formats.ModelDir | None = None):
         super().__init__(cfg)
-        self.model_config = resolve_model_config(cfg.model)
+        self.model_dir = model_dir or open_model_dir(cfg.model)
+        md = self.model_dir
+        self.model_config = md.config if md is not None else cfg.model.preset_config()
 
     def build(self, p: Plan) -> Step:
         cfg = self.cfg
@@ -165,7 +173,7 @@ class FullTraining(Recipe):
         return jit_step(step_fn, tx, p, abstract)
 
     def initial_params(self, su: Setup):
-        return initial_params(self.cfg.model, self.model_config, self.make_model, su.mesh, su.rules)
+        return initial_params(self.model_dir, self.cfg.model, self.make_model, su.mesh, su.rules)
 
 
 class Lora(Recipe):
@@ -176,23 +184,28 @@ class Lora(Recipe):
     a resume with other settings or another base is refused, and the model directory
     readers merge the adapters onto that base."""
 
-    def __init__(self, cfg: RunConfig, base_config: LlamaConfig | None = None):
-        """base_config: the base's architecture when only shapes are needed (ahead-of-time
-        compilation); by default read from model.model_dir."""
+    def __init__(
+        self,
+        cfg: RunConfig,
+        base: formats.ModelDir | None = None,
+        base_config: LlamaConfig | None = None,
+    ):
+        """base: the handle of model.model_dir when the caller has opened it (by default
+        opened here); base_config: the base's architecture when only shapes are needed
+        (ahead-of-time compilation)."""
         super().__init__(cfg)
-        if base_config is None:
-            if not cfg.model.model_dir:
-                raise ConfigError(
-                    f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model "
-                    "the adapters are trained on (Hugging Face, converted, or a run)"
-                )
-            base_config = formats.read_config(cfg.model.model_dir)
-        self.model_config = base_config
+        self.base = base or (None if base_config is not None else open_model_dir(cfg.model))
+        if self.base is None and base_config is None:
+            raise ConfigError(
+                f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen base model "
+                "the adapters are trained on (Hugging Face, converted, or a run)"
+            )
+        self.model_config = base_config or self.base.config
         self.lora_meta = compress.to_meta(cfg.lora)
 
     def build(self, p: Plan) -> Step:
         cfg = self.cfg
-        self.make_model, graphdef, adapters, base = abstract_lora(cfg, p, cfg.model.model_dir)
+        self.make_model, graphdef, adapters, base = abstract_lora(cfg, p, self.base)
         self.abstract_adapters, self.abstract_base = adapters, base
         tx = optim.make_optimizer(p.opt_cfg)
         step_fn = make_lora_train_step(
@@ -206,9 +219,7 @@ class Lora(Recipe):
         return jit_step(step_fn, tx, p, adapters, base, "frozen base")
 
     def load(self, su: Setup, saved: Mapping[str, Any] | None):
-        return load_lora_base(
-            self.cfg.model.model_dir, self.model_config, self.abstract_base, self.lora_meta, saved
-        )
+        return load_lora_base(self.base, self.abstract_base, self.lora_meta, saved)
 
     def initial_params(self, su: Setup):
         return compress.init_adapters(self.make_model, self.abstract_adapters)
@@ -223,12 +234,12 @@ class Lora(Recipe):
         return {}
 
 
-def abstract_lora(cfg: RunConfig, p: Plan, base_dir: str = ""):
+def abstract_lora(cfg: RunConfig, p: Plan, base: formats.ModelDir | None):
     """(make_model, graphdef, abstract adapters, abstract frozen base) of a LoRA run,
     the abstract parameters ShapeDtypeStructs with shardings. The base is as stored in
-    `base_dir` (dtype and quantization); without one, float in model.dtype."""
-    base_quant = formats.quant_kwargs(base_dir) if base_dir else {"quantization": None}
-    dtype = formats.stored_float_dtype(base_dir) if base_dir else jnp.dtype(cfg.model.dtype)
+    `base` (a ModelDir: dtype and quantization); without one, float in model.dtype."""
+    base_quant = base.quant_kwargs() if base is not None else {"quantization": None}
+    dtype = base.stored_float_dtype if base is not None else jnp.dtype(cfg.model.dtype)
 
     def make_model():
         return Llama(
@@ -240,28 +251,29 @@ def abstract_lora(cfg: RunConfig, p: Plan, base_dir: str = ""):
         )
 
     graphdef, abstract_adapters = compress.abstract_model(make_model, p.mesh, p.rules)
-    _, abstract_base = formats.abstract_params(
-        p.model_config, p.mesh, p.rules, dtype=dtype, **base_quant
+    _, abstract_base = nn.abstract_params(
+        p.model_config, p.mesh, p.rules, dtype=dtype, **compress.model_kwargs(**base_quant)
     )
     return make_model, graphdef, abstract_adapters, abstract_base
 
 
-def load_lora_base(base_dir, config: LlamaConfig, abstract_base, lora_meta: dict, saved):
-    """The frozen base of a LoRA run, read into the shardings of `abstract_base`. A
+def load_lora_base(base: formats.ModelDir, abstract_base, lora_meta: dict, saved):
+    """The frozen base of a LoRA run (a ModelDir), read into the shardings of
+    `abstract_base`. A
     resume (`saved`: the checkpoint's metadata) must train the adapters it restores
     (checked before reading) on the same base (checked after). lora_meta (`lora.to_meta`)
     gains the base's path and fingerprint."""
     if saved is not None:
         _check_same_lora(saved.get("lora"), lora_meta)
-    log_info("loading the frozen base from %s", base_dir)
-    base = formats.load_params(base_dir, config, abstract_base)
+    log_info("loading the frozen base from %s", base)
+    params = base.load_params(abstract_base)
     lora_meta["base"] = {
-        "path": str(epath.Path(base_dir).resolve()),
-        "fingerprint": formats.fingerprint(config, base),
+        "path": str(base.path.resolve()),
+        "fingerprint": base.fingerprint(params),
     }
     if saved is not None:
-        formats.check_lora_base(saved["lora"], lora_meta["base"]["fingerprint"], base_dir)
-    return base
+        formats.check_lora_base(saved["lora"], lora_meta["base"]["fingerprint"], base.path)
+    return params
 
 
 def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:
@@ -279,8 +291,6 @@ def _check_same_lora(saved: Mapping[str, Any] | None, now: Mapping[str, Any]) ->
 
 def recipe_for(cfg: RunConfig) -> Recipe:
     """The recipe of a training config: LoRA when `lora.rank` > 0, else full training."""
-    if cfg.teacher is not None:
-        raise ConfigError("a distillation config runs through distill.run (launch.distill)")
     return Lora(cfg) if cfg.lora is not None else FullTraining(cfg)
 
 
@@ -303,8 +313,8 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     su.workdir = workdir
     saved = None
     if ckpt.latest_step() is not None:
-        saved = formats.run_meta(workdir)
-        check_resumable(saved.get("config", {}), cfg)
+        saved = formats.latest_meta(workdir)
+        recipe.check_resumable(saved.get("config", {}))
     frozen = recipe.load(su, saved)
     if saved is not None:
         state = resume(ckpt, su.iterator, step)
@@ -433,7 +443,8 @@ def resume(ckpt, iterator, step: Step) -> TrainState:
 def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
     """Raises unless a checkpoint written with config `saved` (as written) can resume
     under `cfg`: the data position only means the same batches with the same data
-    settings, and the pruning masks and schedule live in the optimizer state."""
+    settings, and the pruning masks and schedule live in the optimizer state. A
+    recipe's `check_resumable` adds what its own sections need."""
     keys = ("path", "format", "field", "seq_len", "global_batch", "seed", "add_bos", "add_eos")
     before = saved.get("data", {})
     changed = [k for k in keys if k in before and before[k] != getattr(cfg.data, k)]
@@ -442,12 +453,6 @@ def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
         raise ConfigError(
             f"the checkpoint was written with other data settings ({diffs}); resuming would "
             "not see the batches the run would have. Use a new workdir or the old settings."
-        )
-    structured_before = saved.get("structured")
-    if compress.parse_structured(structured_before) != cfg.structured:
-        raise ConfigError(
-            f"the checkpoint was written with structured settings {structured_before}, not "
-            f"{cfg.raw.get('structured')}; resume with the same block or use a new workdir"
         )
     prune_before = saved.get("prune")
     if compress.parse_prune(prune_before) != cfg.prune:

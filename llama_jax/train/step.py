@@ -248,13 +248,7 @@ def abstract_model(model_config: LlamaConfig, spec: ModelSpec, mesh, rules, seed
         return Llama(model_config, rngs=nnx.Rngs(seed), **spec.kwargs())
 
     graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
-    param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))
-    abstract_params = jax.tree.map(
-        lambda v, sh: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh),
-        nnx.to_pure_dict(abstract),
-        param_sh,
-    )
-    return make_model, graphdef, abstract_params
+    return make_model, graphdef, sharding.abstract_arrays(abstract, mesh, rules)
 
 
 def abstract_train_state(abstract_params, tx, shardings: TrainState) -> TrainState:

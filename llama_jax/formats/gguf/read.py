@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from llama_jax import paths, sharding
+from llama_jax import nn, paths, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import Tokenizer
 from llama_jax.errors import CheckpointError, DataError
@@ -30,7 +30,6 @@ from llama_jax.formats.dir_writer import check_out_dir, write_model_dir
 from llama_jax.formats.gguf import tensors
 from llama_jax.formats.gguf import tokenizer as gguf_tokenizer
 from llama_jax.formats.gguf import vocab as gguf_vocab
-from llama_jax.formats.model_dir import abstract_params
 from llama_jax.tree import flatten
 
 Q = gguf.GGMLQuantizationType
@@ -202,13 +201,13 @@ def import_gguf(
         f.path,
     )
     one = sharding.create_mesh(devices=list(mesh.devices.flat)[:1])
-    params = list(flatten(abstract_params(config, one)[1]))
+    params = list(flatten(nn.abstract_params(config, one)[1]))
     f.check(config, params)
     if dtype == "auto":
         dtype = auto_dtype(f)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype={dtype!r}; expected 'auto' or one of {DTYPES}")
-    _, abstract = abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
+    _, abstract = nn.abstract_params(config, mesh, rules, dtype=jnp.dtype(dtype))
     counts: dict[str, int] = {}
     for t in f.tensors.values():
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1

@@ -26,18 +26,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from llama_jax import compress, paths, sharding
+from llama_jax import compress, nn, paths, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError
 from llama_jax.formats.gguf import tensors
 from llama_jax.formats.gguf import vocab as gguf_vocab
-from llama_jax.formats.model_dir import (
-    abstract_params,
-    find_tokenizer,
-    iter_host_params,
-    read_config,
-    stored_dtypes,
-)
+from llama_jax.formats.model_dir import ModelDir
 from llama_jax.tree import flatten
 
 Q = gguf.GGMLQuantizationType
@@ -130,11 +124,11 @@ def encode(x: np.ndarray, ggml: Q, name: str) -> np.ndarray:
     return gguf.quants.quantize(x32, ggml)
 
 
-def float_params(path: epath.Path, config: LlamaConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """`model_dir.iter_host_params` with every int8 parameter dequantized (q * scale,
+def float_params(source: ModelDir) -> Iterator[tuple[str, np.ndarray]]:
+    """`ModelDir.iter_host_params` with every int8 parameter dequantized (q * scale,
     float32) once both parts have arrived."""
     held: dict[str, np.ndarray] = {}
-    for name, x in iter_host_params(path, config):
+    for name, x in source.iter_host_params():
         if not (name.endswith(compress.SCALE_SUFFIX) or x.dtype == np.int8):
             yield name, x
             continue
@@ -155,7 +149,8 @@ def export_gguf(
     overwrite: bool = False,
     progress=None,
 ) -> epath.Path:
-    """Writes the model in any kind of model directory as one GGUF file for llama.cpp.
+    """Writes the model in any kind of model directory (a path or a ModelDir) as one GGUF
+    file for llama.cpp.
 
     kind: 'auto' (the stored dtype: f32, f16 or bf16, q8_0 for an int8 directory) or one
     of TYPES. tokenizer: a directory or file (default: the model's own). Everything is
@@ -165,16 +160,16 @@ def export_gguf(
     `update(tensors, bytes)`, as for `transforms.export_hf`.
     """
     out = check_out_file(out, overwrite)
-    path = paths.absolute(path)
-    config = read_config(path)
+    model = ModelDir.open(path)
+    config = model.config
     tensors.check_exportable(config)
-    kind = resolve_type(kind, stored_dtypes(path, config))
-    source = tokenizer or find_tokenizer(path)
+    kind = resolve_type(kind, model.stored_dtypes)
+    source = tokenizer or model.tokenizer_path
     if source is None:
-        raise CheckpointError(f"{path} has no tokenizer to put in the GGUF file; pass one")
+        raise CheckpointError(f"{model} has no tokenizer to put in the GGUF file; pass one")
     vocab = gguf_vocab.read_vocab(source, config)
     mesh = sharding.create_mesh(devices=jax.devices()[:1])
-    params = list(flatten(abstract_params(config, mesh)[1]))
+    params = list(flatten(nn.abstract_params(config, mesh)[1]))
     entries = plan(config, params, kind)
     fallback = [e.name for e in entries if len(e.shape) == 2 and e.type != _MATRIX_TYPE[kind]]
     if fallback:
@@ -190,7 +185,7 @@ def export_gguf(
         tmp.unlink()
     writer = gguf.GGUFWriter(os.fspath(tmp), tensors.ARCH)
     try:
-        _write(writer, path, config, vocab, entries, kind, progress)
+        _write(writer, model, config, vocab, entries, kind, progress)
         writer.close()
         os.replace(tmp, out)
     finally:
@@ -200,9 +195,9 @@ def export_gguf(
     return out
 
 
-def _write(writer, path, config, vocab, entries, kind, progress) -> None:
+def _write(writer, model, config, vocab, entries, kind, progress) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(path.name)
+    writer.add_name(model.path.name)
     writer.add_file_type(_FILE_TYPE[kind])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tensors.write_config(writer, config)
@@ -225,7 +220,7 @@ def _write(writer, path, config, vocab, entries, kind, progress) -> None:
     # Parameters are written in plan order; one that arrives early waits its turn.
     ready: dict[str, np.ndarray] = {}
     entry = next(pending, None)
-    for name, x in float_params(path, config):
+    for name, x in float_params(model):
         ready[name] = x
         del x
         while entry is not None and entry.param in ready:
@@ -240,4 +235,4 @@ def _write(writer, path, config, vocab, entries, kind, progress) -> None:
         put(entry, tensors.rope_freqs(config))
         entry = next(pending, None)
     if entry is not None:
-        raise CheckpointError(f"{path}: parameter {entry.param} was never read")
+        raise CheckpointError(f"{model}: parameter {entry.param} was never read")
