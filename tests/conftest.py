@@ -13,6 +13,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The shape annotations at the model's face (llama_jax/nn/signatures.py) are checked.
+os.environ.setdefault("LLAMA_JAX_TYPECHECK", "1")
 # Many tests (and the processes they start) compile the same tiny train and decode
 # steps; a shared on-disk cache compiles each once. Reads and writes take a file lock
 # (the cache has a size limit), so pytest workers and subprocesses share it safely.

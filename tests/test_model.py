@@ -155,11 +155,39 @@ def test_cache_overflow_is_loud():
 
 
 def test_tokens_must_be_integer_batches():
+    import jaxtyping
+
     model = _model()
-    # chex names the argument's shape or dtype and what was expected.
-    with pytest.raises(AssertionError, match=r"rank 1 \(shape \(7,\)\) but expected 2"):
-        model(jnp.arange(7))
-    with pytest.raises(AssertionError, match="float32"):
-        model(jnp.ones((1, 7)))
-    with pytest.raises(AssertionError, match="shape"):
-        model(jnp.ones((1, 7), jnp.int32), segment_ids_BT=jnp.ones((1, 6), jnp.int32))
+    bad = [
+        ((jnp.arange(7),), {}, r"rank 1 \(shape \(7,\)\) but expected 2"),
+        ((jnp.ones((1, 7)),), {}, "float32"),
+        ((jnp.ones((1, 7), jnp.int32),), {"segment_ids_BT": jnp.ones((1, 6), jnp.int32)}, "shape"),
+    ]
+    for args, kwargs, chex_message in bad:
+        # The signature's annotations refuse them (checked under the tests) ...
+        with pytest.raises(jaxtyping.TypeCheckError):
+            model(*args, **kwargs)
+        # ... and without the annotation checks, chex names the shape or dtype.
+        with pytest.raises(AssertionError, match=chex_message):
+            Llama.__call__.__wrapped__(model, *args, **kwargs)
+
+
+def test_the_model_face_checks_its_shape_annotations():
+    """Llama.__call__ and the losses are shape-annotated in the dimension alphabet and
+    checked under the tests (LLAMA_JAX_TYPECHECK=1): a segment_ids of another shape than
+    the tokens is refused at the call."""
+    import jaxtyping
+
+    from llama_jax import nn as nn_face
+
+    model = Llama(get_preset("tiny"), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    assert model(tokens, segment_ids_BT=jnp.ones((2, 8), jnp.int32)).shape == (2, 8, 263)
+    with pytest.raises(jaxtyping.TypeCheckError, match="segment_ids_BT"):
+        model(tokens, segment_ids_BT=jnp.ones((2, 9), jnp.int32))
+    h = jnp.zeros((2, 8, 48), jnp.float32)
+    unembed = model.unembed
+    with pytest.raises(jaxtyping.TypeCheckError, match="targets_BT"):
+        nn_face.chunked_cross_entropy(h, unembed, jnp.zeros((2, 7), jnp.int32), tokens)
+    with pytest.raises(jaxtyping.TypeCheckError, match="targets_BT"):
+        nn_face.chunked_cross_entropy(h, unembed, jnp.zeros((2, 8), jnp.float32), tokens)

@@ -2,11 +2,11 @@
 
 On a step that samples (a fraction `lmbda` of them, chosen by `is_on_policy` from the
 seed and the step alone, so every host and every resume agrees), the student's current
-parameters continue B prompts by up to G = `max_new_tokens` tokens with the on-device
+parameters continue B prompts by up to `max_new_tokens` tokens with the on-device
 decode loop (a static KV cache, no Python per token), and the result is laid out as a
 training batch of the run's shape [B, T]:
 
-    columns [0, P)   the prompt, left-padded (segment 0), P = T - G
+    columns [0, P)   the prompt, left-padded (segment 0), P = T - max_new_tokens
     columns [P, T)   the sampled tokens, then padding after a row's EOS
 
 The loss mask covers the sampled tokens only (EOS included). Prompts are cut from the
@@ -88,14 +88,14 @@ def complete(
     """The model's continuation of right-aligned prompts as a training batch.
 
     tokens, segment_ids, positions: int32[B, P] (see `cut_prompts`). Returns (batch,
-    lengths): batch maps data.FIELDS to int32[B, T] with T = P + G, its loss mask 1 on
+    lengths): batch maps data.FIELDS to int32[B, T] with T = P + max_new_tokens, its loss mask 1 on
     the sampled tokens' positions; lengths int32[B] counts each row's sampled tokens
     (EOS included). A row whose prompt is all padding samples nothing.
     """
     b, p = tokens_BP.shape
     g = spec.max_new_tokens
     segment_B = segment_ids_BP[:, -1]
-    new_BG, length_B = nn.decode(
+    new_tokens, length_B = nn.decode(
         model,
         tokens_BP,
         segment_ids_BP,
@@ -106,10 +106,10 @@ def complete(
         eos_ids=eos_ids,
         pad_id=pad_id,
     )
-    sampled_BG = jnp.arange(g)[None, :] < length_B[:, None]
-    tokens_BT = jnp.concatenate([tokens_BP, new_BG], axis=1)
+    sampled = jnp.arange(g)[None, :] < length_B[:, None]
+    tokens_BT = jnp.concatenate([tokens_BP, new_tokens], axis=1)
     segment_ids_BT = jnp.concatenate(
-        [segment_ids_BP, jnp.where(sampled_BG, segment_B[:, None], 0)], axis=1
+        [segment_ids_BP, jnp.where(sampled, segment_B[:, None], 0)], axis=1
     )
     pad_B1 = jnp.full((b, 1), pad_id, jnp.int32)
     zeros = jnp.zeros((b, p - 1), jnp.int32)
@@ -119,7 +119,7 @@ def complete(
         # Position t predicts token t + 1: the sampled tokens are predicted from P - 1 on.
         "targets": jnp.concatenate([tokens_BT[:, 1:], pad_B1], axis=1),
         "loss_mask": jnp.concatenate(
-            [zeros, sampled_BG.astype(jnp.int32), jnp.zeros((b, 1), jnp.int32)], axis=1
+            [zeros, sampled.astype(jnp.int32), jnp.zeros((b, 1), jnp.int32)], axis=1
         ),
     }
     return batch, length_B

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from llama_jax import sharding
 from llama_jax.errors import ConfigError
 from llama_jax.nn.model import Llama
+from llama_jax.nn.signatures import Int, checked
 
 _PAD_MULTIPLE = 16  # prompt lengths are rounded up to this to reuse compilations
 
@@ -63,27 +64,29 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: Sampling) -> j
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@checked
 def decode(
     model: Llama,
-    tokens_BT: jax.Array,
-    segment_ids_BT: jax.Array,
-    positions_BT: jax.Array,
+    tokens_BT: Int[jax.Array, "B T"],
+    segment_ids_BT: Int[jax.Array, "B T"],
+    positions_BT: Int[jax.Array, "B T"],
     key: jax.Array,
     *,
     max_new_tokens: int,
     sampling: Sampling,
     eos_ids: tuple[int, ...],
     pad_id: int,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Int[jax.Array, "B new"], Int[jax.Array, " B"]]:
     """The prefill and decode loop every generation runs (traced: call it under jit).
 
     tokens, segment_ids, positions: int32[B, T] prompts aligned to the right (padding,
     segment id 0, on the left). Each row continues its last prompt token's segment and
     position; a row whose prompt is all padding samples nothing. The new token i of
-    every row is drawn with key fold_in(key, i). Returns (new tokens int32[B, G], pad_id
-    after a row's EOS; lengths int32[B], each row's sampled tokens with its EOS), G =
-    max_new_tokens. The loop is a `lax.while_loop` over a static-shape KV cache that
-    stops once every row is done.
+    every row is drawn with key fold_in(key, i). Returns (new tokens int32[B,
+    max_new_tokens], pad_id after a row's EOS; lengths int32[B], each row's sampled
+    tokens with its EOS); the new tokens' dimension has no letter (`new` in the
+    annotations). The loop is a `lax.while_loop` over a static-shape KV cache that stops
+    once every row is done.
     """
     b, t = tokens_BT.shape
     cache = model.init_cache(b, t + max_new_tokens)
@@ -96,7 +99,7 @@ def decode(
     # Right alignment puts every row's last prompt token in the last slot.
     first = sample_logits(model.unembed(h_BTD[:, -1:])[:, 0], jax.random.fold_in(key, 0), sampling)
     first = jnp.where(empty_B, pad_id, first)
-    new_BG = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    new_tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done_B = empty_B | jnp.isin(first, eos)
     length_B = (~empty_B).astype(jnp.int32)
 
@@ -117,9 +120,9 @@ def decode(
         out = out.at[:, i].set(new)
         return i + 1, new, cache, out, done | jnp.isin(new, eos), length + (~done)
 
-    carry = (jnp.int32(1), first, cache, new_BG, done_B, length_B)
-    _, _, _, new_BG, _, length_B = jax.lax.while_loop(cond, body, carry)
-    return new_BG, length_B
+    carry = (jnp.int32(1), first, cache, new_tokens, done_B, length_B)
+    _, _, _, new_tokens, _, length_B = jax.lax.while_loop(cond, body, carry)
+    return new_tokens, length_B
 
 
 @functools.partial(
@@ -149,6 +152,7 @@ def check_length(prompt_len: int, max_new_tokens: int, max_position_embeddings: 
         )
 
 
+@checked
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]],

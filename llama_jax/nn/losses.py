@@ -19,6 +19,7 @@ from flax import nnx
 
 from llama_jax import sharding
 from llama_jax.errors import ConfigError
+from llama_jax.nn.signatures import Float, Ids, Int, Shaped, checked
 
 DISTILL_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
@@ -71,14 +72,15 @@ def _token_cross_entropy(logits_BCV, targets_BC):
     return log_z - target_logit
 
 
+@checked
 def chunked_cross_entropy(
-    h_BTD: jax.Array,
+    h_BTD: Float[jax.Array, "B T D"],
     unembed: Callable[[jax.Array], jax.Array],
-    targets_BT: jax.Array,
-    mask_BT: jax.Array,
+    targets_BT: Int[Ids, "B T"],
+    mask_BT: Shaped[Ids, "B T"],
     *,
     chunk: int = 512,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[Float[jax.Array, ""], Float[jax.Array, ""]]:
     """Summed token cross-entropy and the number of tokens it covers.
 
     h: dtype[B, T, D] final hidden states; unembed: [B, C, D] -> [B, C, V] logits;
@@ -247,13 +249,14 @@ def _divergence(cfg: DistillLossConfig, student_BCV, teacher_BCV, temperature):
     return jnp.maximum(d, 0.0)
 
 
+@checked
 def chunked_distill_loss(
-    h_student_BTD: jax.Array,
+    h_student_BTD: Float[jax.Array, "B T D"],
     student_unembed: Callable[[jax.Array], jax.Array],
-    h_teacher_BTD: jax.Array,
+    h_teacher_BTE: Float[jax.Array, "B T E"],
     teacher_unembed: Callable[[jax.Array], jax.Array],
-    targets_BT: jax.Array,
-    mask_BT: jax.Array,
+    targets_BT: Int[Ids, "B T"],
+    mask_BT: Shaped[Ids, "B T"],
     cfg: DistillLossConfig,
     *,
     chunk: int = 512,
@@ -286,9 +289,9 @@ def chunked_distill_loss(
     """
     alpha, temperature = _alpha_and_temperature(cfg, alpha, temperature)
 
-    chex.assert_rank([h_student_BTD, h_teacher_BTD], 3)
-    chex.assert_equal_shape_prefix([h_student_BTD, h_teacher_BTD, targets_BT, mask_BT], 2)
-    h_teacher_BTD = jax.lax.stop_gradient(h_teacher_BTD)
+    chex.assert_rank([h_student_BTD, h_teacher_BTE], 3)
+    chex.assert_equal_shape_prefix([h_student_BTD, h_teacher_BTE, targets_BT, mask_BT], 2)
+    h_teacher_BTE = jax.lax.stop_gradient(h_teacher_BTE)
 
     def per_token(h_student_BCD, h_teacher_BCD, targets_BC):
         student_BCV = _logits_f32(student_unembed, h_student_BCD)
@@ -311,7 +314,7 @@ def chunked_distill_loss(
         return kd, ce, _token_cross_entropy(teacher_BCV, targets_BC)
 
     sums, count = _masked_sums(
-        per_token, (h_student_BTD, h_teacher_BTD, targets_BT), mask_BT, chunk
+        per_token, (h_student_BTD, h_teacher_BTE, targets_BT), mask_BT, chunk
     )
     extra = {"teacher_ce_sum": sums[2]} if teacher_nll else {}
     return _distill_sums(sums[0], sums[1], count, alpha, temperature, **extra)
@@ -347,14 +350,15 @@ def _sparse_divergence(
     return _divergence(dataclasses.replace(cfg, top_k=0), b, a, temperature)
 
 
+@checked
 def chunked_sparse_distill_loss(
-    h_student_BTD: jax.Array,
+    h_student_BTD: Float[jax.Array, "B T D"],
     student_unembed: Callable[[jax.Array], jax.Array],
-    teacher_ids_BTk: jax.Array,
-    teacher_logp_BTk: jax.Array,
-    teacher_log_tail_BT: jax.Array,
-    targets_BT: jax.Array,
-    mask_BT: jax.Array,
+    teacher_ids_BTk: Int[jax.Array, "B T k"],
+    teacher_logp_BTk: Float[jax.Array, "B T k"],
+    teacher_log_tail_BT: Float[jax.Array, "B T"],
+    targets_BT: Int[Ids, "B T"],
+    mask_BT: Shaped[Ids, "B T"],
     cfg: DistillLossConfig,
     *,
     chunk: int = 512,

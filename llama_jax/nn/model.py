@@ -22,6 +22,7 @@ from llama_jax.nn import attention as attn_lib
 from llama_jax.nn.attention import KVCache
 from llama_jax.nn.block import LORA_TARGETS, Block
 from llama_jax.nn.layers import Dense, DotGeneral, Embed, LoraConfig, RMSNorm
+from llama_jax.nn.signatures import Float, Ids, Int, checked
 
 REMAT_POLICIES = {
     "none": None,
@@ -143,15 +144,16 @@ class Llama(nnx.Module):
                 quantized=quantize_head,
             )
 
+    @checked
     def __call__(
         self,
-        tokens_BT: jax.Array,
+        tokens_BT: Int[Ids, "B T"],
         *,
-        positions_BT: jax.Array | None = None,
-        segment_ids_BT: jax.Array | None = None,
+        positions_BT: Int[Ids, "B T"] | None = None,
+        segment_ids_BT: Int[Ids, "B T"] | None = None,
         cache: KVCache | None = None,
         dropout_keys: jax.Array | None = None,
-    ):
+    ) -> Float[jax.Array, "B T V"] | tuple[Float[jax.Array, "B T V"], KVCache]:
         """tokens: int[B, T] -> logits dtype[B, T, V], or (logits, cache) when a cache is
         given. See `hidden_states` for the other arguments."""
         h_BTD, cache = self.hidden_states(
