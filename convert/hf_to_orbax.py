@@ -65,34 +65,33 @@ def main(argv):
     common.init_distributed()
     from llama_jax import formats, sharding
 
-    with common.clear_errors():
-        mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
-        rules = sharding.rules_from_config(sharding.parse_rules(_RULES.value))
-        if _GGUF.value is None:
-            out = formats.convert_hf(
-                _HF_DIR.value,
-                _OUT_DIR.value,
-                mesh=mesh,
-                rules=rules,
-                dtype=_DTYPE.value,
-                overwrite=_OVERWRITE.value,
-                quantize=_QUANTIZE.value,
-                quantize_head=_QUANTIZE_HEAD.value,
-                quantize_embed=_QUANTIZE_EMBED.value,
-                progress=common.Progress("converting"),
-            )
-        else:
-            out = formats.import_gguf(
-                _GGUF.value,
-                _OUT_DIR.value,
-                mesh=mesh,
-                rules=rules,
-                dtype=_DTYPE.value,
-                overwrite=_OVERWRITE.value,
-                progress=common.Progress("importing"),
-            )
+    mesh = sharding.create_mesh(**sharding.parse_mesh(_MESH.value))
+    rules = sharding.rules_from_config(sharding.parse_rules(_RULES.value))
+    if _GGUF.value is None:
+        out = formats.convert_hf(
+            _HF_DIR.value,
+            _OUT_DIR.value,
+            mesh=mesh,
+            rules=rules,
+            dtype=_DTYPE.value,
+            overwrite=_OVERWRITE.value,
+            quantize=_QUANTIZE.value,
+            quantize_head=_QUANTIZE_HEAD.value,
+            quantize_embed=_QUANTIZE_EMBED.value,
+            progress=common.Progress("converting"),
+        )
+    else:
+        out = formats.import_gguf(
+            _GGUF.value,
+            _OUT_DIR.value,
+            mesh=mesh,
+            rules=rules,
+            dtype=_DTYPE.value,
+            overwrite=_OVERWRITE.value,
+            progress=common.Progress("importing"),
+        )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -37,18 +37,17 @@ def main(argv):
     common.quiet_logs()
     from llama_jax import formats
 
-    with common.clear_errors():
-        out = formats.export_hf(
-            _MODEL_DIR.value,
-            _OUT_DIR.value,
-            dtype=_DTYPE.value,
-            max_shard_size=formats.parse_size(_MAX_SHARD.value),
-            tokenizer=_TOKENIZER.value,
-            overwrite=_OVERWRITE.value,
-            progress=common.Progress("exporting"),
-        )
+    out = formats.export_hf(
+        _MODEL_DIR.value,
+        _OUT_DIR.value,
+        dtype=_DTYPE.value,
+        max_shard_size=formats.parse_size(_MAX_SHARD.value),
+        tokenizer=_TOKENIZER.value,
+        overwrite=_OVERWRITE.value,
+        progress=common.Progress("exporting"),
+    )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -39,17 +39,16 @@ def main(argv):
     common.quiet_logs()
     from llama_jax import formats
 
-    with common.clear_errors():
-        out = formats.export_gguf(
-            _MODEL_DIR.value,
-            _OUT.value,
-            kind=_TYPE.value,
-            tokenizer=_TOKENIZER.value,
-            overwrite=_OVERWRITE.value,
-            progress=common.Progress("writing GGUF"),
-        )
+    out = formats.export_gguf(
+        _MODEL_DIR.value,
+        _OUT.value,
+        kind=_TYPE.value,
+        tokenizer=_TOKENIZER.value,
+        overwrite=_OVERWRITE.value,
+        progress=common.Progress("writing GGUF"),
+    )
     print(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

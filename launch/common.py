@@ -1,17 +1,27 @@
 """Flags and start-up shared by the entry points in launch/ and convert/."""
 
-import contextlib
+import os
 import sys
 import time
+import traceback
 from typing import NamedTuple
 
 from absl import app, flags, logging
+
+from llama_jax.errors import ConfigError, NonFiniteLossError
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for multi-host runs off TPU."
 )
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "With a refused input, print its traceback too (as LLAMA_JAX_DEBUG=1 does)."
+)
+
+
+# Set once this process has joined (or found it has no) multi-host run.
+_JOINED: list[bool] = []
 
 
 class ModelToModelFlags(NamedTuple):
@@ -74,15 +84,27 @@ def model_to_model_flags(
     )
 
 
+def check_list(name: str, items: list[str]) -> None:
+    """Refuses an empty item in a comma-separated flag (`--model_dir=A,` or `A,,B`)."""
+    for i, item in enumerate(items):
+        if not item.strip():
+            raise ConfigError(
+                f"--{name}={','.join(items)}: item {i + 1} is empty; remove the extra comma"
+            )
+
+
 def init_distributed() -> None:
     """Joins a multi-host run; must run before anything touches a JAX backend.
 
     On TPU pods (and clusters JAX recognises, e.g. SLURM) JAX finds its peers itself;
     elsewhere the three flags above name them, and without them the run is a single
-    process.
+    process. Later calls in the same process do nothing.
     """
     import jax
 
+    if _JOINED:
+        return
+    _JOINED.append(True)
     if COORDINATOR.value or NUM_PROCESSES.value:
         if None in (COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value):
             raise app.UsageError(
@@ -96,15 +118,74 @@ def init_distributed() -> None:
         logging.info("single-process run (%s)", e)
 
 
-@contextlib.contextmanager
-def clear_errors():
-    """Reports a bad input (a ValueError from the library: config, mesh, checkpoint or
-    data) as one line on stderr and exit status 2, instead of a traceback."""
+def run(main) -> None:
+    """`app.run(main)`, flag parsing included, inside the error boundary every command
+    shares. A refused input is one `error: <message>` line on stderr and exit status 2:
+    a llama_jax error or any ValueError (a config, mesh, checkpoint or data problem), a
+    non-finite loss, a path the file system refuses, an unknown config field (with its
+    suggestion). With --verbose or LLAMA_JAX_DEBUG=1 its traceback comes first. Any other
+    exception is a bug and keeps its traceback."""
+    def guarded(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            # A flag combination the command refuses: one line, like any other refusal.
+            raise ConfigError(str(e)) from e
+
     try:
-        yield
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        app.run(guarded)
+    except Exception as e:  # noqa: BLE001 - sorted into refusals and bugs below
+        message = refusal(e)
+        if message is None:
+            raise
+        if _debug():
+            traceback.print_exc()
+        sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
+
+
+def refusal(error: BaseException) -> str | None:
+    """The one-line message of an input the command refuses, or None for a bug."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    if _is_config_field_error(error):
+        return _config_field_message(error)
+    if isinstance(error, ValueError | NonFiniteLossError):
+        return " ".join(str(error).split("\n")).strip() or type(error).__name__
+    return None
+
+
+def _is_config_field_error(error: BaseException) -> bool:
+    """An ml_collections override of a field the config does not have."""
+    if not isinstance(error, AttributeError | KeyError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any("ml_collections" in frame.filename for frame in frames)
+
+
+def _config_field_message(error: BaseException) -> str:
+    """'--config.train.stepz: the config has no field 'stepz'; did you mean "steps"...'."""
+    inner = error
+    while isinstance(inner.args[0] if inner.args else None, BaseException):
+        inner = inner.args[0]
+    text = str(inner.args[0]) if inner.args else str(inner)
+    first, _, rest = text.partition("\n")
+    field = first.strip().strip("'\"")
+    flag = next(
+        (a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.") and field in a),
+        f"a --config field {field!r}",
+    )
+    hint = rest.strip()
+    hint = f"; {hint[0].lower()}{hint[1:]}" if hint else ""
+    return f"{flag}: the config has no field {field!r}{hint}"
+
+
+def _debug() -> bool:
+    if os.environ.get("LLAMA_JAX_DEBUG", "") not in ("", "0"):
+        return True
+    if VERBOSE.present or flags.FLAGS.is_parsed():
+        return bool(flags.FLAGS.is_parsed() and VERBOSE.value)
+    return "--verbose" in sys.argv[1:]
 
 
 def quiet_logs() -> None:

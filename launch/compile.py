@@ -59,24 +59,23 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/llama3_8b_pod.py")
     common.quiet_logs()
-    with common.clear_errors():
-        import jax
+    import jax
 
-        from llama_jax import distill, tpu, train
+    from llama_jax import distill, tpu, train
 
-        cfg = distill.typed_config(_CONFIG.value)
-        if _TOPOLOGY.value:
-            target = tpu.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
-        else:
-            common.init_distributed()
-            target = tpu.local_target()
-        report = tpu.compile_config(cfg, target)
-        if jax.process_index() == 0:
-            print(report.table(), flush=True)
-            if _JSON.value:
-                train.write_json(_JSON.value, report.to_dict())
-        report.check_fits()
+    cfg = distill.typed_config(_CONFIG.value)
+    if _TOPOLOGY.value:
+        target = tpu.tpu_target(_TOPOLOGY.value, _NUM_SLICES.value)
+    else:
+        common.init_distributed()
+        target = tpu.local_target()
+    report = tpu.compile_config(cfg, target)
+    if jax.process_index() == 0:
+        print(report.table(), flush=True)
+        if _JSON.value:
+            train.write_json(_JSON.value, report.to_dict())
+    report.check_fits()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

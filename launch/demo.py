@@ -24,6 +24,8 @@ import zlib
 
 from absl import app, flags
 
+from launch import common
+
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/llama_jax_demo", "Where everything is written.")
 _SCALE = flags.DEFINE_enum(
     "scale", "full", ["full", "small"], "full: the demo (minutes); small: a quick check."
@@ -295,11 +297,10 @@ def write_gguf(run_dir: str, out: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from launch import common
 
     common.quiet_logs()
     run(_WORKDIR.value, _SCALE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -22,9 +22,8 @@ Multi-host: on TPU pods (and SLURM clusters) JAX finds its peers itself; elsewhe
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every host.
 """
 
-from absl import app
-
+from launch import common
 from launch.train import main
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -99,67 +99,69 @@ def main(argv):
         raise app.UsageError("give --data, --tasks, or both")
     if not _MODEL_DIR.value:
         raise app.UsageError("--model_dir names no model directory")
+    common.check_list("model_dir", _MODEL_DIR.value)
+    common.check_list("tasks", _TASKS.value)
     common.quiet_logs()
     common.init_distributed()
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import evals, formats, sharding
+    from llama_jax import evals, formats, paths, sharding
     from llama_jax.evals import load_task
 
     show = jax.process_index() == 0
     results = []
-    with common.clear_errors():
-        # Everything about the inputs is checked before any model is read.
-        out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value)) if _OUTPUT.value else None
-        if out_dir is not None and not os.path.isdir(out_dir):
-            raise FileNotFoundError(f"--output={_OUTPUT.value}: directory {out_dir} does not exist")
-        if _REPORT.value:
-            evals.check_report(_REPORT.value, _REPORT_FORMATS.value)
-        documents = split = None
-        if _DATA.value:
-            documents = evals.read_documents(
-                _DATA.value, format=_FORMAT.value, field=_FIELD.value, split=_SPLIT.value
-            )
-            jsonl = evals.data_format(_DATA.value, _FORMAT.value) == "jsonl"
-            split = "jsonl" if jsonl else (_SPLIT.value or "none")
-        tasks = [load_task(path) for path in _TASKS.value]
-        for task in tasks:
-            task.check_fewshot(
-                task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
-            )
-        model_dirs = [formats.ModelDir.open(path) for path in _MODEL_DIR.value]
-        seq_len = _SEQ_LEN.value or min(
-            min(d.config.max_position_embeddings for d in model_dirs), 2048
+    # Everything about the inputs is checked before any model is read.
+    inputs = [*_MODEL_DIR.value, _DATA.value, *_TASKS.value, _TOKENIZER.value]
+    if _OUTPUT.value:
+        paths.check_apart(_OUTPUT.value, inputs, flag="--output")
+        paths.check_output_file(_OUTPUT.value, flag="--output")
+    if _REPORT.value:
+        for fmt in _REPORT_FORMATS.value:
+            paths.check_apart(f"{_REPORT.value}.{fmt}", inputs, flag="--report")
+        evals.check_report(_REPORT.value, _REPORT_FORMATS.value)
+    documents = split = None
+    if _DATA.value:
+        documents = evals.read_documents(
+            _DATA.value, format=_FORMAT.value, field=_FIELD.value, split=_SPLIT.value
         )
-        suite = evals.Suite(
-            documents=None if documents is None else tuple(documents),
-            data=_DATA.value,
-            split=split,
-            tasks=tuple(tasks),
-            seq_len=seq_len,
-            batch_size=_BATCH_SIZE.value,
-            stride=_STRIDE.value,
-            add_bos=_ADD_BOS.value,
-            add_eos=_ADD_EOS.value,
-            num_fewshot=_NUM_FEWSHOT.value,
-            details=_DETAILS.value,
+        jsonl = evals.data_format(_DATA.value, _FORMAT.value) == "jsonl"
+        split = "jsonl" if jsonl else (_SPLIT.value or "none")
+    tasks = [load_task(path) for path in _TASKS.value]
+    for task in tasks:
+        task.check_fewshot(
+            task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
         )
+    model_dirs = [formats.ModelDir.open(path) for path in _MODEL_DIR.value]
+    seq_len = _SEQ_LEN.value or min(min(d.config.max_position_embeddings for d in model_dirs), 2048)
+    suite = evals.Suite(
+        documents=None if documents is None else tuple(documents),
+        data=_DATA.value,
+        split=split,
+        tasks=tuple(tasks),
+        seq_len=seq_len,
+        batch_size=_BATCH_SIZE.value,
+        stride=_STRIDE.value,
+        add_bos=_ADD_BOS.value,
+        add_eos=_ADD_EOS.value,
+        num_fewshot=_NUM_FEWSHOT.value,
+        details=_DETAILS.value,
+    )
 
-        def emit(_, result):
-            results.append(result)
-            if show:
-                print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
+    def emit(_, result):
+        results.append(result)
+        if show:
+            print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
 
-        rows = evals.evaluate_dirs(
-            model_dirs,
-            suite,
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
-            dtype=jnp.dtype(_DTYPE.value),
-            tokenizer=_TOKENIZER.value,
-            on_result=emit,
-            progress=lambda what: common.Progress(what, every_s=10),
-        )
+    rows = evals.evaluate_dirs(
+        model_dirs,
+        suite,
+        mesh=sharding.create_mesh(**sharding.parse_mesh(_MESH.value)),
+        dtype=jnp.dtype(_DTYPE.value),
+        tokenizer=_TOKENIZER.value,
+        on_result=emit,
+        progress=lambda what: common.Progress(what, every_s=10),
+    )
     if not show:
         return
     if len(rows) > 1:
@@ -175,4 +177,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from launch import common
+
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir",
     None,
@@ -43,15 +45,29 @@ _ADD_BOS = flags.DEFINE_bool(
 )
 
 
+def _read_prompt_file(path: str) -> str:
+    from llama_jax.errors import DataError
+
+    if os.path.isdir(path):
+        raise DataError(f"--prompt_file={path} is a directory, expected a text file")
+    if not os.path.isfile(path):
+        raise DataError(f"--prompt_file={path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"--prompt_file={path} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+            f"offset {e.start})"
+        ) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     prompts = list(_PROMPT.value)
     if _PROMPT_FILE.value:
-        if not os.path.isfile(_PROMPT_FILE.value):
-            raise app.UsageError(f"--prompt_file={_PROMPT_FILE.value} does not exist")
-        with open(_PROMPT_FILE.value, encoding="utf-8") as f:
-            prompts.append(f.read())
+        prompts.append(_read_prompt_file(_PROMPT_FILE.value))
     if not prompts:
         raise app.UsageError("give at least one --prompt or a --prompt_file")
     if not 0.0 < _TOP_P.value <= 1.0:
@@ -59,32 +75,37 @@ def main(argv):
 
     import jax.numpy as jnp
 
-    from launch import common
     from llama_jax import formats, nn
     from llama_jax.errors import ConfigError
 
-    with common.clear_errors():
-        # Everything about the prompts is checked before the weights are read.
-        model_dir = formats.ModelDir.open(_MODEL_DIR.value)
-        tokenizer = formats.load_tokenizer(_TOKENIZER.value or model_dir)
-        config = model_dir.config
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ConfigError(
-                f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) exceeds the "
-                f"model's {config.vocab_size}"
-            )
-        ids = tokenizer.encode_batch(prompts, add_bos=_ADD_BOS.value)
-        for i, p in enumerate(ids):
-            if not p:
-                raise ConfigError(f"prompt {i} encodes to no tokens; give text or --add_bos")
-        nn.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
-        model = model_dir.load(dtype=jnp.dtype(_DTYPE.value))
+    # Everything about the prompts is checked before the weights are read.
+    model_dir = formats.ModelDir.open(_MODEL_DIR.value)
+    tokenizer = formats.load_tokenizer(_TOKENIZER.value or model_dir)
+    config = model_dir.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"tokenizer vocabulary {tokenizer.vocab_size} ({tokenizer.path}) exceeds the "
+            f"model's {config.vocab_size}"
+        )
+    ids = tokenizer.encode_batch(prompts, add_bos=_ADD_BOS.value)
+    for i, p in enumerate(ids):
+        if not p:
+            raise ConfigError(f"prompt {i} encodes to no tokens; give text or --add_bos")
+    nn.check_length(max(map(len, ids)), _MAX_NEW.value, config.max_position_embeddings)
+    top_k = _TOP_K.value
+    if top_k > config.vocab_size:
+        sys.stderr.write(
+            f"note: --top_k={top_k} is more than the vocabulary ({config.vocab_size} tokens); "
+            f"sampling from all {config.vocab_size}\n"
+        )
+        top_k = config.vocab_size
+    model = model_dir.load(dtype=jnp.dtype(_DTYPE.value))
     eos_ids = tokenizer.eos_ids or config.eos_token_ids
     outputs = nn.generate(
         model,
         ids,
         max_new_tokens=_MAX_NEW.value,
-        sampling=nn.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        sampling=nn.Sampling(_TEMPERATURE.value, top_k, _TOP_P.value),
         eos_ids=eos_ids,
         pad_id=tokenizer.pad_id,
         seed=_SEED.value,
@@ -99,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

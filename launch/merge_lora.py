@@ -37,18 +37,17 @@ def main(argv):
     common.init_distributed()
     from llama_jax import formats, sharding
 
-    with common.clear_errors():
-        out = formats.merge_lora_dir(
-            _IO.model_dir.value,
-            _IO.out_dir.value,
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
-            dtype=_DTYPE.value,
-            base_dir=_BASE_DIR.value,
-            tokenizer=_IO.tokenizer.value,
-            overwrite=_IO.overwrite.value,
-        )
+    out = formats.merge_lora_dir(
+        _IO.model_dir.value,
+        _IO.out_dir.value,
+        mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
+        dtype=_DTYPE.value,
+        base_dir=_BASE_DIR.value,
+        tokenizer=_IO.tokenizer.value,
+        overwrite=_IO.overwrite.value,
+    )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -139,7 +139,14 @@ def run_magnitude(mesh) -> None:
 
 def run_structured(mesh) -> None:
     from llama_jax import compress, formats
+    from llama_jax.errors import ConfigError
 
+    for name, holder in _TARGETS.items():
+        if holder.value is not None and holder.value < 1:
+            raise ConfigError(
+                f"--{name}={holder.value}: a target size is at least 1 (leave the flag out "
+                "to keep the source's)"
+            )
     spec = compress.StructuredConfig(
         **{name: holder.value or 0 for name, holder in _TARGETS.items()},
         calibration_data=_CAL_DATA.value or "",
@@ -180,10 +187,9 @@ def main(argv):
     common.init_distributed()
     from llama_jax import sharding
 
-    with common.clear_errors():
-        mesh = sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value))
-        (run_structured if _STRUCTURED.value else run_magnitude)(mesh)
+    mesh = sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value))
+    (run_structured if _STRUCTURED.value else run_magnitude)(mesh)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -27,19 +27,18 @@ def main(argv):
     common.init_distributed()
     from llama_jax import formats, sharding
 
-    with common.clear_errors():
-        out = formats.quantize_dir(
-            _IO.model_dir.value,
-            _IO.out_dir.value,
-            mode=_MODE.value,
-            quantize_head=_HEAD.value,
-            quantize_embed=_EMBED.value,
-            mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
-            tokenizer=_IO.tokenizer.value,
-            overwrite=_IO.overwrite.value,
-        )
+    out = formats.quantize_dir(
+        _IO.model_dir.value,
+        _IO.out_dir.value,
+        mode=_MODE.value,
+        quantize_head=_HEAD.value,
+        quantize_embed=_EMBED.value,
+        mesh=sharding.create_mesh(**sharding.parse_mesh(_IO.mesh.value)),
+        tokenizer=_IO.tokenizer.value,
+        overwrite=_IO.overwrite.value,
+    )
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

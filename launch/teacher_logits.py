@@ -47,28 +47,26 @@ def main(argv):
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/distill_tiny.py")
     config = _CONFIG.value
-    with common.clear_errors():
-        from llama_jax import distill
+    from llama_jax import distill
 
-        if _TEACHER.value:
-            if "teacher" not in config:
-                raise app.UsageError("--teacher needs a distillation config (configs/distill_*.py)")
-            config.teacher.model_dir = _TEACHER.value
-        cfg = distill.DistillConfig.of(config)
+    if _TEACHER.value:
+        if "teacher" not in config:
+            raise app.UsageError("--teacher needs a distillation config (configs/distill_*.py)")
+        config.teacher.model_dir = _TEACHER.value
+    cfg = distill.DistillConfig.of(config)
     common.init_distributed()
     common.quiet_logs()
 
-    with common.clear_errors():
-        distill.write_teacher_logits(
-            cfg,
-            _OUT_DIR.value,
-            top_k=_TOP_K.value,
-            steps=_STEPS.value,
-            steps_per_shard=_STEPS_PER_SHARD.value,
-            chunk=_CHUNK.value,
-            log_every=_LOG_EVERY.value,
-        )
+    distill.write_teacher_logits(
+        cfg,
+        _OUT_DIR.value,
+        top_k=_TOP_K.value,
+        steps=_STEPS.value,
+        steps_per_shard=_STEPS_PER_SHARD.value,
+        chunk=_CHUNK.value,
+        log_every=_LOG_EVERY.value,
+    )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

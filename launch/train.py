@@ -33,10 +33,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-    with common.clear_errors():
-        from llama_jax import distill
+    from llama_jax import distill
 
-        cfg = distill.typed_config(_CONFIG.value)
+    cfg = distill.typed_config(_CONFIG.value)
     common.init_distributed()
     import jax
 
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

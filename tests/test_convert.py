@@ -277,13 +277,20 @@ def test_existing_output_needs_overwrite_and_survives_a_failed_overwrite(tmp_pat
     mesh = sharding.create_mesh(fsdp=8)
     with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         transforms.convert_hf(good_hf, out, mesh=mesh)
+    # A directory this project did not write is never replaced, --overwrite or not.
+    with pytest.raises(CheckpointError, match="holds files this project did not write"):
+        transforms.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    transforms.convert_hf(good_hf, out, mesh=mesh, overwrite=True)  # an empty directory
+    written = sorted(os.listdir(out))
     shutil.copytree(good_hf, tmp_path / "bad")
     _truncated(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="truncated"):
         transforms.convert_hf(tmp_path / "bad", out, mesh=mesh, overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == written
     transforms.convert_hf(good_hf, out, mesh=mesh, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "params").is_dir()
+    assert (out / "params").is_dir()
     assert not list(tmp_path.glob(".converted.*"))
 
 

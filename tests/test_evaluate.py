@@ -288,8 +288,14 @@ def _cli(monkeypatch, *args):
 
     monkeypatch.setattr(common, "init_distributed", lambda: None)
     monkeypatch.setattr(common, "quiet_logs", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["evaluate", *args])
     flags.FLAGS.unparse_flags()
-    cli.main(flags.FLAGS(["evaluate", *args]))
+    # Through the command's error boundary, as `python -m launch.evaluate` runs it.
+    try:
+        common.run(cli.main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
 
 
 def _no_weights(*args, **kwargs):

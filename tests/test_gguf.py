@@ -27,10 +27,11 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 
 from llama_jax import nn, sharding, tree
 from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.errors import CheckpointError, DataError
+from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.formats import ModelDir, model_dir, transforms
 from llama_jax.formats.gguf import read as gguf_import
 from llama_jax.formats.gguf import tensors as gguf_model
+from llama_jax.formats.gguf import vocab as gguf_vocab
 from llama_jax.formats.gguf import write as gguf_export
 from llama_jax.formats.hf import keymap as hf_keymap
 from llama_jax.formats.hf import layout as hf
@@ -71,8 +72,9 @@ def _corpus():
     return lines + [TEXT, "x = [1, 2, 3]\nprint(x)  # café ünïcode"]
 
 
-def _bpe_json(path, vocab=300):
-    """A LLaMA 3-style tokenizer.json: byte-level BPE after the LLaMA 3 split."""
+def _bpe_json(path, vocab=300, alphabet=None):
+    """A LLaMA 3-style tokenizer.json: byte-level BPE after the LLaMA 3 split, its
+    initial alphabet every byte symbol (or `alphabet`)."""
     tok = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
     split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
     level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -82,7 +84,7 @@ def _bpe_json(path, vocab=300):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet or pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
@@ -644,6 +646,46 @@ def _too_big(tmp, files):
     return _sp_model(Path(tmp, "big"), vocab=400)
 
 
+def test_byte_symbols_are_the_byte_level_alphabet():
+    symbols = gguf_vocab.byte_symbols()
+    assert sorted(symbols.values()) == list(range(256))
+    assert set(symbols) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert symbols["\u0120"] == 0x20 and symbols["A"] == 0x41 and symbols["\u0100"] == 0x00
+
+
+# The bytes a published 135M byte-level BPE LLaMA's vocabulary has no symbol for (its
+# GGUF is llama.cpp's own conversion): rare control characters and bytes UTF-8 never holds.
+MISSING_BYTES = [4, 6, 19, 20, 22, 29, 192, 193, 241, 242, *range(245, 256)]
+
+
+def test_a_byte_level_vocabulary_lacking_some_byte_symbols_exports_with_a_warning(tmp_path, caplog):
+    symbols = gguf_vocab.byte_symbols()
+    alphabet = [s for s, b in symbols.items() if b not in MISSING_BYTES]
+    tok = _bpe_json(tmp_path / "tokenizer.json", alphabet=alphabet)
+    assert not {s for s, b in symbols.items() if b in MISSING_BYTES} & set(tok.get_vocab())
+    directory = _converted(tmp_path / "m", tmp_path / "tokenizer.json")
+    out = tmp_path / "m.gguf"
+    with caplog.at_level("WARNING"):
+        gguf_export.export_gguf(directory, out, kind="f32")
+    warned = [r.getMessage() for r in caplog.records if "byte-level symbols" in r.getMessage()]
+    assert len(warned) == 1
+    assert "lacks 21 of the 256" in warned[0] and "0x04, 0x06, 0x13" in warned[0]
+    assert "0xC0, 0xC1, 0xF1, 0xF2, 0xF5" in warned[0] and warned[0].endswith(
+        "0xFF; llama.cpp cannot spell text holding them (as with llama.cpp's own converter)"
+    )
+    # transformers' GGUF reader loads the file and computes llama_jax's logits; the
+    # directory imported back from it exports again.
+    config = ModelDir.open(directory).config
+    tokens = _tokens(config.vocab_size)
+    np.testing.assert_allclose(
+        _transformers_logits(out, tokens), _logits(directory, tokens), atol=1e-4
+    )
+    back = tmp_path / "back"
+    gguf_import.import_gguf(out, back, mesh=sharding.create_mesh())
+    gguf_export.export_gguf(back, tmp_path / "again.gguf", kind="f32")
+    assert (tmp_path / "again.gguf").exists()
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
@@ -666,12 +708,19 @@ def test_export_refuses_an_existing_file_and_a_rope_llama_cpp_lacks(model, tmp_p
     out.write_bytes(b"keep me")
     with pytest.raises(CheckpointError, match="overwrite"):
         gguf_export.export_gguf(model, out)
+    # --overwrite replaces only a GGUF file this project wrote.
+    with pytest.raises(CheckpointError, match="not a GGUF file this project wrote"):
+        gguf_export.export_gguf(model, out, kind="f16", overwrite=True)
     assert out.read_bytes() == b"keep me"
+    out.unlink()
+    gguf_export.export_gguf(model, out, kind="f32")
+    first = out.read_bytes()
     with pytest.raises(CheckpointError, match="bogus"):
         gguf_export.export_gguf(model, out, kind="bogus", overwrite=True)
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == first
     gguf_export.export_gguf(model, out, kind="f16", overwrite=True)
-    assert out.read_bytes()[:4] == b"GGUF" and not list(tmp_path.glob(".*"))
+    assert out.read_bytes()[:4] == b"GGUF" and out.read_bytes() != first
+    assert not list(tmp_path.glob(".*"))
 
     hf_dir = tmp_path / "yarn"
     shutil.copytree(model.parent / "hf", hf_dir)
@@ -679,7 +728,7 @@ def test_export_refuses_an_existing_file_and_a_rope_llama_cpp_lacks(model, tmp_p
     with pytest.raises(CheckpointError, match="yarn"):
         gguf_export.export_gguf(hf_dir, tmp_path / "yarn.gguf")
     assert _no_output(tmp_path / "yarn.gguf")
-    with pytest.raises(CheckpointError, match="is a directory"):
+    with pytest.raises(ConfigError, match="is a directory, expected a file"):
         gguf_export.export_gguf(model, tmp_path, overwrite=True)
 
 

@@ -151,7 +151,7 @@ def test_cache_holds_the_teachers_top_k_of_each_batch_in_data_order(cache_dir, t
     cfg = _cfg(teachers[0])
     cache = logit_cache.LogitCache(cache_dir)
     meta = json.loads((cache_dir / "metadata.json").read_text())
-    assert meta["version"] == 1 and meta["layout"]["top_k"] == TOP_K
+    assert meta["version"] == 2 and meta["layout"]["top_k"] == TOP_K
     assert meta["data"]["seed"] == 0 and meta["data"]["seq_len"] == 32
     assert meta["teacher"]["fingerprint"]["params"]
     assert cache.mismatches(DistillConfig.of(cfg).data, vocab_size=263) == []
@@ -311,6 +311,21 @@ def test_missing_or_truncated_shards_are_named(cache_dir, tmp_path):
     with pytest.raises(CheckpointError, match="s00000002.p0000.npy is missing; rerun"):
         logit_cache.LogitCache(work).check_shards(STEPS)
     logit_cache.LogitCache(work).check_shards(2)
+
+
+def test_a_shard_with_flipped_bytes_is_a_checksum_mismatch(cache_dir, tmp_path):
+    work = tmp_path / "c"
+    shutil.copytree(cache_dir, work)
+    shard = work / "shards" / "s00000002.p0000.npy"
+    cache = logit_cache.LogitCache(work)
+    before, _ = cache.read(2, cache.parts[0])
+    raw = bytearray(shard.read_bytes())
+    raw[-7] ^= 0xFF  # inside the last row's records
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"s00000002.p0000.npy: checksum mismatch in step"):
+        logit_cache.LogitCache(work).read(STEPS - 1, cache.parts[0])
+    after, _ = logit_cache.LogitCache(work).read(2, cache.parts[0])
+    np.testing.assert_array_equal(before, after)  # the other steps of the shard read fine
 
 
 # ---- processes ---------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ by several processes belongs to the lowest). The metadata lists each part's rows
 increasing order. A shard is one part's rows for `steps_per_shard` consecutive steps
 (fewer in the last shard): a .npy structured array [steps, rows of the part] with
 fields `tokens_crc32` (uint32, the CRC-32 of the row's int32 little-endian tokens, so
-a reader can tell the cache belongs to its data) and `records` (uint8[T, R]). Shards
+a reader can tell the cache belongs to its data), `records_crc32` (uint32, the CRC-32
+of the row's records, so a reader can tell a damaged file) and `records` (uint8[T, R]). Shards
 and the metadata are written under a temporary name and renamed when complete.
 
 Any process of any later run reads any rows: `LogitCache.read(step, rows)`, or
@@ -41,7 +42,8 @@ from llama_jax.distill.records import Layout
 from llama_jax.errors import CheckpointError, ConfigError, DataError
 
 FORMAT = "llama_jax.logit_cache"
-FORMAT_VERSION = 1
+# 2: each row also carries the CRC-32 of its records, so a damaged shard is named.
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
 SHARDS = "shards"
 # The batch field `CachedBatches` adds: the teacher's records of the batch's rows.
@@ -114,7 +116,20 @@ def data_settings(config: data.DataConfig) -> dict[str, Any]:
 
 
 def shard_dtype(seq_len: int, record_bytes: int) -> np.dtype:
-    return np.dtype([("tokens_crc32", "<u4"), ("records", "u1", (seq_len, record_bytes))])
+    return np.dtype(
+        [
+            ("tokens_crc32", "<u4"),
+            ("records_crc32", "<u4"),
+            ("records", "u1", (seq_len, record_bytes)),
+        ]
+    )
+
+
+def records_crc32(records: np.ndarray) -> np.ndarray:
+    """uint32[...]: the CRC-32 of each row of records uint8[..., T, R]."""
+    rows = np.ascontiguousarray(records).reshape(-1, *records.shape[-2:])
+    out = np.array([zlib.crc32(row.tobytes()) for row in rows], dtype=np.uint32)
+    return out.reshape(records.shape[:-2])
 
 
 def shard_header(shape: tuple[int, int], dtype: np.dtype) -> bytes:
@@ -248,6 +263,15 @@ class LogitCache:
         for part, pairs in by_part.items():
             lo, hi = min(j for _, j in pairs), max(j for _, j in pairs) + 1
             block = self._read_rows(step, part, lo, hi)
+            stored = block["records_crc32"]
+            found = records_crc32(block["records"])
+            damaged = np.flatnonzero(stored != found)
+            if damaged.size:
+                raise CheckpointError(
+                    f"shard {self.shard_path(step, part)}: checksum mismatch in step {step}, "
+                    f"row {self.parts[part][lo + int(damaged[0])]}: the file is damaged; "
+                    "delete it and rerun python -m launch.teacher_logits to write it again"
+                )
             for i, j in pairs:
                 out[i] = block["records"][j - lo]
                 crc[i] = block["tokens_crc32"][j - lo]

@@ -26,13 +26,13 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llama_jax import formats, sharding, train
+from llama_jax import formats, paths, sharding, train
 from llama_jax.distill import cache as logit_cache
 from llama_jax.distill import recipe
 from llama_jax.distill import records as logit_records
 from llama_jax.distill.records import Layout
 from llama_jax.distill.spec import DistillConfig
-from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.errors import ConfigError
 from llama_jax.train import matmul_flops_per_token
 
 # Default shard size: large enough that a pod writes few files, small enough that a
@@ -118,6 +118,7 @@ def write_shard(path: epath.Path, crc: np.ndarray, records: np.ndarray) -> None:
     dtype = logit_cache.shard_dtype(records.shape[2], records.shape[3])
     array = np.empty(crc.shape, dtype)
     array["tokens_crc32"] = crc
+    array["records_crc32"] = logit_cache.records_crc32(records)
     array["records"] = records
     tmp = path.parent / f"{path.name}.tmp"
     with tmp.open("wb") as f:
@@ -135,6 +136,21 @@ def _check_args(cfg: DistillConfig, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < lows[name]:
             raise ConfigError(f"{name}={value!r}; expected an integer >= {lows[name]}")
+
+
+def _check_tokenizers(cfg: DistillConfig, teacher: formats.ModelDir) -> None:
+    """Refuses data tokenized for another vocabulary than the teacher's tokenizer."""
+    if not (cfg.tokenizer and teacher.tokenizer_path):
+        return
+    data_vocab = formats.load_tokenizer(cfg.tokenizer).vocab_size
+    teacher_vocab = teacher.tokenizer().vocab_size
+    if data_vocab != teacher_vocab:
+        raise ConfigError(
+            f"data.tokenizer={cfg.tokenizer} has {data_vocab} tokens but the teacher's "
+            f"tokenizer ({teacher.tokenizer_path}) has {teacher_vocab}: the cache would "
+            "hold the teacher's view of other text; tokenize the data with the teacher's "
+            "tokenizer"
+        )
 
 
 def _metadata(cfg: DistillConfig, layout: Layout, steps, steps_per_shard, parts, saved, out_dir):
@@ -244,12 +260,19 @@ def write_teacher_logits(
     cfg = DistillConfig.of(cfg)
     steps = cfg.train.steps if steps is None else steps
     _check_args(cfg, steps=steps, steps_per_shard=steps_per_shard, chunk=chunk, log_every=log_every)
+    inputs = [cfg.teacher.model_dir, cfg.data.path, cfg.tokenizer]
+    paths.check_apart(out_dir, inputs, flag="--out_dir")
+    out_dir = epath.Path(logit_cache.norm_path(str(out_dir)))
+    paths.check_output_dir(out_dir, flag="--out_dir")
     teacher = formats.ModelDir.open(cfg.teacher.model_dir)
     teacher_config = teacher.config
+    # The student the cache is for must be able to distil from this teacher.
+    student_config = recipe.student_model_config(
+        cfg, teacher_config, teacher, train.open_model_dir(cfg.model)
+    )
+    recipe.check_pair(cfg, student_config, teacher_config)
+    _check_tokenizers(cfg, teacher)
     layout = Layout(top_k, teacher_config.vocab_size)
-    out_dir = epath.Path(logit_cache.norm_path(str(out_dir)))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"out_dir {out_dir} exists and is not a directory")
     # Every process looks before process 0 writes anything.
     _sync("llama_jax.logit_cache.start")
     saved = None

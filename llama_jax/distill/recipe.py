@@ -420,7 +420,12 @@ class Distillation(train.Recipe):
         return out
 
     def check_resumable(self, saved: Mapping[str, Any]) -> None:
-        super().check_resumable(saved)
+        if "teacher" not in saved:
+            raise ConfigError(
+                "the workdir holds a run that was not distillation (its config has no "
+                "teacher); use a new workdir for the student"
+            )
+        train.check_resumable(saved, self.cfg)
         before = saved.get("structured")
         if compress.parse_structured(before) != self.cfg.structured:
             raise ConfigError(
@@ -428,6 +433,9 @@ class Distillation(train.Recipe):
                 f"{self.cfg.raw.get('structured')}; resume with the same block or use a new "
                 "workdir"
             )
+
+    def inputs(self) -> list[str]:
+        return [*super().inputs(), self.cfg.teacher.model_dir, self.cfg.teacher.logits_dir]
 
     def flops_per_token(self) -> float:
         seq = self.cfg.data.seq_len

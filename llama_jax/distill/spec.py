@@ -202,6 +202,18 @@ def _parse_on_policy(section, distill: dict, seq_len: int) -> OnPolicySpec | Non
         return None
     spec = OnPolicySpec(**fields_of(OnPolicySpec, section, "distill.on_policy"))
     if spec.max_new_tokens == 0:
+        default = OnPolicySpec()
+        asked = [
+            f"distill.on_policy.{name}={getattr(spec, name)!r}"
+            for name in ("lmbda", "beta", "temperature", "prompts")
+            if getattr(spec, name) != getattr(default, name)
+        ]
+        if asked:
+            raise ConfigError(
+                f"{', '.join(asked)} asks for on-policy distillation, but "
+                "distill.on_policy.max_new_tokens=0 samples nothing; set max_new_tokens "
+                "(tokens the student samples per step)"
+            )
         return None
     for name in ("lmbda", "beta"):
         value = getattr(spec, name)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax import formats, nn, sharding, tree
+from llama_jax import formats, nn, paths, sharding, tree
 from llama_jax.errors import ConfigError
 from llama_jax.evals import evaluate, perplexity
 from llama_jax.evals.tasks import Task
@@ -266,9 +266,8 @@ def check_report(prefix: str, formats: Sequence[str]) -> None:
         raise ConfigError(
             f"report formats {list(formats)}; expected some of {list(REPORT_FORMATS)}"
         )
-    directory = os.path.dirname(os.path.abspath(prefix))
-    if not os.path.isdir(directory):
-        raise ConfigError(f"report {prefix}: directory {directory} does not exist")
+    for fmt in formats:
+        paths.check_output_file(f"{prefix}.{fmt}", flag="--report")
     if "png" in formats:
         _import_matplotlib()
 

@@ -30,16 +30,41 @@ FORMAT = "llama_jax.model"
 FORMAT_VERSION = 1
 
 
-def check_out_dir(out_dir, overwrite: bool) -> epath.Path:
-    """Refuses an existing output directory unless `overwrite`; returns it as a Path."""
-    out_dir = paths.absolute(out_dir)
+# Written into a Hugging Face directory exported here, so --overwrite knows it is ours.
+EXPORT_MARKER = "llama_jax_export.json"
+
+
+def written_here(directory: epath.Path) -> bool:
+    """Whether `directory` is empty or an output this project wrote: a converted model
+    directory (its metadata.json names FORMAT) or a Hugging Face export (EXPORT_MARKER)."""
+    if not any(directory.iterdir()):
+        return True
+    if (directory / EXPORT_MARKER).exists():
+        return True
+    try:
+        return json.loads((directory / METADATA).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_dir(out_dir, overwrite: bool, *, inputs=(), flag: str = "--out_dir") -> epath.Path:
+    """The output directory, absolute, once it is known to be writable as a directory,
+    apart from `inputs` (paths the command reads: not one of them, inside one, or
+    containing one), and either new or, with `overwrite`, an output of this project
+    (`written_here`): anything else is refused, never replaced."""
+    paths.check_apart(out_dir, inputs, flag=flag)
+    out_dir = paths.check_output_dir(out_dir, flag=flag)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(
             f"{out_dir} already exists; pass --overwrite to replace it (it is replaced only "
             "once the new one is complete)"
         )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and not written_here(out_dir):
+        raise CheckpointError(
+            f"{flag}={out_dir} holds files this project did not write (no {METADATA} of a "
+            f"converted model, no {EXPORT_MARKER} of an export); --overwrite replaces only "
+            "its own outputs: remove it yourself or choose another directory"
+        )
     return out_dir
 
 

@@ -86,6 +86,11 @@ def calibration_source(
     from its suffix unless given), else the run's data. DataError when there is none."""
     if spec.calibration_data:
         path = spec.calibration_data
+        if epath.Path(path).is_dir():
+            raise DataError(
+                f"calibration_data={path} is a directory, expected a text, JSONL or .npy "
+                "tokens file"
+            )
         suffix = epath.Path(path).suffix
         guess = {".jsonl": "jsonl", ".json": "jsonl", ".npy": "tokens"}.get(suffix, "text")
         return path, spec.calibration_format or guess, spec.calibration_field
@@ -172,11 +177,17 @@ def structured_prune_dir(
     per-layer fractions no longer describe the sliced matrices).
     """
     if not dry_run:
-        out_dir = check_out_dir(out_dir, overwrite)
+        inputs = [path, tokenizer, spec.calibration_data]
+        out_dir = check_out_dir(out_dir, overwrite, inputs=inputs)
     source = ModelDir.open(path)
     config = source.config
     source_sparsity = check_source(source)
     target_config(config, spec)
+    if spec.calibration_seq_len > config.max_position_embeddings:
+        raise ConfigError(
+            f"calibration_seq_len={spec.calibration_seq_len} is more than the model's "
+            f"context (max_position_embeddings={config.max_position_embeddings})"
+        )
     _, fmt, _ = calibration_source(spec)
     files = {} if dry_run else _tokenizer_files(source, tokenizer)
     tok = None

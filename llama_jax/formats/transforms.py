@@ -24,6 +24,7 @@ from llama_jax import compress, nn, paths, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError
 from llama_jax.formats.dir_writer import (
+    EXPORT_MARKER,
     check_out_dir,
     default_generation_config,
     fresh_tmp,
@@ -77,7 +78,7 @@ def convert_hf(
     quantizes only its slices), bitwise equal to converting and then `quantize_dir`;
     quantize_head / quantize_embed add the LM head / embedding table.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[hf_dir])
     hf_dir = paths.absolute(hf_dir)
     if not hf_dir.is_dir():
         raise CheckpointError(f"{hf_dir} is not a directory")
@@ -167,7 +168,7 @@ def export_hf(
     tokenizer: a directory or tokenizer file to ship (default: the model's own). Runs
     on one process; written under a temporary name and renamed when complete.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[path, tokenizer])
     source = ModelDir.open(path)
     config = source.config
     if source.quantization is not None:
@@ -216,6 +217,8 @@ def export_hf(
         (tmp / GENERATION_CONFIG).write_text(
             json.dumps(default_generation_config(config), indent=2) + "\n"
         )
+    marker = {"format": "llama_jax.hf_export", "source": str(source.path)}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
 
@@ -266,7 +269,7 @@ def quantize_dir(
     jitted function whose outputs carry the quantized model's shardings, and written one
     parameter at a time. Norms, the embedding and the LM head keep their stored dtype.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[path, tokenizer])
     source = ModelDir.open(path)
     config = source.config
     qopts = quant_options(config, mode, quantize_head, quantize_embed)
@@ -317,7 +320,7 @@ def prune_dir(
     written one parameter at a time with metadata.json "sparsity" (pattern, scope,
     overall and per-layer fractions). Returns (out_dir, that sparsity record).
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[path, tokenizer])
     source = ModelDir.open(path)
     config = source.config
     files, dtype, abstract = float_source(source, tokenizer, mesh, rules, "prune")
@@ -376,7 +379,7 @@ def merge_lora_dir(
     match either way). dtype: 'auto' (the base's float dtype) or one of DTYPES. The
     merged parameters are built in their shards on `mesh` and written one at a time.
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[path, base_dir, tokenizer])
     run = ModelDir.open(path)
     info = run.lora
     if info is None:
@@ -384,6 +387,7 @@ def merge_lora_dir(
             f"{run} is not a LoRA run: its checkpoint metadata has no 'lora' entry"
         )
     base = run.base(base_dir)
+    check_out_dir(out_dir, overwrite, inputs=[base.path])
     config = run.config
     if dtype == "auto":
         dtype = str(base.stored_float_dtype)

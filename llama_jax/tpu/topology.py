@@ -103,7 +103,14 @@ def topology_name(name: str) -> tuple[Generation, str]:
         raise ConfigError(f"topology {name!r} is unknown; {_NAMES_HELP}")
     if m.group(3):
         dims = [int(d) for d in m.group(3).split("x")]
-        if len(dims) != gen.dims or min(dims) < 1:
+        if len(dims) == gen.dims and min(dims) < 1:
+            bad = dims.index(min(dims))
+            raise ConfigError(
+                f"topology {name!r}: dimension {bad + 1} is {dims[bad]}; every dimension "
+                f"counts chips, at least 1, e.g. {gen.name}:"
+                f"{'x'.join(map(str, _grid(16, gen.dims)))}"
+            )
+        if len(dims) != gen.dims:
             raise ConfigError(
                 f"topology {name!r}: a {gen.name} topology has {gen.dims} dimensions, "
                 f"e.g. {gen.name}:{'x'.join(map(str, _grid(16, gen.dims)))}"

@@ -7,6 +7,7 @@ from llama_jax.train.loop import (
     Recipe,
     Setup,
     abstract_lora,
+    check_resumable,
     initial_params,
     load_lora_base,
     log_info,
@@ -51,6 +52,7 @@ from llama_jax.train.step import (
 )
 
 __all__ = [
+    "check_resumable",
     "DISTILL_SECTIONS",
     "DTYPES",
     "check_int",

@@ -22,13 +22,13 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from llama_jax import compress, data, formats, nn, sharding
+from llama_jax import compress, data, formats, nn, paths, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import Tokenizer
 from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.nn import Llama
 from llama_jax.train import checkpointer, metrics, optim
-from llama_jax.train.run_config import ModelSpec, RunConfig
+from llama_jax.train.run_config import DISTILL_SECTIONS, ModelSpec, RunConfig
 from llama_jax.train.step import (
     Plan,
     Step,
@@ -106,6 +106,7 @@ class Recipe:
                        resumed, or None on a fresh start
     check_resumable(saved) raises unless a checkpoint written with config `saved` can
                        resume under this one
+    inputs()           the directories the run reads (the workdir must stay apart)
     initial_params()   the trained parameters of a fresh start
     prepare(step, state, batch) the batch step `step` (0-based) trains on (default: as read)
     meta()             what checkpoints record besides data, config and model
@@ -137,7 +138,17 @@ class Recipe:
         return {}
 
     def check_resumable(self, saved: Mapping[str, Any]) -> None:
+        sections = [name for name in DISTILL_SECTIONS if name in saved]
+        if sections:
+            raise ConfigError(
+                f"the workdir holds a distillation run (its config has {sections}); resume it "
+                "with its distillation config, or use a new workdir"
+            )
         check_resumable(saved, self.cfg)
+
+    def inputs(self) -> list[str]:
+        """The model directories the run reads, which its workdir must stay apart from."""
+        return [self.cfg.model.model_dir]
 
     def flops_per_token(self) -> float:
         return matmul_flops_per_token(self.model_config, self.cfg.data.seq_len)
@@ -309,7 +320,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     step = recipe.build(su)
     recipe.check(su)
 
-    workdir, ckpt = open_run(cfg, workdir)
+    workdir, ckpt = open_run(cfg, workdir, inputs=recipe.inputs())
     su.workdir = workdir
     saved = None
     if ckpt.latest_step() is not None:
@@ -418,9 +429,12 @@ def loop(
     return last
 
 
-def open_run(cfg: RunConfig, workdir) -> tuple[epath.Path, Any]:
-    """The run's workdir (created if missing) and its checkpoint manager."""
-    workdir = epath.Path(workdir)
+def open_run(cfg: RunConfig, workdir, inputs=()) -> tuple[epath.Path, Any]:
+    """The run's workdir (created if missing) and its checkpoint manager. The workdir
+    must be a directory apart from `inputs` (not one of them, inside one, or holding
+    one): a run never writes into the models it reads."""
+    paths.check_apart(workdir, inputs, flag="--workdir")
+    workdir = epath.Path(paths.check_output_dir(workdir, flag="--workdir"))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = checkpointer.Checkpointer(
         workdir / "checkpoints",

@@ -46,6 +46,8 @@ class GGUFFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise CheckpointError(f"GGUF file {self.path} is a directory, expected a file")
         if not os.path.isfile(self.path):
             raise CheckpointError(f"GGUF file {self.path} does not exist")
         try:
@@ -186,7 +188,7 @@ def import_gguf(
     truncated, or holds a tensor type outside FLOAT_TYPES and BLOCK_TYPES. progress:
     `start(tensors, bytes)` and `update(tensors, bytes)` (bytes in the file).
     """
-    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir = check_out_dir(out_dir, overwrite, inputs=[gguf_path])
     f = GGUFFile(gguf_path)
     shapes = f.shapes()
     if "token_embd.weight" not in shapes:

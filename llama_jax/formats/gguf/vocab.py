@@ -26,7 +26,6 @@ import os
 import gguf
 from absl import logging
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import pre_tokenizers
 
 from llama_jax.config import LlamaConfig
 from llama_jax.data import Tokenizer
@@ -316,21 +315,40 @@ def _classify(data: dict, path: str) -> tuple[str | None, bool]:
     )
 
 
+def byte_symbols() -> dict[str, int]:
+    """Byte-level BPE's symbol for each byte -> the byte: printable bytes stand for
+    themselves, the other 68 take the code points from 256 up, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = {chr(b): b for b in printable}
+    symbols |= {chr(256 + i): b for i, b in enumerate(others)}
+    return symbols
+
+
 def _check_bytes(vocab: Vocab, where) -> None:
-    """llama.cpp spells text its merges cannot cover as byte tokens and aborts where one
-    is missing, so every byte needs its token."""
+    """llama.cpp spells text its merges cannot cover as byte tokens. A SentencePiece
+    vocabulary without its byte-fallback tokens is refused (llama.cpp aborts on any text
+    they would spell); a byte-level BPE vocabulary that lacks some of its 256 byte
+    symbols is exported as llama.cpp's own converter does, with a warning naming the
+    bytes (mostly ones UTF-8 text never holds, such as 0xC0, 0xC1 and 0xF5-0xFF)."""
     if vocab.model == "llama":
-        wanted = {f"<0x{b:02X}>" for b in range(256)}
-        kind = "byte-fallback tokens <0x00>..<0xFF>"
-    else:
-        wanted = set(pre_tokenizers.ByteLevel.alphabet())
-        kind = "the 256 byte-level symbols"
-    missing = wanted - set(vocab.tokens)
+        missing = {f"<0x{b:02X}>" for b in range(256)} - set(vocab.tokens)
+        if missing:
+            raise DataError(
+                f"{where}: the vocabulary lacks {len(missing)} of the byte-fallback tokens "
+                "<0x00>..<0xFF>; llama.cpp aborts on any text they would spell, so it cannot "
+                "be expressed in GGUF (train the tokenizer with byte fallback)"
+            )
+        return
+    symbols = byte_symbols()
+    missing = sorted(b for s, b in symbols.items() if s not in set(vocab.tokens))
     if missing:
-        raise DataError(
-            f"{where}: the vocabulary lacks {len(missing)} of {kind}; llama.cpp aborts on any "
-            "text they would spell, so it cannot be expressed in GGUF (train the tokenizer "
-            "with byte fallback, or with the full byte-level alphabet)"
+        logging.warning(
+            "%s: the vocabulary lacks %d of the 256 byte-level symbols, for bytes %s; "
+            "llama.cpp cannot spell text holding them (as with llama.cpp's own converter)",
+            where,
+            len(missing),
+            ", ".join(f"0x{b:02X}" for b in missing),
         )
 
 

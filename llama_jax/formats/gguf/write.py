@@ -56,21 +56,32 @@ class Entry(NamedTuple):
     type: Q
 
 
-def check_out_file(out, overwrite: bool) -> epath.Path:
-    """Refuses an existing `out` unless `overwrite`, a directory, or a missing parent."""
-    out = paths.absolute(out)
+def check_out_file(out, overwrite: bool, *, inputs=()) -> epath.Path:
+    """Refuses a remote `out`, one the file system cannot take as a file, one among or
+    inside `inputs`, an existing file without `overwrite`, and with it an existing file
+    that is not a GGUF file this project wrote."""
     if "://" in str(out):
         raise CheckpointError(f"{out}: GGUF files are written to a local path")
+    paths.check_apart(out, inputs, flag="--out")
+    out = paths.check_output_file(out, flag="--out")
     if out.exists() and not overwrite:
         raise CheckpointError(
             f"{out} already exists; pass --overwrite to replace it (it is replaced only once "
             "the new file is complete)"
         )
-    if out.is_dir():
-        raise CheckpointError(f"{out} is a directory; expected a file name like model.gguf")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"{out.parent} does not exist; create it first")
+    if out.exists() and not _written_here(out):
+        raise CheckpointError(
+            f"--out={out} is not a GGUF file this project wrote; --overwrite replaces only "
+            "its own outputs: remove it yourself or choose another name"
+        )
     return out
+
+
+def _written_here(path: epath.Path) -> bool:
+    try:
+        return tensors.CONFIG_KEY in gguf.GGUFReader(os.fspath(path)).fields
+    except Exception:  # noqa: BLE001 - any file gguf cannot read is not ours
+        return False
 
 
 def resolve_type(kind: str, stored: dict[str, np.dtype]) -> str:
@@ -159,7 +170,7 @@ def export_gguf(
     and one layer's converted tensor. progress: `start(tensors, bytes)` and
     `update(tensors, bytes)`, as for `transforms.export_hf`.
     """
-    out = check_out_file(out, overwrite)
+    out = check_out_file(out, overwrite, inputs=[path, tokenizer])
     model = ModelDir.open(path)
     config = model.config
     tensors.check_exportable(config)
