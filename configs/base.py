@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
             loss_chunk=1024,
             log_every=10,
             seed=0,
+            # "A:B" traces steps A to B with jax.profiler into <workdir>/profile
+            # (TensorBoard's profile plugin or XProf reads it).
+            profile_steps="",
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(save_every=500, keep=3, async_save=True))

@@ -139,8 +139,9 @@ def run_config(kind: str, s: dict, data: str, tokenizer: str, steps: int, arch: 
 
 
 def _read_metrics(workdir: str) -> list[dict]:
+    """The logged steps of a run (not its closing time summary)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if "loss" in r]
 
 
 def _plot(path: str, curves: dict[str, list[tuple[int, float]]]) -> None:

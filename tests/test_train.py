@@ -22,6 +22,7 @@ from llama_jax.config import get_preset
 from llama_jax.errors import ConfigError, NonFiniteLossError
 from llama_jax.nn.model import Llama
 from llama_jax.train import loop as train
+from llama_jax.train import metrics as train_metrics
 from llama_jax.train import optim
 from llama_jax.train import step as train_step
 
@@ -159,7 +160,7 @@ def _run_here(workdir, **changes):
 
 def _logged_losses(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def _final_state(workdir, step):
@@ -175,6 +176,34 @@ def test_loss_falls_on_real_text(tmp_path, capsys):
     assert "step 60/60" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "config.json")
     assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_where_the_time_goes_is_logged_and_a_profile_is_written(tmp_path, capsys):
+    last = _run_here(tmp_path, train__steps=4, train__profile_steps="2:3")
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(0 <= r["data_wait_frac"] < 1 for r in steps)
+    assert steps[0]["compile_s"] > 0 and "compile_s" not in steps[1]
+    (summary,) = [r for r in records if "run/goodput" in r]
+    assert summary["step"] == 4 and 0 < summary["run/goodput"] <= 1
+    fractions = [summary[f"run/{k}_frac"] for k in train_metrics.LOST_TIME]
+    assert sum(fractions) + summary["run/goodput"] == pytest.approx(1.0)
+    assert summary["run/wall_s"] == pytest.approx(
+        summary["run/train_s"] + sum(summary[f"run/{k}_s"] for k in train_metrics.LOST_TIME)
+    )
+    assert last["run/goodput"] == summary["run/goodput"]
+    out = capsys.readouterr().out
+    assert "data wait" in out and "training steps (goodput)" in out
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+@pytest.mark.parametrize("spec", ["3", "0:2", "3:2", "2:99"])
+def test_bad_profile_steps_are_refused(tmp_path, spec):
+    with pytest.raises(ValueError, match=f"train.profile_steps={spec!r}"):
+        train.run(_config(train__steps=4, train__profile_steps=spec), str(tmp_path))
 
 
 def test_kill_minus_9_then_resume_is_bitwise_equal(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -335,9 +336,10 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
         write_json(workdir / "config.json", cfg.raw)
 
     next_step = [int(state.step)]
+    account = metrics.TimeAccount()
 
     def step_fn(state, batch):
-        batch = recipe.prepare(next_step[0], state, batch)
+        batch = account.timed("generation", recipe.prepare, next_step[0], state, batch)
         next_step[0] += 1
         return step.fn(state, batch) if frozen is None else step.fn(state, batch, frozen)
 
@@ -360,6 +362,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
             meta,
             flops_per_token=recipe.flops_per_token(),
             on_log=recipe.on_log,
+            account=account,
         )
 
 
@@ -374,15 +377,24 @@ def loop(
     *,
     flops_per_token: float,
     on_log=None,
+    account: metrics.TimeAccount | None = None,
 ) -> dict[str, float]:
     """Runs `state, metrics = step_fn(state, batch)` from state.step to cfg.train.steps:
     logs, checks finiteness, saves (and on SIGTERM saves and stops). on_log(step,
     state) may add entries to a logged step's metrics (e.g. an evaluation).
-    Returns the last logged metrics."""
+
+    Time is accounted (`account`, one is made if not given): waiting for batches, the
+    first step (compiling), evaluation in on_log, blocking on checkpoint saves; each
+    logged step records its interval's share, and the run ends with a summary line and
+    a record of `run/` entries (goodput: the share of wall time that was training
+    steps). `train.profile_steps` traces those steps into <workdir>/profile.
+    Returns the last logged metrics and the run summary."""
     start = int(state.step)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     total = cfg.train.steps
     last: dict[str, float] = {}
+    account = account or metrics.TimeAccount()
+    profile = Profile(workdir, cfg.train.profile_range())
     # Leaving the block (also by an error) waits for an asynchronous save in flight, so
     # the last good checkpoint is complete on disk.
     with (
@@ -394,14 +406,24 @@ def loop(
         pending: list[tuple[int, dict]] = []
         step = logged = start
         while step < total:
-            state, m = step_fn(state, next(iterator))
-            step += 1
-            pending.append((step, m))
+            batch = account.timed("data_wait", next, iterator)
+            profile.before(step + 1)
             if throughput is None:
-                # Time from the end of the first (compiling) step.
+                # The first step compiles; time the rest from its end.
+                started, generation = time.perf_counter(), account.total["generation"]
+                state, m = step_fn(state, batch)
                 jax.block_until_ready(m)
-                throughput = metrics.Throughput(flops_per_token, total_steps=total, start_step=step)
-                logged = step
+                generated = account.total["generation"] - generation
+                account.add("compile", time.perf_counter() - started - generated)
+                throughput = metrics.Throughput(
+                    flops_per_token, total_steps=total, start_step=step + 1
+                )
+                logged = step + 1
+            else:
+                state, m = step_fn(state, batch)
+            step += 1
+            profile.after(step, m)
+            pending.append((step, m))
             stop = preemption.should_stop(step)
             boundary = step % cfg.train.log_every == 0 or step == total or stop
             saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
@@ -418,15 +440,47 @@ def loop(
                     logged = step
                     last |= {k: v for k, v in rates.items() if v is not None}
                 if on_log is not None:
-                    last |= on_log(step, state)
+                    last |= account.timed("eval", on_log, step, state)
+                last |= account.interval()
                 writer.write(step, last)
                 log_info("%s", metrics.progress_line(step, total, last))
             if saving:
-                ckpt.save(step, state, meta(), force=step == total or stop)
+                account.timed(
+                    "checkpoint", ckpt.save, step, state, meta(), force=step == total or stop
+                )
             if stop:
                 log_info("preemption notice: saved step %d, stopping", step)
                 break
-    return last
+        profile.close()
+        summary = account.summary()
+        writer.write(step, {f"run/{k}": v for k, v in summary.items()})
+        log_info("%s", metrics.summary_line(summary))
+    return last | {f"run/{k}": v for k, v in summary.items()}
+
+
+class Profile:
+    """A jax.profiler trace of steps [first, last] (1-based) into <workdir>/profile, for
+    TensorBoard's profile plugin or XProf; nothing when `steps` is None."""
+
+    def __init__(self, workdir, steps: tuple[int, int] | None):
+        self.directory = epath.Path(workdir) / "profile"
+        self.steps, self.active = steps, False
+
+    def before(self, step: int) -> None:
+        if self.steps is not None and step == self.steps[0] and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.steps[1]:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log_info("profile of steps %d-%d written to %s", *self.steps, self.directory)
 
 
 def open_run(cfg: RunConfig, workdir, inputs=()) -> tuple[epath.Path, Any]:

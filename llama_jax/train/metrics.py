@@ -1,4 +1,5 @@
-"""Training metrics: JSONL and TensorBoard writers, throughput and MFU, progress lines."""
+"""Training metrics: JSONL and TensorBoard writers, throughput and MFU, progress lines,
+and where a run's time goes."""
 
 from __future__ import annotations
 
@@ -145,6 +146,7 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> st
         ("lr", lambda v: f"lr {v:.2e}"),
         ("grad_norm", lambda v: f"grad_norm {v:.3f}"),
         ("tokens_per_s", lambda v: f"{v:,.0f} tok/s"),
+        ("data_wait_frac", lambda v: f"data wait {100 * v:.1f}%"),
         ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
         ("eta_s", lambda v: f"ETA {_hms(v)}"),
     )
@@ -218,3 +220,61 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Where a run's wall time goes besides its training steps (the `train_s` rest).
+LOST_TIME = ("compile", "data_wait", "checkpoint", "eval", "generation")
+
+
+class TimeAccount:
+    """Where a run's wall time goes: seconds of each kind in LOST_TIME (the first step,
+    which compiles; waiting for a batch; blocking on a checkpoint save; evaluation;
+    on-policy generation) and the rest, training steps. Kept per logged interval
+    (`interval`) and over the run (`summary`)."""
+
+    def __init__(self):
+        self.started = self._since = time.perf_counter()
+        self.total = dict.fromkeys(LOST_TIME, 0.0)
+        self.current = dict.fromkeys(LOST_TIME, 0.0)
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.total[kind] += seconds
+        self.current[kind] += seconds
+
+    def timed(self, kind: str, fn, *args, **kwargs):
+        """fn(*args, **kwargs), its wall time counted as `kind`."""
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.add(kind, time.perf_counter() - start)
+
+    def interval(self) -> dict[str, float]:
+        """Since the last call: `<kind>_s` seconds of each kind that took any, and
+        `data_wait_frac`, the share of the interval spent waiting for data."""
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        out = {f"{k}_s": v for k, v in self.current.items() if v > 0}
+        out["data_wait_frac"] = self.current["data_wait"] / elapsed
+        self._since = now
+        self.current = dict.fromkeys(LOST_TIME, 0.0)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Over the run so far: `wall_s`, `train_s` (the rest), `goodput` (train_s /
+        wall_s), and `<kind>_s` with `<kind>_frac` for each kind."""
+        wall = max(time.perf_counter() - self.started, 1e-9)
+        lost = sum(self.total.values())
+        out = {"wall_s": wall, "train_s": wall - lost, "goodput": (wall - lost) / wall}
+        for kind, seconds in self.total.items():
+            out[f"{kind}_s"] = seconds
+            out[f"{kind}_frac"] = seconds / wall
+        return out
+
+
+def summary_line(summary: Mapping[str, float]) -> str:
+    """`time: 93.1% training steps (goodput) | compile 4.2% | data wait 0.3% | ...`."""
+    parts = [f"time: {100 * summary['goodput']:.1f}% training steps (goodput)"]
+    for kind in LOST_TIME:
+        parts.append(f"{kind.replace('_', ' ')} {100 * summary[f'{kind}_frac']:.1f}%")
+    return " | ".join(parts) + f" of {summary['wall_s']:.1f} s"

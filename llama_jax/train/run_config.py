@@ -87,12 +87,20 @@ class MeshSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
+    """`profile_steps` "A:B" traces steps A to B (1-based, as the progress line counts
+    them) with jax.profiler into <workdir>/profile; "" traces nothing."""
+
     steps: int = 1000
     grad_accum: int = 1
     loss_chunk: int = 1024
     log_every: int = 10
     seed: int = 0
+    profile_steps: str = ""
     optimizer: OptimizerConfig = OptimizerConfig()
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """(first, last) step to trace, or None."""
+        return parse_profile_steps(self.profile_steps, self.steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +211,26 @@ def parse_overrides(spec, config: LlamaConfig | None = None) -> tuple[tuple[str,
     return tuple(out)
 
 
+def parse_profile_steps(spec: str, steps: int) -> tuple[int, int] | None:
+    """`train.profile_steps` "A:B" as (A, B), checked: 1 <= A <= B <= train.steps."""
+    if not spec:
+        return None
+    first, sep, last = str(spec).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = int(first), int(last)
+    except ValueError:
+        raise ConfigError(
+            f"train.profile_steps={spec!r}; expected FIRST:LAST step numbers, e.g. '10:13'"
+        ) from None
+    if not 1 <= a <= b <= steps:
+        raise ConfigError(
+            f"train.profile_steps={spec!r}; expected 1 <= {a} <= {b} <= train.steps={steps}"
+        )
+    return a, b
+
+
 def apply_overrides(config: LlamaConfig, spec) -> LlamaConfig:
     """`config` with the fields of `spec` (a mapping or 'name=value,...') replaced."""
     return dataclasses.replace(config, **dict(parse_overrides(spec, config)))
@@ -256,6 +284,7 @@ def parse_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
         **{k: t.pop(k) for k in list(t) if k in opt_names}, total_steps=t.get("steps", 1000)
     )
     train = TrainSpec(**fields_of(TrainSpec, t, "train"), optimizer=opt)
+    train.profile_range()
 
     c = dict(raw["checkpoint"])
     check_int("checkpoint.save_every", c.get("save_every", 500), 1)
