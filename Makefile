@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m bench.on_policy --quick
 	$(PY) -m bench.structured_prune --quick
 	$(PY) -m bench.teacher_logits --quick
+	$(PY) -m bench.data --quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

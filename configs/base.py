@@ -37,8 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.data = ml_collections.ConfigDict(
         dict(
+            # A file, or a token store directory (launch.prepare_data), local or gs://.
             path="",
-            format="text",  # text | jsonl | tokens
+            format="text",  # text | jsonl | tokens | store (a store is also detected)
             field="text",
             tokenizer="",  # a tokenizer file or a model directory holding one
             seq_len=2048,
@@ -46,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
             seed=0,
             add_bos=True,
             add_eos=True,
+            # Batches of a store read ahead in the background (0: when asked for).
+            prefetch=2,
+            # Stores mixed by weight instead of `path`: "STORE_A:0.7,STORE_B:0.3", or a
+            # list of such items or of {"path": ..., "weight": ...}.
+            sources=config_dict.FieldReference("", field_type=object),
         )
     )
     c.train = ml_collections.ConfigDict(

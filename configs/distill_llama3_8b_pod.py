@@ -1,10 +1,10 @@
 """LLaMA 3 8B teacher -> LLaMA 3.2 1B student on a TPU pod slice (v5p-64 or v6e-64).
 
-  python -m launch.distill --config=configs/distill_llama3_8b_pod.py:gs://$BUCKET/train.npy \
+  python -m launch.distill --config=configs/distill_llama3_8b_pod.py:gs://$BUCKET/store \
       --workdir=/gcs/$BUCKET/runs/kd-1b --config.teacher.model_dir=gs://$BUCKET/llama3-8b \
       --config.model.model_dir=gs://$BUCKET/llama3.2-1b
 
-The argument after ':' is a .npy of pre-tokenized rows (no tokenizer needed). Teacher
+The argument after ':' is a token store of 8192-token rows (launch.prepare_data). Teacher
 and student are both sharded over every chip (fsdp=-1); for several slices set
 --config.mesh.dcn=<slices>. Starting the student from the converted LLaMA 3.2 1B (same
 vocabulary as LLaMA 3 8B) is the usual recipe; drop model_dir to start from random.
@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.model.remat_policy = "dots_no_batch"
     c.mesh.fsdp = -1
     c.data.path = arg or ""
-    c.data.format = "tokens"
+    c.data.format = "store"
     c.data.seq_len = 8192
     c.data.global_batch = 256
     c.train.grad_accum = 2

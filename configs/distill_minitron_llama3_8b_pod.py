@@ -3,10 +3,10 @@ by its activations, then distil from the unpruned teacher (Minitron's Llama-3.1 
 4B-Width recipe: D 4096 -> 3072, MLP 14336 -> 9216, heads and layers kept).
 
   python -m launch.distill \
-      --config=configs/distill_minitron_llama3_8b_pod.py:gs://$BUCKET/train.npy \
+      --config=configs/distill_minitron_llama3_8b_pod.py:gs://$BUCKET/store \
       --workdir=/gcs/$BUCKET/runs/minitron-4b --config.teacher.model_dir=gs://$BUCKET/llama3.1-8b
 
-The argument after ':' is a .npy of pre-tokenized rows of 8192 tokens, also the
+The argument after ':' is a token store of 8192-token rows (launch.prepare_data), also the
 calibration data (1024 rows, as in the paper). The student (4.51B parameters, untied,
 the teacher's vocabulary and RoPE) is pruned once at start-up on the pod, sharded
 like the teacher, and saved in <workdir>/pruned_student. Loss and schedule follow
@@ -40,7 +40,7 @@ def get_config(arg=None):
     )
     c.mesh.fsdp = -1
     c.data.path = arg or ""
-    c.data.format = "tokens"
+    c.data.format = "store"
     c.data.seq_len = 8192
     c.data.global_batch = 256
     c.train.grad_accum = 1

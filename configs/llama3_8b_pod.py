@@ -1,10 +1,10 @@
 """LLaMA 3 8B on a TPU pod slice (v5p-64 or v6e-64): FSDP over every chip.
 
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="
-    cd llama_jax && python -m launch.train --config=configs/llama3_8b_pod.py:gs://b/train.npy \
+    cd llama_jax && python -m launch.train --config=configs/llama3_8b_pod.py:gs://b/store \
       --workdir=/gcs/b/runs/8b"
 
-The argument after ':' is a pre-tokenized 2-D .npy of [rows, 8192] token rows.
+The argument after ':' is a token store of 8192-token rows (launch.prepare_data).
 
 Memory per chip (python -m launch.compile --config=configs/llama3_8b_pod.py
 --topology=v5p-64, or v6e-64): 49.3 of 95.74 GiB on v5p-64 (8 rows of 8192 tokens per
@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.model.remat_policy = "full"
     c.mesh.fsdp = -1
     c.data.path = arg or ""
-    c.data.format = "tokens"
+    c.data.format = "store"
     c.data.seq_len = 8192
     c.data.global_batch = 256
     c.train.grad_accum = 1

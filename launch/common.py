@@ -125,6 +125,7 @@ def run(main) -> None:
     non-finite loss, a path the file system refuses, an unknown config field (with its
     suggestion). With --verbose or LLAMA_JAX_DEBUG=1 its traceback comes first. Any other
     exception is a bug and keeps its traceback."""
+
     def guarded(argv):
         try:
             return main(argv)

@@ -280,6 +280,27 @@ CASES = [
         "--config=configs/distill_tiny.py --teacher={r}/conv --out_dir={r}/conv --top_k=4",
         "is the input",
     ),
+    # launch.prepare_data
+    (
+        "launch.prepare_data",
+        "--inputs={r}/nope*.jsonl --tokenizer={r}/hf --seq_len=32 --out_dir={r}/s",
+        "nope*.jsonl",
+    ),
+    (
+        "launch.prepare_data",
+        "--inputs={r}/data.txt --tokenizer={r}/hf --seq_len=32 --out_dir={r}/data.txt",
+        "is the input",
+    ),
+    (
+        "launch.prepare_data",
+        "--inputs={r}/bad.txt --tokenizer={r}/hf --seq_len=32 --out_dir={r}/s",
+        "bad.txt",
+    ),
+    (
+        "launch.prepare_data",
+        "--inputs={r}/data.txt, --tokenizer={r}/hf --seq_len=32 --out_dir={r}/s",
+        "item 2 is empty",
+    ),
     # launch.compile
     ("launch.compile", "--config=configs/tiny.py --topology=v5p:0x2x2", "dimension 1 is 0"),
     ("launch.compile", "--config=configs/tiny.py --topology=v9z-8", "v9z-8"),

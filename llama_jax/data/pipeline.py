@@ -1,4 +1,5 @@
-"""Training data: text, JSONL or pre-tokenized sources -> packed rows -> global batches.
+"""Training data: text, JSONL, pre-tokenized or token-store sources -> packed rows -> global
+batches.
 
 Sources (`DataConfig.format`):
   text    plain text; documents are separated by one or more blank lines.
@@ -7,43 +8,57 @@ Sources (`DataConfig.format`):
           EOS id (used as is: no BOS/EOS is added). 2-D [R, T]: rows already packed; segment ids
           come from a sibling `<stem>.segments.npy` of the same shape, else each row is one
           segment.
+  store   a token store directory (`store.py`, written by `python -m launch.prepare_data`):
+          rows already tokenized, shuffled and packed. A directory holding a manifest.json is
+          read as a store whatever `format` says. `DataConfig.sources` mixes several stores by
+          weight (`mixture.py`).
 
-Packing (every source but 2-D tokens): each document becomes BOS + its tokens + EOS (per
+Packing (text, JSONL and 1-D tokens): each document becomes BOS + its tokens + EOS (per
 `add_bos` / `add_eos`); documents are concatenated in file order and cut into rows of exactly T
 tokens, so a document runs on into the next row when it does not fit. Each piece of a document is
 its own segment, numbered 1, 2, ... within its row. Only the end of the last row is padding
 (token 0, segment 0).
 
-Order: the rows are visited in a fresh permutation each epoch, `np.random.default_rng((seed,
-epoch)).permutation(R)`, and global batch k holds positions [k*B, (k+1)*B) of that endless
-sequence, running across epoch boundaries, so no row is dropped. A batch is therefore a function
-of (seed, k) alone and the iterator's whole state is the next step.
+Order: the rows are visited in a fresh permutation each epoch and global batch k holds positions
+[k*B, (k+1)*B) of that endless sequence, running across epoch boundaries, so no row is dropped. A
+batch is therefore a function of (seed, k) alone and the iterator's whole state is the next step.
+Text, JSONL and .npy sources use `np.random.default_rng((seed, epoch)).permutation(R)`; a store's
+epochs use a keyed permutation computed per row (`permute.EpochOrder`), so that no R-sized array
+is ever built: a store of any size opens by reading its manifest alone.
 
 Each process builds only the rows its own devices hold and the global `jax.Array` is assembled
-from those. Text and JSONL sources are still read, tokenized and packed whole on every host;
-pre-tokenize large corpora into the 2-D tokens format, whose rows each host reads alone (memory
-mapped for local files, one read per row on remote file systems such as gs://).
+from those. Text and JSONL sources are still read, tokenized and packed whole on every host (a
+hint says so for files over 100 MB); 2-D tokens files are read row by row on each host (memory
+mapped locally, one read per row on remote file systems such as gs://). A store's rows are read
+by range, rows adjacent in a shard in one read, many reads in flight at once on a thread pool,
+and `DataConfig.prefetch` batches ahead of the one in use are read in the background.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
 import re
+import weakref
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, Sharding
 
-from llama_jax.data import jsonl
+from llama_jax.data import jsonl, mixture, store
+from llama_jax.data.prefetch import Prefetcher
 from llama_jax.data.tokenizer import Tokenizer
 from llama_jax.errors import DataError
 
-FORMATS = ("text", "jsonl", "tokens")
+FORMATS = ("text", "jsonl", "tokens", "store")
 FIELDS = ("tokens", "segment_ids", "targets", "loss_mask")
 
 # Token ids and segment ids are int32 on device.
@@ -54,19 +69,30 @@ _ENCODE_CHUNK = 4096
 # A blank line is empty or whitespace only; runs of them separate documents. The pattern ends at
 # the last newline of the run, so the next document's leading indentation is kept.
 _BLANK_LINES = re.compile(r"\n\s*\n")
+# Range reads of a store in flight at once, per process.
+READS_IN_FLIGHT = 32
+# Text and JSONL files larger than this get a hint towards prepare_data.
+_HINT_BYTES = 100_000_000
+# Steps between two log lines of a mixture's tokens per source.
+_MIXTURE_LOG_EVERY = 100
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the training data is and how it is batched.
 
-    path: a file (local or any `etils.epath` file system, e.g. gs://).
-    format: "text", "jsonl" or "tokens" (see the module docstring).
+    path: a file (local or any `etils.epath` file system, e.g. gs://), or a token store
+      directory; "" when `sources` is given.
+    format: "text", "jsonl", "tokens" or "store" (see the module docstring); a path holding a
+      manifest.json, and `sources`, make it "store".
     field: the JSONL key that holds each document's text.
     seq_len: T, tokens per row (>= 2: a row needs a token and its target).
     global_batch: B, rows per step across all processes.
     seed: the row order's seed (>= 0).
     add_bos, add_eos: put BOS / EOS around each text or JSONL document.
+    prefetch: batches of a store read ahead in the background (0: read when asked for).
+    sources: token stores mixed by weight, instead of `path`: "STORE:0.7,STORE:0.3", a list
+      of such strings, or of {"path", "weight"} mappings; kept as ((path, weight), ...).
     """
 
     path: str
@@ -77,11 +103,23 @@ class DataConfig:
     seed: int = 0
     add_bos: bool = True
     add_eos: bool = True
+    prefetch: int = 2
+    sources: Any = ()
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise DataError(f"data format {self.format!r} is unknown; expected one of {FORMATS}")
-        for name, low in (("seq_len", 2), ("global_batch", 1), ("seed", 0)):
+        # Frozen: the normalised values are set once, here.
+        object.__setattr__(self, "sources", mixture.parse_sources(self.sources))
+        if self.sources:
+            if self.path:
+                raise DataError(
+                    f"data.path={self.path!r} and data.sources are both set; give one of them"
+                )
+            object.__setattr__(self, "format", "store")
+        elif self.path and self.format != "store" and store.is_store(self.path):
+            object.__setattr__(self, "format", "store")
+        for name, low in (("seq_len", 2), ("global_batch", 1), ("seed", 0), ("prefetch", 0)):
             value = getattr(self, name)
             if not _is_int(value) or value < low:
                 raise DataError(f"{name}={value!r}; expected an integer >= {low}")
@@ -126,13 +164,19 @@ class DataIterator:
         if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 1):
             raise DataError(f"vocab_size={vocab_size!r}; expected a positive integer")
         self._id_limit = _MAX_ID + 1 if vocab_size is None else vocab_size
-        path = epath.Path(config.path)
-        if not path.is_file():
-            raise DataError(f"data file {config.path!r} does not exist (format {config.format!r})")
-        if config.format == "tokens":
-            self._rows = _tokens_source(path, config, tokenizer, eos_id, self._id_limit)
+        self._rows = self._mixture = self._prefetcher = None
+        if config.format == "store":
+            self._mixture = _open_stores(config, tokenizer, vocab_size)
         else:
-            self._rows = _text_source(path, config, tokenizer, self._id_limit)
+            path = epath.Path(config.path)
+            if not path.is_file():
+                raise DataError(
+                    f"data file {config.path!r} does not exist (format {config.format!r})"
+                )
+            if config.format == "tokens":
+                self._rows = _tokens_source(path, config, tokenizer, eos_id, self._id_limit)
+            else:
+                self._rows = _text_source(path, config, tokenizer, self._id_limit)
         # Only the batch dimension is split across processes here: a process's rows are the
         # sorted union of its devices' batch slices, the order make_array_from_process_local_data
         # expects its local data in.
@@ -140,11 +184,37 @@ class DataIterator:
         self._local_positions = _batch_positions(index_map, config.global_batch)
         self._perms: dict[int, np.ndarray] = {}
         self._step = 0
+        if self._mixture is not None:
+            self._reads = ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="data-read")
+            # The batch maker holds no reference to the iterator, so that dropping the iterator
+            # (without close()) ends its threads too.
+            make = functools.partial(
+                _store_batch, self._mixture, self._local_positions, self._reads
+            )
+            self._prefetcher = Prefetcher(make, config.prefetch)
+            self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, self._reads)
 
     @property
     def num_rows(self) -> int:
-        """R: packed rows in the source."""
+        """R: packed rows in the source (all sources of a mixture together)."""
+        if self._mixture is not None:
+            return sum(s.num_rows for s in self._mixture.stores)
         return self._rows.num_rows
+
+    def source_tokens(self) -> dict[str, int]:
+        """Token slots (rows x T, padding included) each store source has given the global
+        batches before the next step; {} for other sources."""
+        if self._mixture is None:
+            return {}
+        rows = self._mixture.consumed(self._step)
+        t = self.config.seq_len
+        return {s.directory: int(n) * t for s, n in zip(self._mixture.stores, rows, strict=True)}
+
+    def close(self) -> None:
+        """Stops a store's background reads (also done when the iterator is garbage
+        collected)."""
+        if self._mixture is not None:
+            self._finalizer()
 
     @property
     def batches_per_epoch(self) -> float:
@@ -167,18 +237,10 @@ class DataIterator:
         in increasing global batch index (b = B when one process addresses every device)."""
         if not _is_int(step) or step < 0:
             raise DataError(f"step={step!r}; expected an integer >= 0")
+        if self._prefetcher is not None:
+            return self._prefetcher.get(step)
         positions = step * self.config.global_batch + self._local_positions
-        tokens, segment_ids = self._rows.read(self._row_ids(positions))
-        targets = np.zeros_like(tokens)
-        targets[:, :-1] = tokens[:, 1:]
-        loss_mask = np.zeros_like(segment_ids)
-        loss_mask[:, :-1] = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
-        return {
-            "tokens": tokens,
-            "segment_ids": segment_ids,
-            "targets": targets,
-            "loss_mask": loss_mask,
-        }
+        return _fields(*self._rows.read(self._row_ids(positions)))
 
     def __iter__(self) -> DataIterator:
         return self
@@ -186,6 +248,10 @@ class DataIterator:
     def __next__(self) -> dict[str, jax.Array]:
         batch = self.local_batch(self._step)
         self._step += 1
+        if self._mixture is not None and len(self.config.sources) > 1:
+            if self._step % _MIXTURE_LOG_EVERY == 0:
+                seen = ", ".join(f"{p}: {n:,}" for p, n in self.source_tokens().items())
+                logging.info("data: tokens seen per source after %d steps: %s", self._step, seen)
         return {
             name: jax.make_array_from_process_local_data(self.sharding, local, self._global_shape)
             for name, local in batch.items()
@@ -212,6 +278,53 @@ class DataIterator:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _fields(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """`FIELDS` of rows: int32 tokens and segment ids [b, T] and what follows from them."""
+    targets = np.zeros_like(tokens)
+    targets[:, :-1] = tokens[:, 1:]
+    loss_mask = np.zeros_like(segment_ids)
+    loss_mask[:, :-1] = (segment_ids[:, :-1] == segment_ids[:, 1:]) & (segment_ids[:, :-1] > 0)
+    return {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+    }
+
+
+def _store_batch(
+    stores: mixture.Mixture, positions: np.ndarray, reads: ThreadPoolExecutor, step: int
+) -> dict[str, np.ndarray]:
+    """A process's rows of batch `step` of a store or mixture, all `FIELDS` made (on a prefetch
+    thread, so the training thread only places them on its devices)."""
+    return _fields(*stores.read(step, positions, reads))
+
+
+def _shutdown(prefetcher: Prefetcher, reads: ThreadPoolExecutor) -> None:
+    prefetcher.close()
+    reads.shutdown(wait=False, cancel_futures=True)
+
+
+def _open_stores(
+    config: DataConfig, tokenizer: Tokenizer | None, vocab_size: int | None
+) -> mixture.Mixture:
+    """The store(s) of `config` as a Mixture (one store: weight 1), each checked against the
+    run before anything is compiled: seq_len, vocabulary, tokenizer."""
+    specs = config.sources or ((config.path, 1.0),)
+    stores = []
+    for path, _ in specs:
+        token_store = store.TokenStore(path)
+        token_store.check(
+            seq_len=config.seq_len,
+            vocab_size=vocab_size,
+            tokenizer_path=None if tokenizer is None else tokenizer.path,
+        )
+        stores.append(token_store)
+    if not config.sources:
+        _check_enough(epath.Path(config.path), stores[0].num_rows, config)
+    return mixture.Mixture(stores, [w for _, w in specs], config.seed, config.global_batch)
 
 
 def _check_sharding(sharding: Sharding, shape: tuple[int, int]) -> None:
@@ -417,6 +530,16 @@ def _text_source(
         raise DataError(f"add_bos=True but the tokenizer {tokenizer.path} has no BOS token")
     if config.add_eos and tokenizer.eos_id is None:
         raise DataError(f"add_eos=True but the tokenizer {tokenizer.path} has no EOS token")
+    size = path.stat().length
+    if size > _HINT_BYTES:
+        logging.warning(
+            "%s is %.0f MB of %s that every host reads and tokenizes whole at start-up; "
+            "`python -m launch.prepare_data` turns it into a token store that each host reads "
+            "only its rows of",
+            path,
+            size / 1e6,
+            config.format,
+        )
     docs = read_text(path) if config.format == "text" else read_jsonl(path, config.field)
     encoded = []
     for i in range(0, len(docs), _ENCODE_CHUNK):

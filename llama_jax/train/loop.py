@@ -57,11 +57,16 @@ def setup(cfg, model_config: LlamaConfig) -> Setup:
     """`train_step.plan`, then checks the tokenizer and data and builds the data iterator.
     cfg: a RunConfig, or a config `RunConfig.of` takes."""
     cfg = RunConfig.of(cfg)
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty; give the training data file")
+    if not cfg.data.path and not cfg.data.sources:
+        raise ConfigError(
+            "data.path is empty; give the training data (a file or a token store from "
+            "launch.prepare_data), or data.sources to mix stores"
+        )
     p = plan(cfg, model_config)
-    if not epath.Path(cfg.data.path).exists():
+    if cfg.data.path and not epath.Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    tokenized = cfg.data.sources or cfg.data.format in ("tokens", "store")
+    tokenized = tokenized or data.is_store(cfg.data.path)
     tokenizer = None
     if cfg.tokenizer:
         is_dir = epath.Path(cfg.tokenizer).is_dir()
@@ -71,7 +76,7 @@ def setup(cfg, model_config: LlamaConfig) -> Setup:
                 f"tokenizer vocabulary {tokenizer.vocab_size} exceeds the model's "
                 f"{model_config.vocab_size}"
             )
-    elif cfg.data.format != "tokens":
+    elif not tokenized:
         raise ConfigError(f"data.format={cfg.data.format!r} needs data.tokenizer")
     vocab = model_config.vocab_size
     iterator = data.DataIterator(cfg.data, tokenizer, p.batch_sh, vocab_size=vocab)
@@ -442,6 +447,7 @@ def loop(
                 if on_log is not None:
                     last |= account.timed("eval", on_log, step, state)
                 last |= account.interval()
+                last |= {f"tokens/{name}": n for name, n in source_tokens(iterator).items()}
                 writer.write(step, last)
                 log_info("%s", metrics.progress_line(step, total, last))
             if saving:
@@ -456,6 +462,14 @@ def loop(
         writer.write(step, {f"run/{k}": v for k, v in summary.items()})
         log_info("%s", metrics.summary_line(summary))
     return last | {f"run/{k}": v for k, v in summary.items()}
+
+
+def source_tokens(iterator) -> dict[str, int]:
+    """Tokens each source of a data mixture has given so far ({} for one source)."""
+    tokens = getattr(iterator, "source_tokens", None)
+    if tokens is None:  # a wrapper such as the logit cache's
+        tokens = getattr(getattr(iterator, "iterator", None), "source_tokens", None)
+    return tokens() if tokens is not None else {}
 
 
 class Profile:
@@ -514,10 +528,14 @@ def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
     settings, and the pruning masks and schedule live in the optimizer state. A
     recipe's `check_resumable` adds what its own sections need."""
     keys = ("path", "format", "field", "seq_len", "global_batch", "seed", "add_bos", "add_eos")
+    # Compared as written: the typed config fills in what the files imply (a store's
+    # format), which the config as saved does not spell.
     before = saved.get("data", {})
-    changed = [k for k in keys if k in before and before[k] != getattr(cfg.data, k)]
+    written = cfg.raw.get("data", {})
+    now = {k: written.get(k, getattr(cfg.data, k)) for k in keys}
+    changed = [k for k in keys if k in before and before[k] != now[k]]
     if changed:
-        diffs = ", ".join(f"data.{k}: {before[k]!r} -> {getattr(cfg.data, k)!r}" for k in changed)
+        diffs = ", ".join(f"data.{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
         raise ConfigError(
             f"the checkpoint was written with other data settings ({diffs}); resuming would "
             "not see the batches the run would have. Use a new workdir or the old settings."
