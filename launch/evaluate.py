@@ -39,7 +39,12 @@ _MODEL_DIR = flags.DEFINE_list(
     "Model directories (converted, Hugging Face, or training runs), comma-separated.",
     required=True,
 )
-_DATA = flags.DEFINE_string("data", None, "Text or JSONL file to measure perplexity on.")
+_DATA = flags.DEFINE_string(
+    "data",
+    None,
+    "Text or JSONL file to measure perplexity on, or a token store (launch.prepare_data), "
+    "whose rows are scored in order.",
+)
 _FORMAT = flags.DEFINE_enum(
     "format", None, ["text", "jsonl"], "Format of --data (default: jsonl for .jsonl/.json)."
 )
@@ -106,7 +111,8 @@ def main(argv):
     import jax
     import jax.numpy as jnp
 
-    from llama_jax import evals, formats, paths, sharding
+    from llama_jax import data, evals, formats, paths, sharding
+    from llama_jax.errors import ConfigError
     from llama_jax.evals import load_task
 
     show = jax.process_index() == 0
@@ -120,8 +126,20 @@ def main(argv):
         for fmt in _REPORT_FORMATS.value:
             paths.check_apart(f"{_REPORT.value}.{fmt}", inputs, flag="--report")
         evals.check_report(_REPORT.value, _REPORT_FORMATS.value)
-    documents = split = None
-    if _DATA.value:
+    documents = split = store_seq_len = None
+    if _DATA.value and data.is_store(_DATA.value):
+        if _FORMAT.value or _SPLIT.value or _STRIDE.value:
+            raise ConfigError(
+                f"--data={_DATA.value} is a token store: its rows are already packed, so "
+                "--format, --split and --stride do not apply"
+            )
+        split, store_seq_len = "store", data.TokenStore(_DATA.value).seq_len
+        if _SEQ_LEN.value and _SEQ_LEN.value != store_seq_len:
+            raise ConfigError(
+                f"--seq_len={_SEQ_LEN.value}, but the token store {_DATA.value} holds rows of "
+                f"{store_seq_len} tokens"
+            )
+    elif _DATA.value:
         documents = evals.read_documents(
             _DATA.value, format=_FORMAT.value, field=_FIELD.value, split=_SPLIT.value
         )
@@ -133,7 +151,11 @@ def main(argv):
             task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
         )
     model_dirs = [formats.ModelDir.open(path) for path in _MODEL_DIR.value]
-    seq_len = _SEQ_LEN.value or min(min(d.config.max_position_embeddings for d in model_dirs), 2048)
+    seq_len = (
+        store_seq_len
+        or _SEQ_LEN.value
+        or min(min(d.config.max_position_embeddings for d in model_dirs), 2048)
+    )
     suite = evals.Suite(
         documents=None if documents is None else tuple(documents),
         data=_DATA.value,

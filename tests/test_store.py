@@ -559,3 +559,69 @@ def test_training_from_a_store_or_a_mixture_resumes_bit_for_bit(built, second, t
         logged = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
         last = [r for r in logged if "loss" in r][-1]
         assert last[f"tokens/{first}"] == 4 * 6 * T and last[f"tokens/{second}"] == 4 * 2 * T
+
+
+def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path, capsys, monkeypatch):
+    """evals.store_perplexity scores each row's tokens against the next one of their own
+    document: the same sum as the training loss over all rows at once; launch.evaluate
+    --data=STORE reports it."""
+    import math
+
+    from flax import nnx
+
+    from llama_jax import evals, formats, nn
+    from llama_jax.config import get_preset
+
+    first, _ = built
+    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(0))
+    got = evals.store_perplexity(model, tok, str(first), batch_size=8)
+    rows = store.TokenStore(str(first)).read(np.arange(_rows(first)))
+    batch = pipeline.row_fields(*(x.astype(np.int32) for x in rows))
+    total, count = nn.token_loss_sum(model, batch, 64)
+    assert got["rows"] == _rows(first) and got["seq_len"] == T
+    assert got["tokens"] == int(count) == int(batch["loss_mask"].sum())
+    assert got["perplexity"] == pytest.approx(math.exp(float(total) / float(count)), rel=1e-5)
+
+    # The command: a converted model directory and the store, one JSON line.
+    from launch import common
+    from launch import evaluate as cli
+
+    model_dir = tmp_path / "model"
+    state = nnx.to_pure_dict(nnx.state(model))
+    formats.write_model_dir(
+        model_dir,
+        model.config,
+        formats.handed_out(state),
+        metadata={},
+        files={"tokenizer.json": os.path.join(TOKENIZER_DIR, "tokenizer.json")},
+    )
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    monkeypatch.setattr(common, "init_distributed", lambda: None)
+    monkeypatch.setattr(common, "quiet_logs", lambda: None)
+    argv = ["evaluate", f"--model_dir={model_dir}", f"--data={first}", "--dtype=float32"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(cli.main)
+    assert exit_info.value.code in (0, None)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    result = json.loads(line)
+    assert result["split"] == "store" and result["tokens"] == got["tokens"]
+    assert result["perplexity"] == pytest.approx(got["perplexity"], rel=1e-4)
+
+
+def test_training_and_perplexity_read_a_store_on_gcs(built, gcs, tok, tmp_path):
+    """The same run and the same perplexity from gs:// (the emulator, 30 ms a request)
+    as from the local copy of the store."""
+    from flax import nnx
+
+    from llama_jax import distill, evals, nn
+    from llama_jax.config import get_preset
+
+    remote = distill.run(_train_config(2, path="gs://bucket/store"), str(tmp_path / "remote"))
+    local = distill.run(_train_config(2, path=str(built[0])), str(tmp_path / "local"))
+    assert remote["loss"] == local["loss"]
+    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(0))
+    on_gcs = evals.store_perplexity(model, tok, "gs://bucket/store", batch_size=8)
+    assert on_gcs == evals.store_perplexity(model, tok, str(built[0]), batch_size=8)

@@ -5,7 +5,15 @@ from llama_jax.data.corpus import FORMATS as CORPUS_FORMATS
 from llama_jax.data.jsonl import records, strings
 from llama_jax.data.mixture import parse_sources
 from llama_jax.data.packing import PACK_MODES, packer
-from llama_jax.data.pipeline import FIELDS, FORMATS, DataConfig, DataIterator, read_jsonl, read_text
+from llama_jax.data.pipeline import (
+    FIELDS,
+    FORMATS,
+    DataConfig,
+    DataIterator,
+    read_jsonl,
+    read_text,
+    row_fields,
+)
 from llama_jax.data.prepare import prepare_store
 from llama_jax.data.store import TokenStore, is_store, tokenizer_fingerprint
 from llama_jax.data.tokenizer import Tokenizer
@@ -24,6 +32,7 @@ __all__ = [
     "read_jsonl",
     "read_text",
     "records",
+    "row_fields",
     "strings",
     "TokenStore",
     "Tokenizer",

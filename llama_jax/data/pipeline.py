@@ -240,7 +240,7 @@ class DataIterator:
         if self._prefetcher is not None:
             return self._prefetcher.get(step)
         positions = step * self.config.global_batch + self._local_positions
-        return _fields(*self._rows.read(self._row_ids(positions)))
+        return row_fields(*self._rows.read(self._row_ids(positions)))
 
     def __iter__(self) -> DataIterator:
         return self
@@ -280,8 +280,9 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _fields(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """`FIELDS` of rows: int32 tokens and segment ids [b, T] and what follows from them."""
+def row_fields(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """`FIELDS` of packed rows: int32 tokens and segment ids [b, T], and the targets and
+    loss mask that follow (each token predicts the next one of its own segment)."""
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     loss_mask = np.zeros_like(segment_ids)
@@ -299,7 +300,7 @@ def _store_batch(
 ) -> dict[str, np.ndarray]:
     """A process's rows of batch `step` of a store or mixture, all `FIELDS` made (on a prefetch
     thread, so the training thread only places them on its devices)."""
-    return _fields(*stores.read(step, positions, reads))
+    return row_fields(*stores.read(step, positions, reads))
 
 
 def _shutdown(prefetcher: Prefetcher, reads: ThreadPoolExecutor) -> None:

@@ -2,10 +2,11 @@
 several models compared."""
 
 from llama_jax.evals.compare import Suite, check_report, evaluate_dirs, markdown, write_report
-from llama_jax.evals.perplexity import data_format, read_documents
+from llama_jax.evals.perplexity import data_format, read_documents, store_perplexity
 from llama_jax.evals.tasks import load_task
 
 __all__ = [
+    "store_perplexity",
     "check_report",
     "data_format",
     "evaluate_dirs",

@@ -42,7 +42,9 @@ class Suite:
     """What every model is scored on, and how.
 
     documents: the perplexity data (None: none), read from `data` with `split` ("none",
-    "blank_lines" or "jsonl"). The rest are `eval_perplexity`'s and `eval_task`'s arguments.
+    "blank_lines" or "jsonl"); or with `split` "store", `data` is a token store whose rows
+    are scored (`perplexity.store_perplexity`). The rest are `eval_perplexity`'s and
+    `eval_task`'s arguments.
     """
 
     documents: tuple[str, ...] | None
@@ -91,6 +93,20 @@ def evaluate_model(
     "method", a line saying how the text was split, tokenized and windowed), then one
     result per task. progress(what) gives the progress callback of each part."""
     results = []
+    if suite.split == "store":
+        ppl = perplexity.store_perplexity(
+            model,
+            tokenizer,
+            suite.data,
+            batch_size=suite.batch_size,
+            mesh=mesh,
+            progress=progress("perplexity rows") if progress else None,
+        )
+        method = (
+            f"the token store's {ppl['rows']} packed rows of {ppl['seq_len']} tokens in order; "
+            f"each token predicts the next of its own document ({ppl['tokens']} predicted)"
+        )
+        results.append({"data": suite.data, "split": "store", **ppl, "method": method})
     if suite.documents is not None:
         ppl = perplexity.eval_perplexity(
             model,
@@ -200,7 +216,7 @@ def table_row(path: str, results: Sequence[dict[str, Any]], facts: dict[str, int
     row: dict[str, Any] = {"model": path}
     for result in results:
         if "perplexity" in result:
-            row.update({k: result[k] for k in LEADING})
+            row.update({k: result[k] for k in LEADING if k in result})
         else:
             for name, value in result["metrics"].items():
                 if not name.endswith("_stderr"):

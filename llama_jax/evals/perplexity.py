@@ -274,6 +274,66 @@ def eval_perplexity(
     }
 
 
+def store_perplexity(
+    model,
+    tokenizer,
+    path,
+    *,
+    batch_size: int,
+    mesh=None,
+    rules=sharding.DEFAULT_RULES,
+    loss_chunk: int = 512,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Perplexity over every row of a token store (`launch.prepare_data`), in order:
+    each token predicts the next one of its own document within the row (a document cut
+    across rows is scored in its pieces, its first token of each piece context only).
+    tokenizer: the model's, checked against the model's vocabulary; the store's vocabulary
+    must fit it too.
+
+    Returns {"perplexity", "loss" (mean nats per predicted token), "tokens" (predicted),
+    "rows", "seq_len", "documents"} (the store's counts)."""
+    store = data.TokenStore(path)
+    seq_len, num_rows = store.manifest.seq_len, store.num_rows
+    if store.manifest.vocab_size > model.config.vocab_size:
+        raise DataError(
+            f"{path} was tokenized with a vocabulary of {store.manifest.vocab_size}, more than "
+            f"the model's {model.config.vocab_size}"
+        )
+    mesh = setup_mesh(model, tokenizer, seq_len, batch_size, mesh, rules)
+    graphdef, state = nnx.split(model)
+    step = _eval_step(graphdef, loss_chunk)
+    total, tokens, pending = 0.0, 0, None
+    for start in range(0, num_rows, batch_size):
+        rows = np.arange(start, min(start + batch_size, num_rows))
+        ids, segments = store.read(rows)
+        # The last batch is padded with empty rows (segment 0: nothing scored).
+        pad = batch_size - len(rows)
+        ids = np.pad(ids.astype(np.int32), ((0, pad), (0, 0)))
+        segments = np.pad(segments.astype(np.int32), ((0, pad), (0, 0)))
+        host = data.row_fields(ids, segments)
+        tokens += int(host["loss_mask"].sum())
+        with sharding.activation_sharding(mesh, rules):
+            out = step(state, on_mesh(host, mesh, rules))
+        if pending is not None:
+            total += float(jax.device_get(pending[0]))
+        pending = out
+        if progress is not None:
+            progress(min(start + batch_size, num_rows), num_rows)
+    if pending is not None:
+        total += float(jax.device_get(pending[0]))
+    if tokens == 0:
+        raise DataError(f"{path} has no tokens to predict")
+    return {
+        "perplexity": math.exp(total / tokens),
+        "loss": total / tokens,
+        "tokens": tokens,
+        "rows": num_rows,
+        "seq_len": seq_len,
+        "documents": int(store.manifest.raw.get("documents", 0)),
+    }
+
+
 def describe(result: dict[str, Any], split: str) -> str:
     """One line saying how a perplexity `result` split, tokenized and windowed its text.
     split: "none", "blank_lines" or "jsonl"."""
