@@ -235,24 +235,17 @@ def eval_perplexity(
         )
     placed = _place(windows, seq_len, pack)
     num_rows = placed[-1][0] + 1
-    graphdef, state = nnx.split(model)
-    step = _eval_step(graphdef, loss_chunk)
-    total, pending, at = 0.0, None, 0
-    for start in range(0, num_rows, batch_size):
+
+    def batches():
         # Rows are built a batch at a time: a small stride makes many of them.
-        first = at
-        while at < len(placed) and placed[at][0] < start + batch_size:
-            at += 1
-        host = _fill_rows(placed[first:at], encoded, start, batch_size, seq_len)
-        with sharding.activation_sharding(mesh, rules):
-            out = step(state, on_mesh(host, mesh, rules))
-        # Fetching the previous batch's sum after dispatching this one keeps the device busy.
-        if pending is not None:
-            total += float(jax.device_get(pending[0]))
-        pending = out
-        if progress is not None:
-            progress(min(start + batch_size, num_rows), num_rows)
-    total += float(jax.device_get(pending[0]))
+        at = 0
+        for start in range(0, num_rows, batch_size):
+            first = at
+            while at < len(placed) and placed[at][0] < start + batch_size:
+                at += 1
+            yield _fill_rows(placed[first:at], encoded, start, batch_size, seq_len)
+
+    total = _summed_loss(model, batches(), num_rows, batch_size, mesh, rules, loss_chunk, progress)
     num_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     words = sum(len(re.split(r"\s+", doc)) for doc in documents)
     return {
@@ -301,27 +294,22 @@ def store_perplexity(
             f"the model's {model.config.vocab_size}"
         )
     mesh = setup_mesh(model, tokenizer, seq_len, batch_size, mesh, rules)
-    graphdef, state = nnx.split(model)
-    step = _eval_step(graphdef, loss_chunk)
-    total, tokens, pending = 0.0, 0, None
-    for start in range(0, num_rows, batch_size):
-        rows = np.arange(start, min(start + batch_size, num_rows))
-        ids, segments = store.read(rows)
-        # The last batch is padded with empty rows (segment 0: nothing scored).
-        pad = batch_size - len(rows)
-        ids = np.pad(ids.astype(np.int32), ((0, pad), (0, 0)))
-        segments = np.pad(segments.astype(np.int32), ((0, pad), (0, 0)))
-        host = data.row_fields(ids, segments)
-        tokens += int(host["loss_mask"].sum())
-        with sharding.activation_sharding(mesh, rules):
-            out = step(state, on_mesh(host, mesh, rules))
-        if pending is not None:
-            total += float(jax.device_get(pending[0]))
-        pending = out
-        if progress is not None:
-            progress(min(start + batch_size, num_rows), num_rows)
-    if pending is not None:
-        total += float(jax.device_get(pending[0]))
+    counted = []
+
+    def batches():
+        for start in range(0, num_rows, batch_size):
+            rows = np.arange(start, min(start + batch_size, num_rows))
+            ids, segments = store.read(rows)
+            # The last batch is padded with empty rows (segment 0: nothing scored).
+            pad = batch_size - len(rows)
+            ids = np.pad(ids.astype(np.int32), ((0, pad), (0, 0)))
+            segments = np.pad(segments.astype(np.int32), ((0, pad), (0, 0)))
+            host = data.row_fields(ids, segments)
+            counted.append(int(host["loss_mask"].sum()))
+            yield host
+
+    total = _summed_loss(model, batches(), num_rows, batch_size, mesh, rules, loss_chunk, progress)
+    tokens = sum(counted)
     if tokens == 0:
         raise DataError(f"{path} has no tokens to predict")
     return {
@@ -332,6 +320,26 @@ def store_perplexity(
         "seq_len": seq_len,
         "documents": int(store.manifest.raw.get("documents", 0)),
     }
+
+
+def _summed_loss(model, batches, num_rows, batch_size, mesh, rules, loss_chunk, progress):
+    """The summed token loss of `batches` (host dicts of `data.FIELDS`, `batch_size`
+    rows each, `num_rows` in all) on `mesh`; progress(done, total) counts rows."""
+    graphdef, state = nnx.split(model)
+    step = _eval_step(graphdef, loss_chunk)
+    total, pending = 0.0, None
+    for i, host in enumerate(batches):
+        with sharding.activation_sharding(mesh, rules):
+            out = step(state, on_mesh(host, mesh, rules))
+        # Fetching the previous batch's sum after dispatching this one keeps the device busy.
+        if pending is not None:
+            total += float(jax.device_get(pending[0]))
+        pending = out
+        if progress is not None:
+            progress(min((i + 1) * batch_size, num_rows), num_rows)
+    if pending is not None:
+        total += float(jax.device_get(pending[0]))
+    return total
 
 
 def describe(result: dict[str, Any], split: str) -> str:
