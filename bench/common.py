@@ -411,12 +411,12 @@ def heldout_scorer(s: dict, eval_data: str, tok: str, teacher: str, batches: int
     from llama_jax import distill, formats, nn, train
 
     ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
-    su = train.setup(ev, formats.ModelDir.open(teacher).config)
-    rows = [next(su.iterator) for _ in range(batches)]
+    setup = train.setup(ev, formats.ModelDir.open(teacher).config)
+    rows = [next(setup.iterator) for _ in range(batches)]
 
     def score(path):
         model_dir = formats.ModelDir.open(path)
-        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        graphdef, abstract = model_dir.abstract(setup.mesh, setup.rules)
         params = model_dir.load_params(abstract)
         return distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, rows), params
 

@@ -98,12 +98,12 @@ def quality(model_path: str, eval_data: str) -> dict:
     c.data.path, c.data.format, c.data.seq_len, c.data.global_batch = eval_data, "jsonl", 128, 16
     found = model_dir.tokenizer_path
     c.data.tokenizer = found or ""
-    su = train.setup(c, config)
-    batches = [next(su.iterator) for _ in range(8)]
+    setup = train.setup(c, config)
+    batches = [next(setup.iterator) for _ in range(8)]
     out = {}
     for mode in (None, "int8"):
-        graphdef, abstract = nn.abstract_params(config, su.mesh, **compress.model_kwargs(mode))
-        float_abstract = nn.abstract_params(config, su.mesh)[1]
+        graphdef, abstract = nn.abstract_params(config, setup.mesh, **compress.model_kwargs(mode))
+        float_abstract = nn.abstract_params(config, setup.mesh)[1]
         params = model_dir.load_params(float_abstract)
         if mode:
             params = compress.quantize_params(params)

@@ -239,13 +239,13 @@ def run(args, workdir: str) -> dict:
     say("scoring held-out perplexity")
     ev = demo.run_config("train", s, eval_data, tok, 1, s["teacher"])
     ev.data.format = "jsonl" if eval_data.endswith((".jsonl", ".json")) else "text"
-    su = train.setup(ev, dense)
-    batches = [next(su.iterator) for _ in range(8)]
+    setup = train.setup(ev, dense)
+    batches = [next(setup.iterator) for _ in range(8)]
     rows = []
     for name, path in runs.items():
         model_dir = formats.ModelDir.open(path)
         config = model_dir.config
-        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        graphdef, abstract = model_dir.abstract(setup.mesh, setup.rules)
         params = model_dir.load_params(abstract)
         nonzero = sum(int((v != 0).sum()) for v in tree.flatten(params).values())
         ppl = distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, batches)

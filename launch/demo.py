@@ -205,11 +205,11 @@ def run(workdir: str, scale: str) -> dict:
     say("scoring held-out perplexity")
     ev = run_config("train", s, eval_data, tok_path, 1, s["student"])
     model_dirs = {name: formats.ModelDir.open(path) for name, path in runs.items()}
-    su = train.setup(ev, model_dirs["teacher"].config)
-    batches = [next(su.iterator) for _ in range(8)]
+    setup = train.setup(ev, model_dirs["teacher"].config)
+    batches = [next(setup.iterator) for _ in range(8)]
     results = {}
     for name, model_dir in model_dirs.items():
-        graphdef, abstract = model_dir.abstract(su.mesh, su.rules)
+        graphdef, abstract = model_dir.abstract(setup.mesh, setup.rules)
         params = model_dir.load_params(abstract)
         ppl = distill.heldout_perplexity(nn.make_eval_step(graphdef, 64), params, batches)
         model = model_dir.load()

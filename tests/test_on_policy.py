@@ -97,16 +97,16 @@ def test_samples_follow_the_current_student_and_a_resume_replays_them(tmp_path, 
     # llama_jax.generate's on the parameters the checkpoint holds.
     rc = DistillConfig.of(cfg)
     recipe = distill.Distillation(rc)
-    su = train.setup(rc, recipe.model_config)
-    recipe.build(su)
-    recipe.check(su)
-    recipe.load(su, None)
+    setup = train.setup(rc, recipe.model_config)
+    recipe.build(setup)
+    recipe.check(setup)
+    recipe.load(setup, None)
     config = ModelDir.open(work).config
     model, _ = model_dir.load_model(work / "checkpoints" / "2")
     state = _state(work / "checkpoints" / "2")
     state = TrainState(state["step"], state["params"], state["opt_state"])
-    batch = recipe.prepare(2, state, next(su.iterator))
-    tok = su.tokenizer
+    batch = recipe.prepare(2, state, next(setup.iterator))
+    tok = setup.tokenizer
     ids = [tok.encode(texts[(2 * 8 + r) % 8]) for r in range(8)]
     want = generate.generate(model, ids, max_new_tokens=8, eos_ids=config.eos_token_ids)
     got = np.asarray(batch["tokens"])[:, 24:]
@@ -115,7 +115,7 @@ def test_samples_follow_the_current_student_and_a_resume_replays_them(tmp_path, 
         n = int(mask[row].sum())
         assert n == len(want[row])
         assert got[row, :n].tolist() == want[row]
-    again = recipe.prepare(2, state, next(su.iterator))
+    again = recipe.prepare(2, state, next(setup.iterator))
     chex.assert_trees_all_equal(batch, again)
 
     # A run that loses its last checkpoint resamples the same tokens: equal states.

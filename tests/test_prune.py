@@ -249,10 +249,12 @@ def test_training_prunes_and_masks_survive_checkpoints_and_export(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints", save_every=2, keep=3)
     run_cfg = RunConfig.of(cfg)
     recipe = train.FullTraining(run_cfg)
-    su = train.setup(run_cfg, recipe.model_config)
-    _, _, abstract = train_step.abstract_model(su.model_config, run_cfg.model, su.mesh, su.rules)
-    tx = optim.build_optimizer(su.opt_cfg, run_cfg.prune, abstract)
-    shardings = train_step.state_shardings(abstract, tx, su.mesh)
+    setup = train.setup(run_cfg, recipe.model_config)
+    _, _, abstract = train_step.abstract_model(
+        setup.model_config, run_cfg.model, setup.mesh, setup.rules
+    )
+    tx = optim.build_optimizer(setup.opt_cfg, run_cfg.prune, abstract)
+    shardings = train_step.state_shardings(abstract, tx, setup.mesh)
     mask_sh = prune.find_state(shardings.opt_state).masks["layers"]["mlp"]["up_proj"]["kernel"]
     assert mask_sh.spec == abstract["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
     step, state, _ = ckpt.restore(train_step.abstract_train_state(abstract, tx, shardings))

@@ -279,17 +279,17 @@ def write_teacher_logits(
     if out_dir.exists() and any(out_dir.iterdir()):
         saved = logit_cache.read_metadata(out_dir)
 
-    su = train.setup(cfg, teacher_config)
+    setup = train.setup(cfg, teacher_config)
     b, t = cfg.data.global_batch, cfg.data.seq_len
-    out_sh = logit_cache.records_sharding(su.batch_sh, whole_rows=True)
+    out_sh = logit_cache.records_sharding(setup.batch_sh, whole_rows=True)
     parts = logit_cache.row_parts(out_sh, (b, t, layout.record_bytes))
     meta = _metadata(cfg, layout, steps, steps_per_shard, parts, saved, out_dir)
     micro = cfg.train.grad_accum
-    rows_per_device = b // micro // sharding.axis_size(su.mesh, su.rules, "batch")
+    rows_per_device = b // micro // sharding.axis_size(setup.mesh, setup.rules, "batch")
     chunk = chunk or default_chunk(t, layout.vocab_size, rows_per_device)
 
     graphdef, params, meta["teacher"]["fingerprint"] = recipe.load_teacher(
-        cfg, teacher, su.mesh, su.rules
+        cfg, teacher, setup.mesh, setup.rules
     )
     if saved is not None:
         why = formats.fingerprint_mismatch(
@@ -307,20 +307,20 @@ def write_teacher_logits(
     cache = logit_cache.LogitCache(out_dir)
     mine = parts[jax.process_index()]
     todo, owed = _steps_to_compute(cache, mine)
-    shards = _Shards(cache, mine, owed, logit_cache.local_rows(su.iterator.sharding, (b, t)))
+    shards = _Shards(cache, mine, owed, logit_cache.local_rows(setup.iterator.sharding, (b, t)))
 
     fn = jax.jit(
         records_fn(graphdef, layout, chunk=chunk, micro=micro),
-        in_shardings=(jax.tree.map(lambda x: x.sharding, params), su.batch_sh, su.batch_sh),
+        in_shardings=(jax.tree.map(lambda x: x.sharding, params), setup.batch_sh, setup.batch_sh),
         out_shardings=out_sh,
     )
     flops = matmul_flops_per_token(teacher_config, t) / 3
     throughput, pending, logged, timed_from = None, None, 1, time.perf_counter()
-    with sharding.activation_sharding(su.mesh, su.rules):
+    with sharding.activation_sharding(setup.mesh, setup.rules):
         for i, step in enumerate(todo, 1):
-            local = su.iterator.local_batch(step)
+            local = setup.iterator.local_batch(step)
             tokens, segment_ids = (
-                jax.make_array_from_process_local_data(su.iterator.sharding, local[k], (b, t))
+                jax.make_array_from_process_local_data(setup.iterator.sharding, local[k], (b, t))
                 for k in ("tokens", "segment_ids")
             )
             out = fn(params, tokens, segment_ids)

@@ -261,7 +261,7 @@ class Distillation(train.Recipe):
         dtype = jnp.dtype(self.cfg.model.param_dtype)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(p.mesh, spec))
 
-    def check(self, su: train.Setup) -> None:
+    def check(self, setup: train.Setup) -> None:
         cfg = self.cfg
         if cfg.lora is not None and not cfg.model.model_dir:
             raise ConfigError(
@@ -269,19 +269,19 @@ class Distillation(train.Recipe):
                 "the adapters are trained on"
             )
         if self.cache is not None:
-            su.iterator = logit_cache.CachedBatches(su.iterator, self.cache, cfg.train.steps)
+            setup.iterator = logit_cache.CachedBatches(setup.iterator, self.cache, cfg.train.steps)
         self.prompt_file = None
         if self.on_policy is not None and self.on_policy.prompts:
             self.prompt_file = on_policy.PromptFile(
                 self.on_policy.prompts,
                 self.on_policy.prompt_field,
-                su.tokenizer,
+                setup.tokenizer,
                 prompt_len=cfg.data.seq_len - self.on_policy.max_new_tokens,
-                batch_sh=su.batch_sh,
+                batch_sh=setup.batch_sh,
                 global_batch=cfg.data.global_batch,
             )
 
-    def load(self, su: train.Setup, saved: Mapping[str, Any] | None):
+    def load(self, setup: train.Setup, saved: Mapping[str, Any] | None):
         cfg = self.cfg
         self.generation = {
             "seconds": 0.0,
@@ -294,7 +294,7 @@ class Distillation(train.Recipe):
         if cfg.distill.eval_path:
             eval_cfg = dataclasses.replace(cfg.data, path=cfg.distill.eval_path)
             iterator = data.DataIterator(
-                eval_cfg, su.tokenizer, su.batch_sh, vocab_size=self.model_config.vocab_size
+                eval_cfg, setup.tokenizer, setup.batch_sh, vocab_size=self.model_config.vocab_size
             )
             self.eval_batches = [next(iterator) for _ in range(cfg.distill.eval_batches)]
         self.base = None
@@ -327,13 +327,13 @@ class Distillation(train.Recipe):
         params = {k: v for k, v in params.items() if k != PROJECTION}
         return params if self.base is None else compress.combine(self.base, params)
 
-    def initial_params(self, su: train.Setup):
+    def initial_params(self, setup: train.Setup):
         """The student (random, a model directory, or a subset of the teacher's layers)
         and, with a feature projection, the projection."""
-        params = self._initial_student(su)
+        params = self._initial_student(setup)
         if self.features is None or not self.features.projected:
             return params
-        abstract = self._abstract_projection(su)
+        abstract = self._abstract_projection(setup)
         m, d_in, d_out = abstract.shape
 
         def init():
@@ -347,23 +347,23 @@ class Distillation(train.Recipe):
         kernel = jax.jit(init, out_shardings=abstract.sharding)()
         return params | {PROJECTION: {"kernel": kernel}}
 
-    def _initial_student(self, su: train.Setup):
+    def _initial_student(self, setup: train.Setup):
         cfg = self.cfg
         if cfg.lora is not None:
             return compress.init_adapters(self.make_model, self.abstract_adapters)
         if cfg.structured is not None:
             _, abstract = nn.abstract_params(
-                self.model_config, su.mesh, su.rules, **cfg.model.kwargs()
+                self.model_config, setup.mesh, setup.rules, **cfg.model.kwargs()
             )
             return formats.load_or_prune(
-                epath.Path(su.workdir) / "pruned_student",
+                epath.Path(setup.workdir) / "pruned_student",
                 cfg.structured,
                 self.teacher_config,
                 self.teacher_params,
                 abstract,
-                tokenizer=su.tokenizer,
-                mesh=su.mesh,
-                rules=su.rules,
+                tokenizer=setup.tokenizer,
+                mesh=setup.mesh,
+                rules=setup.rules,
                 run_data=cfg.data,
                 dtype=jnp.dtype(cfg.teacher.dtype),
                 teacher_source=str(cfg.teacher.model_dir),
@@ -371,12 +371,12 @@ class Distillation(train.Recipe):
             )
         if not cfg.model.teacher_layers:
             return train.initial_params(
-                self.model_dir, cfg.model, self.make_model, su.mesh, su.rules
+                self.model_dir, cfg.model, self.make_model, setup.mesh, setup.rules
             )
         teacher_layers = len_layers(self.teacher_params)
         layers = jnp.asarray(parse_layer_map(cfg.model.teacher_layers, teacher_layers))
         _, abstract = nnx.split(nnx.eval_shape(self.make_model))
-        target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, su.mesh, su.rules))
+        target_sh = nnx.to_pure_dict(sharding.state_shardings(abstract, setup.mesh, setup.rules))
         dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(abstract))
 
         def pick(params):

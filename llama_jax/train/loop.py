@@ -128,13 +128,13 @@ class Recipe:
     def build(self, p: Plan) -> Step:
         raise NotImplementedError
 
-    def check(self, su: Setup) -> None:
+    def check(self, setup: Setup) -> None:
         return None
 
-    def load(self, su: Setup, saved: Mapping[str, Any] | None):
+    def load(self, setup: Setup, saved: Mapping[str, Any] | None):
         return None
 
-    def initial_params(self, su: Setup):
+    def initial_params(self, setup: Setup):
         raise NotImplementedError
 
     def prepare(self, step: int, state: TrainState, batch):
@@ -189,8 +189,10 @@ class FullTraining(Recipe):
         )
         return jit_step(step_fn, tx, p, abstract)
 
-    def initial_params(self, su: Setup):
-        return initial_params(self.model_dir, self.cfg.model, self.make_model, su.mesh, su.rules)
+    def initial_params(self, setup: Setup):
+        return initial_params(
+            self.model_dir, self.cfg.model, self.make_model, setup.mesh, setup.rules
+        )
 
 
 class Lora(Recipe):
@@ -235,10 +237,10 @@ class Lora(Recipe):
         )
         return jit_step(step_fn, tx, p, adapters, base, "frozen base")
 
-    def load(self, su: Setup, saved: Mapping[str, Any] | None):
+    def load(self, setup: Setup, saved: Mapping[str, Any] | None):
         return load_lora_base(self.base, self.abstract_base, self.lora_meta, saved)
 
-    def initial_params(self, su: Setup):
+    def initial_params(self, setup: Setup):
         return compress.init_adapters(self.make_model, self.abstract_adapters)
 
     def meta(self) -> dict[str, Any]:
@@ -322,21 +324,21 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     """
     cfg = RunConfig.of(cfg)
     recipe = recipe or recipe_for(cfg)
-    su = setup(cfg, recipe.model_config)
-    step = recipe.build(su)
-    recipe.check(su)
+    prepared = setup(cfg, recipe.model_config)
+    step = recipe.build(prepared)
+    recipe.check(prepared)
 
     workdir, ckpt = open_run(cfg, workdir, inputs=recipe.inputs())
-    su.workdir = workdir
+    prepared.workdir = workdir
     saved = None
     if ckpt.latest_step() is not None:
         saved = formats.latest_meta(workdir)
         recipe.check_resumable(saved.get("config", {}))
-    frozen = recipe.load(su, saved)
+    frozen = recipe.load(prepared, saved)
     if saved is not None:
-        state = resume(ckpt, su.iterator, step)
+        state = resume(ckpt, prepared.iterator, step)
     else:
-        state, _ = init_state(recipe.initial_params(su), step.tx, su.mesh)
+        state, _ = init_state(recipe.initial_params(prepared), step.tx, prepared.mesh)
     if jax.process_index() == 0:
         write_json(workdir / "config.json", cfg.raw)
 
@@ -350,19 +352,19 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
 
     def meta() -> dict[str, Any]:
         return {
-            "data": su.iterator.state(),
+            "data": prepared.iterator.state(),
             "config": cfg.raw,
             "model": recipe.model_config.to_dict(),
             **recipe.meta(),
         }
 
-    with sharding.activation_sharding(su.mesh, su.rules):
+    with sharding.activation_sharding(prepared.mesh, prepared.rules):
         return loop(
             cfg,
             workdir,
             state,
             step_fn,
-            su.iterator,
+            prepared.iterator,
             ckpt,
             meta,
             flops_per_token=recipe.flops_per_token(),
