@@ -14,6 +14,7 @@ from llama_jax.data.pipeline import (
     read_text,
     row_fields,
 )
+from llama_jax.data.prefetch import Prefetcher
 from llama_jax.data.prepare import prepare_store
 from llama_jax.data.store import TokenStore, is_store, tokenizer_fingerprint
 from llama_jax.data.tokenizer import Tokenizer
@@ -26,6 +27,7 @@ __all__ = [
     "FORMATS",
     "PACK_MODES",
     "packer",
+    "Prefetcher",
     "is_store",
     "parse_sources",
     "prepare_store",

@@ -31,7 +31,8 @@ from those. Text and JSONL sources are still read, tokenized and packed whole on
 hint says so for files over 100 MB); 2-D tokens files are read row by row on each host (memory
 mapped locally, one read per row on remote file systems such as gs://). A store's rows are read
 by range, rows adjacent in a shard in one read, many reads in flight at once on a thread pool,
-and `DataConfig.prefetch` batches ahead of the one in use are read in the background.
+and `DataConfig.prefetch` batches ahead of the one in use are read in the background and
+placed on the devices there too, so `next` only hands over arrays that are already in place.
 """
 
 from __future__ import annotations
@@ -189,7 +190,11 @@ class DataIterator:
             # The batch maker holds no reference to the iterator, so that dropping the iterator
             # (without close()) ends its threads too.
             make = functools.partial(
-                _store_batch, self._mixture, self._local_positions, self._reads
+                _store_batch,
+                self._mixture,
+                self._local_positions,
+                self._reads,
+                functools.partial(_place, sharding, self._global_shape),
             )
             self._prefetcher = Prefetcher(make, config.prefetch)
             self._finalizer = weakref.finalize(self, _shutdown, self._prefetcher, self._reads)
@@ -237,25 +242,32 @@ class DataIterator:
         in increasing global batch index (b = B when one process addresses every device)."""
         if not _is_int(step) or step < 0:
             raise DataError(f"step={step!r}; expected an integer >= 0")
-        if self._prefetcher is not None:
-            return self._prefetcher.get(step)
-        positions = step * self.config.global_batch + self._local_positions
-        return row_fields(*self._rows.read(self._row_ids(positions)))
+        return self._made(step).local
 
     def __iter__(self) -> DataIterator:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
-        batch = self.local_batch(self._step)
+        return self.take()[1]
+
+    def take(self) -> tuple[dict[str, np.ndarray], dict[str, jax.Array]]:
+        """The next batch both as this process's rows (`local_batch`) and as the global arrays
+        `next` gives; advances by one step."""
+        made = self._made(self._step)
         self._step += 1
         if self._mixture is not None and len(self.config.sources) > 1:
             if self._step % _MIXTURE_LOG_EVERY == 0:
                 seen = ", ".join(f"{p}: {n:,}" for p, n in self.source_tokens().items())
                 logging.info("data: tokens seen per source after %d steps: %s", self._step, seen)
-        return {
-            name: jax.make_array_from_process_local_data(self.sharding, local, self._global_shape)
-            for name, local in batch.items()
-        }
+        if made.placed is not None:
+            return made.local, made.placed
+        return made.local, _place(self.sharding, self._global_shape, made.local)
+
+    def _made(self, step: int) -> _Batch:
+        if self._prefetcher is not None:
+            return self._prefetcher.get(step)
+        positions = step * self.config.global_batch + self._local_positions
+        return _Batch(row_fields(*self._rows.read(self._row_ids(positions))), None)
 
     def _row_ids(self, positions: np.ndarray) -> np.ndarray:
         """Source rows at these positions of the endless sequence of epoch permutations."""
@@ -295,12 +307,35 @@ def row_fields(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndar
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    """A process's rows of one batch (`local`) and, when made ahead, the global arrays already
+    placed on the devices (`placed`)."""
+
+    local: dict[str, np.ndarray]
+    placed: dict[str, jax.Array] | None
+
+
+def _place(
+    sharding: Sharding, shape: tuple[int, int], local: Mapping[str, np.ndarray]
+) -> dict[str, jax.Array]:
+    return {
+        name: jax.make_array_from_process_local_data(sharding, rows, shape)
+        for name, rows in local.items()
+    }
+
+
 def _store_batch(
-    stores: mixture.Mixture, positions: np.ndarray, reads: ThreadPoolExecutor, step: int
-) -> dict[str, np.ndarray]:
-    """A process's rows of batch `step` of a store or mixture, all `FIELDS` made (on a prefetch
-    thread, so the training thread only places them on its devices)."""
-    return row_fields(*stores.read(step, positions, reads))
+    stores: mixture.Mixture,
+    positions: np.ndarray,
+    reads: ThreadPoolExecutor,
+    place: Any,
+    step: int,
+) -> _Batch:
+    """A process's rows of batch `step` of a store or mixture, all `FIELDS` made and placed on
+    the devices (on a prefetch thread, so the training thread only takes the arrays)."""
+    local = row_fields(*stores.read(step, positions, reads))
+    return _Batch(local, place(local))
 
 
 def _shutdown(prefetcher: Prefetcher, reads: ThreadPoolExecutor) -> None:

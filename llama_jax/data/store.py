@@ -171,6 +171,15 @@ class Manifest:
     def row_dtype(self) -> np.dtype:
         return row_dtype(self.seq_len, self.token_dtype)
 
+    @property
+    def digest(self) -> str:
+        """sha256 over the shards' names and checksums, in order: the same exactly when the
+        store's rows are."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(f"{shard.name}:{shard.sha256}\n".encode())
+        return h.hexdigest()
+
     @classmethod
     def from_json(cls, raw: Mapping[str, Any], where: str) -> Manifest:
         if not isinstance(raw, Mapping) or raw.get("format") != FORMAT:

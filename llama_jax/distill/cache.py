@@ -24,10 +24,12 @@ Any process of any later run reads any rows: `LogitCache.read(step, rows)`, or
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
+import weakref
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -107,11 +109,18 @@ def norm_path(path: str) -> str:
 
 def data_settings(config: data.DataConfig) -> dict[str, Any]:
     """What a cache records about its data: the settings that decide each batch's
-    tokens (`DATA_KEYS`, the path made absolute) and the data file's size."""
+    tokens (`DATA_KEYS`, the path made absolute), the data file's size, and for token stores
+    the mixture's sources and each store's digest (`data.TokenStore.manifest.digest`)."""
     out = {k: getattr(config, k) for k in DATA_KEYS}
-    out["path"] = norm_path(config.path)
-    path = epath.Path(out["path"])
-    out["bytes"] = path.stat().length if path.exists() else None
+    out["path"] = norm_path(config.path) if config.path else ""
+    out["sources"] = [[norm_path(p), w] for p, w in config.sources]
+    out["bytes"] = out["stores"] = None
+    if config.format == "store":
+        specs = [p for p, _ in config.sources] or [config.path]
+        out["stores"] = [data.TokenStore(p).manifest.digest for p in specs]
+    else:
+        path = epath.Path(out["path"])
+        out["bytes"] = path.stat().length if path.exists() else None
     return out
 
 
@@ -312,8 +321,12 @@ class LogitCache:
         Returns readable differences, empty when none."""
         out = []
         saved, now = self.meta["data"], data_settings(data_config)
-        for key in (*DATA_KEYS, "bytes"):
-            if key == "bytes" and (saved.get(key) is None or now[key] is None):
+        for key in (*DATA_KEYS, "sources", "bytes", "stores"):
+            # A file's size is compared when both sides know it; caches that predate the
+            # sources and stores keys have neither.
+            if key in ("bytes", "stores") and (saved.get(key) is None or now[key] is None):
+                continue
+            if key == "sources" and key not in saved:
                 continue
             if saved.get(key) != now[key]:
                 out.append(f"data.{key}: cache {saved.get(key)!r}, run {now[key]!r}")
@@ -356,6 +369,11 @@ class CachedBatches:
         self.sharding = records_sharding(iterator.sharding)
         self._shape = (b, t, cache.layout.record_bytes)
         self.local_batch(iterator.state()["step"])
+        # The records of the next `prefetch` steps are read and placed in the background, as
+        # the iterator's batches are. The maker holds no reference to self (see DataIterator).
+        make = functools.partial(_placed_records, cache, self._rows, self.sharding, self._shape)
+        self._ahead = data.Prefetcher(make, iterator.config.prefetch)
+        self._finalizer = weakref.finalize(self, self._ahead.close)
 
     def state(self) -> dict[str, int]:
         return self.iterator.state()
@@ -363,17 +381,15 @@ class CachedBatches:
     def restore(self, state: Mapping[str, int]) -> None:
         self.iterator.restore(state)
 
+    def close(self) -> None:
+        self._finalizer()
+        self.iterator.close()
+
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of batch `step`: the iterator's fields and `RECORDS`."""
         batch = self.iterator.local_batch(step)
         records, crc = self.cache.read(step, self._rows)
-        bad = np.flatnonzero(crc != tokens_crc32(batch["tokens"]))
-        if bad.size:
-            raise DataError(
-                f"batch {step}, row {int(self._rows[bad[0]])}: its tokens are not the ones the "
-                f"cache at {self.cache.directory} was written for; the data file changed, or "
-                "the cache belongs to other data"
-            )
+        self._check_tokens(step, batch["tokens"], crc)
         return batch | {RECORDS: records}
 
     def __iter__(self) -> CachedBatches:
@@ -381,14 +397,25 @@ class CachedBatches:
 
     def __next__(self) -> dict[str, jax.Array]:
         step = self.iterator.state()["step"]
-        local = self.local_batch(step)
-        self.iterator.restore({"step": step + 1})
-        out = {
-            name: jax.make_array_from_process_local_data(self.iterator.sharding, x, self._shape[:2])
-            for name, x in local.items()
-            if name != RECORDS
-        }
-        out[RECORDS] = jax.make_array_from_process_local_data(
-            self.sharding, local[RECORDS], self._shape
-        )
-        return out
+        local, placed = self.iterator.take()
+        records, crc = self._ahead.get(step)
+        self._check_tokens(step, local["tokens"], crc)
+        return placed | {RECORDS: records}
+
+    def _check_tokens(self, step: int, tokens: np.ndarray, crc: np.ndarray) -> None:
+        bad = np.flatnonzero(crc != tokens_crc32(tokens))
+        if bad.size:
+            raise DataError(
+                f"batch {step}, row {int(self._rows[bad[0]])}: its tokens are not the ones the "
+                f"cache at {self.cache.directory} was written for; the data file changed, or "
+                "the cache belongs to other data"
+            )
+
+
+def _placed_records(
+    cache: LogitCache, rows: Sequence[int], sharding: Sharding, shape: tuple, step: int
+) -> tuple[jax.Array, np.ndarray]:
+    """Batch `step`'s records of this process's rows, placed as the global uint8[B, T, R]
+    array, and the rows' tokens_crc32."""
+    records, crc = cache.read(step, rows)
+    return jax.make_array_from_process_local_data(sharding, records, shape), crc
