@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
+
 from llama_jax.errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -247,12 +249,12 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path) -> LlamaConfig:
-        """Reads either a project config.json or a Hugging Face config.json."""
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        """Reads either a project config.json or a Hugging Face config.json (local, or any
+        file system etils.epath reads, such as gs://)."""
+        try:
+            d = json.loads(epath.Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds a {type(d).__name__}; expected a JSON object")
         if "hidden_size" in d or "model_type" in d or "architectures" in d:

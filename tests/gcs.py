@@ -37,8 +37,9 @@ def free_port() -> int:
 
 
 class Emulator:
-    """The emulator and its proxy in a child process; on entry sets STORAGE_EMULATOR_HOST (to the
-    proxy) and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, and restores them on exit."""
+    """The emulator and its proxy in a child process. On entry it sets STORAGE_EMULATOR_HOST (to
+    the proxy), TensorStore's endpoint and token (for Orbax) and
+    GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false; on exit it restores them."""
 
     def __init__(self, latency_ms: float = 30.0, bucket: str = BUCKET):
         self.latency_ms = latency_ms
@@ -67,7 +68,12 @@ class Emulator:
         if line.strip() != "ready":
             self._proc.kill()
             raise RuntimeError(f"the GCS emulator did not start: {line!r}")
-        env = ENV | {"STORAGE_EMULATOR_HOST": self.endpoint}
+        env = ENV | {
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            # Orbax reads and writes gs:// through TensorStore, which has its own GCS client.
+            "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        }
         for key, value in env.items():
             self._saved[key] = os.environ.get(key)
             os.environ[key] = value
@@ -87,12 +93,16 @@ class Emulator:
             self._proc.wait()
 
     def upload(self, local_dir: str, remote: str) -> None:
-        """Copies the files of `local_dir` to gs://`remote`/ straight to the emulator (without
-        the latency)."""
+        """Copies the files under `local_dir` (subdirectories too) to gs://`remote`/ straight
+        to the emulator (without the latency)."""
         import gcsfs
 
         fs = gcsfs.GCSFileSystem(endpoint_url=f"http://127.0.0.1:{self.port}", token="anon")
-        names = sorted(n for n in os.listdir(local_dir) if os.path.isfile(f"{local_dir}/{n}"))
+        names = sorted(
+            os.path.relpath(os.path.join(root, f), local_dir)
+            for root, _, files in os.walk(local_dir)
+            for f in files
+        )
         # Many at once (gcsfs uploads a dict concurrently), in batches of bounded memory.
         batch, size = {}, 0
         for name in names:
@@ -102,6 +112,10 @@ class Emulator:
             if size > 64 << 20 or name == names[-1]:
                 fs.pipe(batch)
                 batch, size = {}, 0
+        # The file systems this process already uses cache listings: forget them, as a new
+        # process would start without them.
+        for instance in list(gcsfs.GCSFileSystem._cache.values()):
+            instance.invalidate_cache()
 
     def stats(self) -> dict[str, int]:
         """{"requests": passed on so far, "max_in_flight": the most at once}; `reset` too."""

@@ -540,28 +540,52 @@ def _params(workdir, step):
 
 @pytest.mark.parametrize("kind", ["store", "mixture"])
 def test_training_from_a_store_or_a_mixture_resumes_bit_for_bit(built, second, tmp_path, kind):
-    """A run reads a store (no tokenizer needed) or a 0.75 / 0.25 mixture of two; stopped
-    at step 2 and rerun to step 4 it ends with the parameters of a straight 4-step run."""
+    """A run reads a store (no tokenizer needed) or a 0.75 / 0.25 mixture of two. The
+    command, killed with SIGKILL once its step-4 checkpoint is committed and rerun to step 12,
+    ends with the parameters of a straight 12-step run."""
     from llama_jax import distill
 
     first, _ = built
     mix = {"path": "", "sources": f"{first}:0.75,{second}:0.25"}
     data = {"path": str(first)} if kind == "store" else mix
-    straight = distill.run(_train_config(4, **data), str(tmp_path / "straight"))
-    distill.run(_train_config(2, **data), str(tmp_path / "resumed"))
-    resumed = distill.run(_train_config(4, **data), str(tmp_path / "resumed"))
+    steps = 12
+    straight = distill.run(_train_config(steps, **data), str(tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    flags = [f"--config.data.{k}={v}" for k, v in data.items()] + [
+        f"--config.data.seq_len={T}",
+        "--config.data.global_batch=8",
+        "--config.data.tokenizer=",
+        f"--config.train.steps={steps}",
+        "--config.checkpoint.save_every=4",
+        "--config.checkpoint.async_save=false",
+    ]
+    cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py", f"--workdir={killed}"]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_DEFAULT_MATMUL_PRECISION="highest")
+    proc = subprocess.Popen(
+        cmd + flags, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    marker = killed / "checkpoints" / "4" / "commit_success.txt"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    _, err = proc.communicate()
+    assert marker.exists(), err.decode()[-3000:]
+    assert not (killed / "checkpoints" / str(steps)).exists()
+
+    resumed = distill.run(_train_config(steps, **data), str(killed))
     assert resumed["loss"] == straight["loss"]
-    for a, b in zip(
-        _params(tmp_path / "straight", 4), _params(tmp_path / "resumed", 4), strict=True
-    ):
+    for a, b in zip(_params(tmp_path / "straight", steps), _params(killed, steps), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     if kind == "mixture":
         logged = [json.loads(x) for x in open(tmp_path / "straight" / "metrics.jsonl")]
         last = [r for r in logged if "loss" in r][-1]
-        assert last[f"tokens/{first}"] == 4 * 6 * T and last[f"tokens/{second}"] == 4 * 2 * T
+        assert last[f"tokens/{first}"] == steps * 6 * T
+        assert last[f"tokens/{second}"] == steps * 2 * T
 
 
-def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path, capsys, monkeypatch):
+def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
     """evals.store_perplexity scores each row's tokens against the next one of their own
     document: the same sum as the training loss over all rows at once; launch.evaluate
     --data=STORE reports it."""
@@ -583,9 +607,6 @@ def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path, cap
     assert got["perplexity"] == pytest.approx(math.exp(float(total) / float(count)), rel=1e-5)
 
     # The command: a converted model directory and the store, one JSON line.
-    from launch import common
-    from launch import evaluate as cli
-
     model_dir = tmp_path / "model"
     state = nnx.to_pure_dict(nnx.state(model))
     formats.write_model_dir(
@@ -595,20 +616,33 @@ def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path, cap
         metadata={},
         files={"tokenizer.json": os.path.join(TOKENIZER_DIR, "tokenizer.json")},
     )
-    from absl import flags
-
-    flags.FLAGS.unparse_flags()
-    monkeypatch.setattr(common, "init_distributed", lambda: None)
-    monkeypatch.setattr(common, "quiet_logs", lambda: None)
     argv = ["evaluate", f"--model_dir={model_dir}", f"--data={first}", "--dtype=float32"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exit_info:
-        common.run(cli.main)
-    assert exit_info.value.code in (0, None)
-    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    result = json.loads(line)
+    result = _evaluate_cli(argv)
     assert result["split"] == "store" and result["tokens"] == got["tokens"]
     assert result["perplexity"] == pytest.approx(got["perplexity"], rel=1e-4)
+
+
+def _evaluate_cli(argv):
+    """launch.evaluate's main in this process through the error boundary; its JSON line."""
+    import contextlib
+    import io
+
+    from absl import flags
+
+    from launch import common
+    from launch import evaluate as cli
+
+    flags.FLAGS.unparse_flags()
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(common, "init_distributed", lambda: None)
+        mp.setattr(common, "quiet_logs", lambda: None)
+        mp.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            common.run(cli.main)
+    assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
+    (line,) = [x for x in out.getvalue().splitlines() if x.startswith("{")]
+    return json.loads(line)
 
 
 def test_training_and_perplexity_read_a_store_on_gcs(built, gcs, tok, tmp_path):
@@ -625,3 +659,61 @@ def test_training_and_perplexity_read_a_store_on_gcs(built, gcs, tok, tmp_path):
     model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(0))
     on_gcs = evals.store_perplexity(model, tok, "gs://bucket/store", batch_size=8)
     assert on_gcs == evals.store_perplexity(model, tok, str(built[0]), batch_size=8)
+
+
+def test_distillation_and_evaluation_read_models_and_stores_on_gcs(built, gcs, tok, tmp_path):
+    """On gs:// (the emulator, 30 ms a request): distillation from a Hugging Face teacher
+    directory and a store gives the run of the local copies; the teacher's logit cache written
+    from the remote store holds the records written from the local one; launch.evaluate scores
+    a converted model directory (Orbax weights, tokenizer) against the store as locally."""
+    from flax import nnx
+    from hf_models import make_hf_model
+
+    from configs import distill_tiny
+    from llama_jax import distill, formats, nn
+    from llama_jax.config import get_preset
+    from llama_jax.distill import cache as logit_cache
+    from llama_jax.distill import cache_writer
+
+    teacher = tmp_path / "teacher"
+    make_hf_model(teacher, seed=0, vocab_size=263, num_key_value_heads=1)
+    gcs.upload(str(teacher), "bucket/teacher")
+
+    def cfg(teacher_dir, data_path):
+        c = distill_tiny.get_config(teacher_dir)
+        c.data.update(path=data_path, seq_len=T, global_batch=8, tokenizer="")
+        c.train.update(steps=2, log_every=1)
+        c.checkpoint.update(save_every=2, async_save=False)
+        return c
+
+    remote = distill.run(cfg("gs://bucket/teacher", "gs://bucket/store"), str(tmp_path / "r"))
+    local = distill.run(cfg(str(teacher), str(built[0])), str(tmp_path / "l"))
+    assert remote["loss"] == local["loss"] and np.isfinite(remote["loss"])
+
+    for name, data_path in (("rc", "gs://bucket/store"), ("lc", str(built[0]))):
+        cache_writer.write_teacher_logits(
+            cfg(str(teacher), data_path), tmp_path / name, top_k=4, steps_per_shard=2
+        )
+    rc, lc = logit_cache.LogitCache(tmp_path / "rc"), logit_cache.LogitCache(tmp_path / "lc")
+    for step in range(2):
+        np.testing.assert_array_equal(rc.read(step, range(8))[0], lc.read(step, range(8))[0])
+    digest = store.TokenStore(str(built[0])).manifest.digest
+    assert rc.meta["data"]["stores"] == lc.meta["data"]["stores"] == [digest]
+    assert rc.meta["data"]["path"] == "gs://bucket/store"
+
+    model_dir = tmp_path / "model"
+    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3))
+    formats.write_model_dir(
+        model_dir,
+        model.config,
+        formats.handed_out(nnx.to_pure_dict(nnx.state(model))),
+        metadata={},
+        files={"tokenizer.json": os.path.join(TOKENIZER_DIR, "tokenizer.json")},
+    )
+    gcs.upload(str(model_dir), "bucket/model")
+    results = []
+    for where, data_path in (("gs://bucket/model", "gs://bucket/store"), (model_dir, built[0])):
+        argv = ["evaluate", f"--model_dir={where}", f"--data={data_path}", "--dtype=float32"]
+        results.append(_evaluate_cli(argv))
+    assert results[0]["tokens"] == results[1]["tokens"] > 0
+    assert results[0]["perplexity"] == results[1]["perplexity"]

@@ -14,9 +14,11 @@ and pickled tokenizers are never loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -148,7 +150,7 @@ class Tokenizer:
         Special ids are the file's own: a SentencePiece model's, and none for a tokenizer.json
         (use `from_dir` to read them from the model directory's configs).
         """
-        path = os.fspath(path)
+        path = _local_copy(os.fspath(path), (os.path.basename(os.fspath(path)),))
         backend = _load_backend(path)
         bos_id, eos_ids, pad_id = backend.default_special_ids()
         return cls(
@@ -171,7 +173,7 @@ class Tokenizer:
           eos: generation_config.json `eos_token_id` (int or list), tokenizer_config.json
             `eos_token`, config.json `eos_token_id`, the SentencePiece model's own id.
         """
-        model_dir = os.fspath(model_dir)
+        model_dir = _local_copy(os.fspath(model_dir), _DIR_FILES)
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
         for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE):
@@ -377,6 +379,46 @@ class _ModelConfigs:
             where = os.path.join(self._dir, file)
             raise DataError(f"{key} in {where} is {list(ids)}; expected a single id")
         return ids[0]
+
+
+# The files of a model directory a tokenizer is read from.
+_DIR_FILES = (
+    HF_TOKENIZER_FILE,
+    SENTENCEPIECE_FILE,
+    "tokenizer_config.json",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def _local_copy(path: str, names: Sequence[str]) -> str:
+    """`path` itself when local; for a remote file or directory (gs://...), a copy in the local
+    temporary directory (a file: `names` is its own name; a directory: those of `names` it
+    holds), since the tokenizer libraries read local files only. Each file is written under a
+    temporary name and renamed, so processes copying at once never see part of one."""
+    if "://" not in path:
+        return path
+    from etils import epath
+
+    remote = epath.Path(path)
+    key = hashlib.sha256(path.encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), f"llama_jax_tokenizer_{key}")
+    if not remote.exists():
+        raise FileNotFoundError(f"{path!r} does not exist")
+    is_dir = remote.is_dir()
+    sources = [remote / n for n in names] if is_dir else [remote]
+    os.makedirs(local, exist_ok=True)
+    for source in sources:
+        target = os.path.join(local, source.name)
+        if not source.exists():
+            if os.path.exists(target):
+                os.remove(target)
+            continue
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(source.read_bytes())
+        os.replace(tmp, target)
+    return local if is_dir else os.path.join(local, remote.name)
 
 
 def _load_backend(path: str) -> _SentencePiece | _HFTokenizers:

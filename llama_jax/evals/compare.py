@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils.epath import backend as epath_backend
 from flax import nnx
 
 from llama_jax import formats, nn, paths, sharding, tree
@@ -195,6 +196,10 @@ def disk_bytes(model_dir: formats.ModelDir) -> int:
         )
         shapes = {k: v.shape for k, v in tree.flatten(abstract).items()}
         return sum(int(np.prod(shapes[k])) * np.dtype(dt).itemsize for k, dt in dtypes.items())
+    where = str(model_dir.path)
+    if "://" in where:
+        # (epath's walk drops the gs:// of the directories it yields.)
+        return int(epath_backend.fsspec_backend.fs(where).du(where))
     total = 0
     for root, _, files in model_dir.path.walk():
         total += sum((root / f).stat().length for f in files)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+from etils import epath
 
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import CheckpointError, ConfigError
@@ -69,8 +70,8 @@ def _expected_extra(names: Iterable[str], config: LlamaConfig) -> list[str]:
 
 
 def read_hf_config(hf_dir: str) -> LlamaConfig:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(hf_dir) / "config.json"
+    if not path.exists():
         raise CheckpointError(f"{hf_dir} has no config.json")
     try:
         return LlamaConfig.from_json_file(path)

@@ -2,6 +2,9 @@
 and tensors memory-mapped or read a block of rows at a time, and directories of them
 (one file, or shards with an index, as transformers writes them) written streamed.
 
+Files are read from local disk or any file system etils.epath reads (gs://...): there a
+tensor is read by byte range instead of memory-mapped.
+
 Nothing here knows which model the tensors belong to. Only safetensors are read:
 pickled weights (.bin, .pth, ...) can execute code when loaded and are refused.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from llama_jax.errors import CheckpointError
 
@@ -47,8 +51,9 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
+        self._remote = "://" in self.path
+        size = epath.Path(self.path).stat().length
+        with epath.Path(self.path).open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(
@@ -119,8 +124,14 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only, memory-mapped view of one tensor."""
+        """A read-only, memory-mapped view of one tensor (read whole from a remote file)."""
         dtype, shape, begin = self._entries[name]
+        if self._remote:
+            if not shape or shape[0] == 0:
+                return np.zeros(shape, dtype)
+            out = self.read_rows(name, 0, shape[0], bytearray())
+            out.flags.writeable = False
+            return out
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         start = self._data_start + begin
@@ -137,9 +148,17 @@ class SafetensorsFile:
         if len(buffer) < nbytes:
             buffer.extend(bytes(nbytes - len(buffer)))
         view = memoryview(buffer)[:nbytes]
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._data_start + begin + lo * row)
-            got = f.readinto(view)
+        start = self._data_start + begin + lo * row
+        if self._remote:
+            with epath.Path(self.path).open("rb") as f:
+                f.seek(start)
+                data = f.read(nbytes)
+            got = len(data)
+            view[:got] = data
+        else:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(start)
+                got = f.readinto(view)
         if got != nbytes:
             raise CheckpointError(
                 f"{self.path}: tensor {name!r} is cut short (file changed while reading?)"
@@ -153,7 +172,8 @@ class SafetensorsFile:
 
 
 def _refuse_pickles(directory: str) -> None:
-    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    names = (p.name for p in epath.Path(directory).iterdir())
+    pickles = sorted(f for f in names if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise CheckpointError(
             f"{directory} holds pickled weights ({', '.join(pickles)}) and no safetensors. "
@@ -166,22 +186,21 @@ def _refuse_pickles(directory: str) -> None:
 def open_safetensors_dir(directory: str) -> dict[str, SafetensorsFile]:
     """Maps every tensor name to its file, for a single `model.safetensors` or shards
     listed in `model.safetensors.index.json`."""
-    index_path = os.path.join(directory, INDEX_FILE)
-    single_path = os.path.join(directory, WEIGHTS_FILE)
-    if os.path.exists(index_path):
+    index_path = epath.Path(directory) / INDEX_FILE
+    single_path = epath.Path(directory) / WEIGHTS_FILE
+    if index_path.exists():
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{index_path}: expected JSON with a 'weight_map' object ({e})"
             ) from e
         files: dict[str, SafetensorsFile] = {}
         for shard in sorted(set(weight_map.values())):
-            path = os.path.join(directory, shard)
-            if not os.path.exists(path):
+            path = epath.Path(directory) / shard
+            if not path.exists():
                 raise CheckpointError(f"{index_path} lists shard {shard!r}, which is missing")
-            files[shard] = SafetensorsFile(path)
+            files[shard] = SafetensorsFile(str(path))
         tensors = {}
         for name, shard in weight_map.items():
             if name not in files[shard]._entries:
@@ -197,8 +216,8 @@ def open_safetensors_dir(directory: str) -> dict[str, SafetensorsFile]:
                     f"there, e.g. {unlisted[:3]}; the index and shards disagree"
                 )
         return tensors
-    if os.path.exists(single_path):
-        f = SafetensorsFile(single_path)
+    if single_path.exists():
+        f = SafetensorsFile(str(single_path))
         return {name: f for name in f.keys()}
     _refuse_pickles(directory)
     raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json")
