@@ -42,9 +42,16 @@ T = 2048
 ROWS_PER_STEP = 8
 ROWS_PER_SHARD = 64
 SIZES = {
-    "quick": dict(corpus_chars=3_000_000, vocab=8192, padding_docs=20_000, steps=6, fast_steps=30),
+    "quick": dict(
+        corpus_chars=3_000_000, vocab=8192, padding_docs=20_000, steps=6, fast_steps=30, repeats=1
+    ),
     "full": dict(
-        corpus_chars=30_000_000, vocab=32000, padding_docs=200_000, steps=20, fast_steps=150
+        corpus_chars=30_000_000,
+        vocab=32000,
+        padding_docs=200_000,
+        steps=20,
+        fast_steps=150,
+        repeats=5,
     ),
 }
 # The stores on gs://: the ~200M one only in full runs (its upload alone takes half a minute).
@@ -116,37 +123,51 @@ def tokenize_section(s: dict, workdir: Path, say) -> tuple[list[dict], Path, obj
     train_jsonl, _, text = demo.build_corpus(str(workdir), s["corpus_chars"])
     tok_dir = train_tokenizer(text, workdir / "tokenizer", s["vocab"])
     tok = data.Tokenizer.from_dir(tok_dir)
-    rows = []
-    for processes in (1, 2):
-        say(f"tokenizer alone, {processes} process(es)")
-        r = encode_ceiling(str(tok_dir / "tokenizer.json"), train_jsonl, processes)
-        rows.append(dict(what="tokenizer encode_batch", processes=processes, **r))
     # The worker processes fork from a server that imports the library once per process
     # (about 2 s); start it before timing, as a long run would amortise it.
     warm = workdir / "warm.jsonl"
     with open(train_jsonl) as f:
         warm.write_text("".join(f.readline() for _ in range(4)))
     data.prepare_store([str(warm)], tok, str(workdir / "warm"), seq_len=T, workers=2)
+    # This machine's other load comes and goes: each configuration runs `repeats` times, the
+    # four in turn in every round, and keeps its best time.
+    best: dict[tuple[str, int], dict] = {}
     stores = {}
-    for workers in (1, 2):
-        say(f"prepare_data, {workers} worker(s)")
-        out = workdir / f"store-w{workers}"
-        result = data.prepare_store(
-            [train_jsonl], tok, str(out), seq_len=T, workers=workers, rows_per_shard=ROWS_PER_SHARD
-        )
-        stores[workers] = out
-        rows.append(
-            dict(
-                what="prepare_data (end to end)",
-                processes=workers,
-                tokens=result["tokens"],
-                seconds=round(result["seconds"], 3),
-                tokens_per_s=round(result["tokens"] / result["seconds"]),
-                documents=result["documents"],
-                rows=result["rows"],
-                padding_fraction=round(result["padding_fraction"], 5),
+    for round_ in range(s["repeats"]):
+        for processes in (1, 2):
+            say(f"round {round_ + 1}: tokenizer alone, {processes} process(es)")
+            r = encode_ceiling(str(tok_dir / "tokenizer.json"), train_jsonl, processes)
+            key = ("tokenizer encode_batch", processes)
+            if key not in best or r["seconds"] < best[key]["seconds"]:
+                best[key] = dict(what=key[0], processes=processes, **r)
+        for workers in (1, 2):
+            say(f"round {round_ + 1}: prepare_data, {workers} worker(s)")
+            out = workdir / f"store-w{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            result = data.prepare_store(
+                [train_jsonl],
+                tok,
+                str(out),
+                seq_len=T,
+                workers=workers,
+                rows_per_shard=ROWS_PER_SHARD,
             )
-        )
+            stores[workers] = out
+            key = ("prepare_data (end to end)", workers)
+            if key not in best or result["seconds"] < best[key]["seconds"]:
+                best[key] = dict(
+                    what=key[0],
+                    processes=workers,
+                    tokens=result["tokens"],
+                    seconds=round(result["seconds"], 3),
+                    tokens_per_s=round(result["tokens"] / result["seconds"]),
+                    documents=result["documents"],
+                    rows=result["rows"],
+                    padding_fraction=round(result["padding_fraction"], 5),
+                )
+    rows = [best[k] for k in sorted(best, key=lambda k: (not k[0].startswith("tok"), k[1]))]
+    for row in rows:
+        row["repeats"] = s["repeats"]
     identical = all(
         (stores[1] / p.name).read_bytes() == p.read_bytes() for p in stores[2].iterdir()
     )
@@ -268,32 +289,24 @@ def iterator(path: str, fmt: str, rows: int = ROWS_PER_STEP, prefetch: int = 2):
 
 
 def consume(path: str, fmt: str, steps: int, rate: float | None, rows: int = ROWS_PER_STEP):
-    """A consumer taking `steps` batches as `next()` makes them (the host's rows, then its
-    arrays on the devices), computing rows*T/rate seconds on each (none when rate is None).
-    Returns the first batch's time and, after it, the time waiting for the rows (`read`) and
-    placing them (`place`)."""
+    """A consumer taking `steps` batches with `next()`, as training does (the batch's arrays on
+    the devices, waited for), computing rows*T/rate seconds on each (none when rate is None).
+    Returns the first batch's time and, after it, the time spent inside next()."""
     import jax
 
     start = time.perf_counter()
     it = iterator(path, fmt, rows)
-    next(it)
+    jax.block_until_ready(next(it))
     first = time.perf_counter() - start
     compute = 0.0 if rate is None else rows * T / rate
-    read, place = [], []
+    waits = []
     begin = time.perf_counter()
-    for step in range(1, steps + 1):
+    for _ in range(steps):
         if compute:
             time.sleep(compute)
         t0 = time.perf_counter()
-        local = it.local_batch(step)
-        t1 = time.perf_counter()
-        arrays = [
-            jax.make_array_from_process_local_data(it.sharding, x, (rows, T))
-            for x in local.values()
-        ]
-        jax.block_until_ready(arrays)
-        read.append(t1 - t0)
-        place.append(time.perf_counter() - t1)
+        jax.block_until_ready(next(it))
+        waits.append(time.perf_counter() - t0)
     wall = time.perf_counter() - begin
     if fmt == "store":
         it.close()
@@ -305,11 +318,9 @@ def consume(path: str, fmt: str, steps: int, rate: float | None, rows: int = ROW
     return dict(
         first_batch_s=round(first, 3),
         steps=steps,
-        read_wait_median_ms=ms(read, 0.5),
-        read_wait_p95_ms=ms(read, 0.95),
-        read_wait_fraction=None if rate is None else round(sum(read) / wall, 4),
-        place_median_ms=ms(place, 0.5),
-        next_wait_fraction=None if rate is None else round((sum(read) + sum(place)) / wall, 4),
+        wait_median_ms=ms(waits, 0.5),
+        wait_p95_ms=ms(waits, 0.95),
+        wait_fraction=None if rate is None else round(sum(waits) / wall, 4),
         tokens_per_s=round(steps * rows * T / wall),
     )
 
@@ -454,24 +465,10 @@ def main() -> None:
     # The figures the work was asked to reach, as stated for it.
     targets = [
         common.target(
-            f"read_wait_{label.split()[0]}",
-            f"fraction of a consumer's time spent waiting for its rows at {label} per host, "
-            f"gs:// with {args.latency_ms:g} ms per request",
-            consumer("store", label)["read_wait_fraction"],
-            0.01,
-            "<=",
-            "fraction of wall time",
-            True,
-        )
-        for label in ("22K tokens/s", "220K tokens/s")
-    ]
-    targets += [
-        common.target(
-            f"next_wait_{label.split()[0]}",
-            f"fraction of a consumer's time inside next() at {label} per host (waiting for "
-            "its rows and placing them on the devices), gs:// with "
-            f"{args.latency_ms:g} ms per request",
-            consumer("store", label)["next_wait_fraction"],
+            f"data_wait_{label.split()[0]}",
+            f"fraction of a consumer's time inside next() (its batch's arrays ready on the "
+            f"devices) at {label} per host, gs:// with {args.latency_ms:g} ms per request",
+            consumer("store", label)["wait_fraction"],
             0.01,
             "<=",
             "fraction of wall time",
@@ -561,13 +558,13 @@ def main() -> None:
             seconds=round(time.perf_counter() - started, 1),
             units=dict(
                 tokens_per_s="tokens per second (per host for the loader)",
-                seconds="s",
                 first_batch_s="s from creating the iterator to the first batch",
                 loader_rss_mb="MB of RSS added by the loader (after 20 batches)",
-                read_wait_median_ms="ms a step waits for its rows (after the first batch)",
-                read_wait_fraction="time waiting for rows / the consumer's wall time",
-                place_median_ms="ms a step takes to make its jax.Arrays from the rows",
-                next_wait_fraction="(waiting for rows + making arrays) / wall time: next()",
+                wait_median_ms="ms a step spends inside next(), its arrays ready on the devices "
+                "(after the first batch)",
+                wait_fraction="time inside next() / the consumer's wall time",
+                seconds="s; tokenize rows: the best of `repeats` runs, the four configurations "
+                "timed in turn in each round",
                 padding_fraction="padding tokens / row tokens",
                 cuts_per_document="document pieces beyond one per document",
             ),

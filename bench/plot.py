@@ -219,7 +219,46 @@ def _teacher_logits(d, axes) -> str:
     return "teacher_logits"
 
 
+def _data(d, axes) -> str:
+    tok = d["tokenize"]
+
+    def rate(what, n):
+        return next(
+            (r["tokens_per_s"] for r in tok if r["what"].startswith(what) and r["processes"] == n),
+            None,
+        )
+
+    _bars(
+        axes[0],
+        ["1 process", "2 processes"],
+        {
+            "tokenizer alone": [rate("tokenizer", n) for n in (1, 2)],
+            "prepare_data": [rate("prepare", n) for n in (1, 2)],
+        },
+        "tokens/s",
+        "tokenizing: prepare_data end to end vs the bare tokenizer",
+    )
+    rows = [r for r in d["loader"]["consumers"] if r.get("wait_fraction") is not None]
+    consumers = sorted({r["consumer"] for r in rows}, key=lambda c: float(c.split("K")[0]))
+
+    def wait(reader):
+        found = {r["consumer"]: r["wait_fraction"] for r in rows if r["reader"].startswith(reader)}
+        return [found.get(c) for c in consumers]
+
+    _bars(
+        axes[1],
+        [f"consumer at {c}" for c in consumers],
+        {"token store (prefetch)": wait("store"), ".npy rows (before)": wait("2-D")},
+        "fraction of time inside next()",
+        f"data wait from gs:// ({d['config']['latency_ms']:g} ms per request)",
+        fmt=lambda v: f"{v:.2%}",
+    )
+    c = d["config"]
+    return f"data: a corpus of {c['corpus_chars'] / 1e6:.0f}M characters, rows of {c['seq_len']}"
+
+
 _CHARTS = {
+    "data": _data,
     "train": _train,
     "generate": _generate,
     "distill": _distill,
