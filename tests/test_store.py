@@ -405,12 +405,24 @@ def test_prefetch_hides_the_request_latency(gcs):
 
 
 def test_prepare_reads_and_writes_gcs(built, gcs, tok, tmp_path):
-    """gs:// inputs (a glob) to a gs:// store, the same bytes as from and to local files."""
+    """gs:// inputs (a glob) and tokenizer to a gs:// store, the same bytes as from and to
+    local files."""
     docs = make_docs(60, seed=5)
     local = make_store(tmp_path / "local", tok, docs, rows_per_shard=5)
     gcs.upload(str(tmp_path / "local"), "bucket/corpus")
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), tok_dir)
+    gcs.upload(str(tok_dir), "bucket/tokenizer")
+    remote_tok = Tokenizer.from_dir("gs://bucket/tokenizer")
+    assert remote_tok.vocab_size == tok.vocab_size
     result = prepare.prepare_store(
-        ["gs://bucket/corpus/*.jsonl"], tok, "gs://bucket/prepared", seq_len=T, rows_per_shard=5
+        ["gs://bucket/corpus/*.jsonl"],
+        remote_tok,
+        "gs://bucket/prepared",
+        seq_len=T,
+        rows_per_shard=5,
     )
     assert result["inputs"][0]["path"] == "gs://bucket/corpus/c.jsonl"
     want = json.loads((local / "manifest.json").read_text())
@@ -661,7 +673,9 @@ def test_training_and_perplexity_read_a_store_on_gcs(built, gcs, tok, tmp_path):
     assert on_gcs == evals.store_perplexity(model, tok, str(built[0]), batch_size=8)
 
 
-def test_distillation_and_evaluation_read_models_and_stores_on_gcs(built, gcs, tok, tmp_path):
+def test_distillation_and_evaluation_read_models_and_stores_on_gcs(
+    built, second, gcs, tok, tmp_path
+):
     """On gs:// (the emulator, 30 ms a request): distillation from a Hugging Face teacher
     directory and a store gives the run of the local copies; the teacher's logit cache written
     from the remote store holds the records written from the local one; launch.evaluate scores
@@ -700,6 +714,18 @@ def test_distillation_and_evaluation_read_models_and_stores_on_gcs(built, gcs, t
     digest = store.TokenStore(str(built[0])).manifest.digest
     assert rc.meta["data"]["stores"] == lc.meta["data"]["stores"] == [digest]
     assert rc.meta["data"]["path"] == "gs://bucket/store"
+    # Another store, or a mixture, is named as a difference before any work.
+    from llama_jax.distill import DistillConfig
+
+    def differences(**data):
+        c = cfg(str(teacher), str(built[0]))
+        c.data.update(**data)
+        return [m.split(":")[0] for m in lc.mismatches(DistillConfig.of(c).data)]
+
+    assert differences() == []
+    assert differences(path=str(second)) == ["data.path", "data.stores"]
+    mixed = differences(path="", sources=f"{built[0]}:0.75,{second}:0.25")
+    assert mixed == ["data.path", "data.sources", "data.stores"]
 
     model_dir = tmp_path / "model"
     model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3))
