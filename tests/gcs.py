@@ -20,20 +20,15 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 import urllib.request
 
+from processes import free_port
+
 BUCKET = "bucket"
 ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Emulator:

@@ -5,15 +5,13 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import processes
 import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -318,31 +316,17 @@ jax.distributed.shutdown()
 
 
 def test_two_processes_agree_to_stop_then_save_and_restore_on_another_mesh(tmp_path):
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = processes.free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path / "checkpoints")],
-            cwd=Path(__file__).parents[1],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        # Generous: on a loaded 2-core machine two JAX processes start slowly.
-        outputs = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    outputs = processes.run_together(
+        [
+            [sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path / "checkpoints")]
+            for i in range(2)
+        ],
+        env=env,
+    )
+    results = [json.loads(processes.last_json_line(out)) for out in outputs]
     # Only process 1 got SIGTERM (at step 3); both stop at the next check, step 4.
     assert [r["requested"] for r in results] == [False, True]
     for r in results:

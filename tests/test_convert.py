@@ -4,12 +4,12 @@ model directory."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 import torch
 import transformers
@@ -131,38 +131,22 @@ def _env(devices):
 
 def test_two_process_conversion_equals_one_process(tmp_path):
     _hf_dir(tmp_path / "hf", num_key_value_heads=1, max_shard_size="30KB")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = processes.free_port()
     common = [f"--hf_dir={tmp_path / 'hf'}", "--mesh=fsdp=4,tensor=2"]
-    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
-    procs = [
-        subprocess.Popen(
+    processes.run_together(
+        [
             [
                 *_CONVERT_WORKER,
                 *common,
                 f"--out_dir={tmp_path / 'two'}",
-                f"--coordinator_address=localhost:{port}",
+                f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=_env(4),
-            # Files, not pipes: a full pipe would stall one process at a barrier.
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        for i, log in enumerate(logs)
-    ]
-    try:
-        for p in procs:
-            p.wait(timeout=240)
-    finally:
-        for p, log in zip(procs, logs, strict=True):
-            p.kill()
-            log.close()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, Path(log.name).read_text()[-3000:]
+            ]
+            for i in range(2)
+        ],
+        env=_env(4),
+    )
     one = subprocess.run(
         [*_CONVERT_WORKER, *common, f"--out_dir={tmp_path / 'one'}"],
         cwd=REPO,

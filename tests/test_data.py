@@ -4,13 +4,12 @@ epoch wrap-around, the same global batch on every mesh and across two real proce
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
+import processes
 import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
@@ -261,36 +260,16 @@ def test_two_processes_read_their_own_rows(tmp_path):
     path = tmp_path / "rows.npy"
     write_rows(path, 13, 3)
     reference = rows_iterator(path, global_batch=8)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = processes.free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": REPO}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                WORKER,
-                str(port),
-                str(pid),
-                str(path),
-                str(tmp_path / f"{pid}"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, out[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    processes.run_together(
+        [
+            [sys.executable, "-c", WORKER, str(port), str(pid), str(path), str(tmp_path / f"{pid}")]
+            for pid in range(2)
+        ],
+        env=env,
+        timeout=120,
+    )
     mine = {"blocked": [[0, 1, 2, 3], [4, 5, 6, 7]], "interleaved": [[0, 2, 4, 6], [1, 3, 5, 7]]}
     for pid in range(2):
         result = np.load(tmp_path / f"{pid}.npz")

@@ -6,7 +6,6 @@ per request, and weighted mixtures of stores."""
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import processes
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -235,28 +235,16 @@ def test_each_process_reads_only_its_rows(built, tmp_path):
     reference = DataIterator(config(out), None, single())
     whole = store.TokenStore(str(out))
     order = mixture.Mixture([whole], [1.0], 0, 8)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = processes.free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": REPO}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(port), str(pid), str(out), str(tmp_path / f"{pid}")],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    try:
-        for proc in procs:
-            log, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, log[-3000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    processes.run_together(
+        [
+            [sys.executable, "-c", WORKER, str(port), str(pid), str(out), str(tmp_path / f"{pid}")]
+            for pid in range(2)
+        ],
+        env=env,
+        timeout=120,
+    )
     for pid in range(2):
         result = json.loads((tmp_path / f"{pid}").read_text())
         mine = np.arange(4 * pid, 4 * pid + 4)

@@ -7,14 +7,13 @@ import functools
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import processes
 import pytest
 from flax import nnx
 from hf_models import make_hf_model
@@ -332,14 +331,12 @@ def test_a_shard_with_flipped_bytes_is_a_checksum_mismatch(cache_dir, tmp_path):
 
 
 def test_two_processes_write_what_one_process_writes(cache_dir, teachers, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = processes.free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     out = tmp_path / "two"
-    procs = [
-        subprocess.Popen(
+    logs = processes.run_together(
+        [
             [
                 sys.executable,
                 "-m",
@@ -355,23 +352,11 @@ def test_two_processes_write_what_one_process_writes(cache_dir, teachers, tmp_pa
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-4000:]
+            ]
+            for i in range(2)
+        ],
+        env=env,
+    )
     assert "tok/s" in logs[0] and "ETA" in logs[0]
     assert logit_cache.LogitCache(out).parts == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert sorted(os.listdir(out / "shards")) == [

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import processes
 import pytest
 from flax import nnx
 
@@ -240,36 +240,24 @@ def test_resume_on_another_mesh(tmp_path):
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_reproduce_single_process_losses(tmp_path):
     steps = ["--config.train.steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
     _run_here(tmp_path / "single", train__steps=3, mesh__data=2, mesh__fsdp=-1)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
+    port = processes.free_port()
+    processes.run_together(
+        [
             _cmd(
                 tmp_path / "multi",
                 *steps,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-            ),
-            cwd=REPO,
-            env=_env(devices=4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-4000:]
+            )
+            for i in range(2)
+        ],
+        env=_env(devices=4),
+        timeout=300,
+    )
     a, b = _logged_losses(tmp_path / "single"), _logged_losses(tmp_path / "multi")
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
 
