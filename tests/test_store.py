@@ -496,6 +496,53 @@ def test_mixture_is_a_function_of_seed_and_step(built, second):
     a.close(), b.close()
 
 
+def test_new_weights_at_a_resume_continue_as_if_used_from_the_start(built, second):
+    """Weights changed at step k (0.75/0.25 -> 0.25/0.75): each source continues from where
+    the new weights would have left it, so the source whose weight grew skips rows and replays
+    none, and the one whose weight shrank replays just the rows the old weights took beyond the
+    new weights' share; nothing else repeats."""
+    first, _ = built
+    cfg = dict(path="", seq_len=T, global_batch=8, format="store", seed=2)
+    old = DataIterator(DataConfig(**cfg, sources=f"{first}:0.75,{second}:0.25"), None, single())
+    new = DataIterator(DataConfig(**cfg, sources=f"{first}:0.25,{second}:0.75"), None, single())
+    rows = [store.TokenStore(str(p)).read(np.arange(_rows(p)))[0] for p in (first, second)]
+    index = [{r.astype(np.int32).tobytes(): i for i, r in enumerate(x)} for x in rows]
+
+    def by_source(batches):
+        out = ([], [])
+        for batch in batches:
+            for row in batch["tokens"]:
+                key = row.tobytes()
+                (source,) = [i for i in (0, 1) if key in index[i]]
+                out[source].append(index[source][key])
+        return out
+
+    k, n = 2, 4
+    before = by_source(old.local_batch(s) for s in range(k))
+    new_before = by_source(new.local_batch(s) for s in range(k))
+    resumed = DataIterator(DataConfig(**cfg, sources=f"{first}:0.25,{second}:0.75"), None, single())
+    resumed.restore({"step": k})
+    after = by_source(jax.device_get(next(resumed)) for _ in range(k, n))
+    assert after == by_source(new.local_batch(s) for s in range(k, n))
+    # Within one epoch of each store, rows are distinct positions of its order.
+    assert len(new_before[1]) + len(after[1]) <= _rows(second)
+    # Grew: none of the rows it gave before is given again, and the new weights' share of
+    # the first k steps beyond what it gave is skipped.
+    assert not set(after[1]) & set(before[1])
+    assert len(new_before[1]) > len(before[1])
+    assert set(new_before[1]) >= set(before[1])
+    assert not set(after[1]) & set(new_before[1])
+    # Shrank: replays rows the old weights took beyond the new weights' share, from the
+    # first of them on, and nothing else.
+    replayed = set(after[0]) & set(before[0])
+    extra = set(before[0]) - set(new_before[0])
+    assert replayed and replayed <= extra
+    assert len(replayed) == min(len(after[0]), len(extra))
+    assert not set(after[0]) & set(new_before[0])
+    for it in (old, new, resumed):
+        it.close()
+
+
 def test_mixture_refuses_different_tokenizers(built, tmp_path):
     first, _ = built
     from tokenizers import Tokenizer as HFTokenizer
