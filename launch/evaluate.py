@@ -1,19 +1,21 @@
-r"""Evaluate one or several model directories: perplexity of a text or JSONL file, and task
-files.
+r"""Evaluate one or several model directories: perplexity of a text or JSONL file or of a token
+store, and task files.
 
   python -m launch.evaluate --model_dir=DIR --data=held_out.txt --seq_len=1024
   python -m launch.evaluate --model_dir=DIR --data=held_out.txt --seq_len=1024 --stride=512
   python -m launch.evaluate --model_dir=DIR --data=eval.jsonl --field=text
+  python -m launch.evaluate --model_dir=gs://bucket/student --data=gs://bucket/held_out_store
   python -m launch.evaluate --model_dir=DIR --num_fewshot=3 \
       --tasks=configs/tasks/arithmetic_mc.jsonl,configs/tasks/word_echo_generate.jsonl
   python -m launch.evaluate --model_dir=teacher,student,student_int8 --data=held_out.txt \
       --tasks=configs/tasks/arithmetic_mc.jsonl --report=/tmp/compare
 
---model_dir is any model directory (converted, a training run, Hugging Face), or several
-separated by commas: each is checked before any is loaded, then loaded, scored and freed in
-turn. A text --data file is one document, tokenized as the tokenizer does by default, and
-scored in windows of --seq_len tokens (disjoint, or every --stride tokens); --split=
-blank_lines or a JSONL file scores documents separately (llama_jax/perplexity.py).
+--model_dir is any model directory (converted, a training run, Hugging Face; local or gs://),
+or several separated by commas: each is checked before any is loaded, then loaded, scored and
+freed in turn. A text --data file is one document, tokenized as the tokenizer does by default,
+and scored in windows of --seq_len tokens (disjoint, or every --stride tokens); --split=
+blank_lines or a JSONL file scores documents separately (llama_jax/evals/perplexity.py). A
+token store (python -m launch.prepare_data) is scored row by row, each row once.
 
 Prints one JSON line per result on stdout: for each model, the perplexity of --data
 ({"model", "data", "perplexity", "bits_per_byte", "word_perplexity", "tokens", "method",
@@ -22,8 +24,8 @@ Prints one JSON line per result on stdout: for each model, the perplexity of --d
 perplexity, bits per byte, each task's metrics, parameters, bytes on disk). --output
 writes the JSON lines to a file, with every example's prompt, scores and prediction under
 "examples" when --details is set; --report=PREFIX writes the table as PREFIX.jsonl,
-PREFIX.md and PREFIX.png. Task files and scoring rules: llama_jax/tasks.py,
-llama_jax/task_metrics.py, llama_jax/evaluate.py. Progress goes to stderr.
+PREFIX.md and PREFIX.png. Task files and scoring rules: llama_jax/evals/tasks.py,
+llama_jax/evals/task_metrics.py, llama_jax/evals/evaluate.py. Progress goes to stderr.
 """
 
 import json

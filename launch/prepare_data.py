@@ -26,7 +26,10 @@ _INPUTS = flags.DEFINE_list(
     "inputs", None, "Input files, directories or globs, comma-separated.", required=True
 )
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Model directory, tokenizer.json or tokenizer.model.", required=True
+    "tokenizer",
+    None,
+    "Model directory, tokenizer.json or tokenizer.model (local or gs://).",
+    required=True,
 )
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 8192, "Tokens per row (T).")
 _OUT = common.out_dir_flag("Output token store directory (local or gs://).")

@@ -12,7 +12,7 @@ The cache holds, for each position of the first --steps global batches (default
 train.steps) in the order the distillation run reads them, the teacher's --top_k most
 likely token ids, their log-probabilities at temperature 1 (within 1/256 nat) and the
 log of the remaining mass: 234 bytes per token at k = 64 for a 128256-token vocabulary
-(format: llama_jax/logit_cache.py). The teacher runs on the config's mesh and sharding
+(format: llama_jax/distill/cache.py). The teacher runs on the config's mesh and sharding
 rules; each host writes its own rows. Rerunning the same command resumes a killed run
 at its first missing shard, and a larger --steps extends the cache; a cache written
 with another teacher, other data settings or another layout is refused.
@@ -27,7 +27,9 @@ from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/distill_*.py file[:arg].")
 _TEACHER = flags.DEFINE_string(
-    "teacher", None, "The teacher's model directory (default: the config's teacher.model_dir)."
+    "teacher",
+    None,
+    "The teacher's model directory, local or gs:// (default: the config's teacher.model_dir).",
 )
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "The cache directory.", required=True)
 _TOP_K = flags.DEFINE_integer("top_k", 64, "Tokens kept per position.")

@@ -1,8 +1,8 @@
 """Hugging Face LLaMA directories in the project's layout: `HFReader` maps the
 safetensors tensors of a transformers `LlamaForCausalLM` directory onto the project's
 parameter tree, a slice at a time, with the names and layouts in
-`llama_jax/hf_keymap.py`; the layout helpers here also serve the way back. The file
-format itself is `llama_jax/safetensors_file.py`.
+`llama_jax/formats/hf/keymap.py`; the layout helpers here also serve the way back. The file
+format itself is `llama_jax/formats/hf/safetensors_file.py`.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class HFReader:
         used: set[str] = set()
         for path in paths:
             if path not in keymap.PARAMS:
-                raise CheckpointError(f"parameter {path} has no entry in llama_jax/hf_keymap.py")
+                raise CheckpointError(
+                    f"parameter {path} has no entry in llama_jax/formats/hf/keymap.py"
+                )
             _, hf_layout, _ = keymap.PARAMS[path]
             want = hf_shape(hf_layout, self.dims)
             for name in hf_tensor_names(path, self.config):
