@@ -55,7 +55,13 @@ _STRICT = flags.DEFINE_bool(
 _ROWS_PER_SHARD = flags.DEFINE_integer(
     "rows_per_shard", 0, "Rows in each shard file (0: about 128 MB per shard)."
 )
-_OVERWRITE = common.overwrite_flag()
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace a token store made from other inputs or settings in --out_dir. It stays readable "
+    "until every input has been read and tokenized; then its manifest is removed, the shards "
+    "are written, and the new manifest is written last.",
+)
 
 
 def _say(line: str) -> None:

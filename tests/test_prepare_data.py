@@ -299,6 +299,18 @@ def test_other_settings_need_overwrite(tmp_path, tok):
     assert files(tmp_path / "store") == files(tmp_path / "fresh")
 
 
+def test_a_failed_overwrite_leaves_the_old_store_readable(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(100))
+    run(tok, path, tmp_path / "store")
+    before = files(tmp_path / "store")
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(gzip.compress(b'{"text": "a b c"}\n' * 500)[:-30])
+    with pytest.raises(DataError, match="is truncated"):
+        run(tok, bad, tmp_path / "store", overwrite=True)
+    assert files(tmp_path / "store") == before
+    assert store.TokenStore(str(tmp_path / "store")).manifest.num_rows > 0
+
+
 # ---- packing ----------------------------------------------------------------------------------
 
 
@@ -412,6 +424,11 @@ def test_records_without_the_field_are_skipped_or_refused(tmp_path, tok):
         ),
         ("c.parquet", b"PAR1 this is not parquet PAR1", r"not a readable Parquet file"),
         ("c.jsonl", b"\n  \n", r"no documents in .*c.jsonl.*: 0 records without .*, 0 empty"),
+        (
+            "c.jsonl",
+            b'{"text": "a \\ud83d\\ude00 pair"}\n{"text": "b \\ud800 c"}\n',
+            r"c.jsonl:2: the text holds an unpaired surrogate escape \('\\ud800' at character 2\)",
+        ),
     ],
     ids=[
         "jsonl utf8",
@@ -423,6 +440,7 @@ def test_records_without_the_field_are_skipped_or_refused(tmp_path, tok):
         "zst truncated",
         "parquet corrupt",
         "empty corpus",
+        "lone surrogate",
     ],
 )
 def test_unreadable_inputs(tmp_path, tok, name, content, match):

@@ -23,6 +23,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -32,6 +33,7 @@ import zstandard
 from etils import epath
 from etils.epath import backend as epath_backend
 
+from llama_jax.data.jsonl import check_text
 from llama_jax.errors import DataError
 
 FORMATS = ("jsonl", "parquet", "text", "arrow")
@@ -47,6 +49,7 @@ _SUFFIXES = {
 _COMPRESSED = (".gz", ".zst")
 _BLOCK = 1 << 20
 _GLOB_CHARS = "*?["
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +275,8 @@ def _jsonl(path: str, field: str, stats: ReadStats, strict: bool) -> Iterator[st
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         text = record.get(field)
         if isinstance(text, str):
-            yield text
+            # Only an escape can produce a surrogate: look for one before checking the text.
+            yield check_text(text, where) if _SURROGATE_ESCAPE.search(raw) else text
         else:
             found = "absent" if field not in record else f"{type(text).__name__}"
             stats.skip_missing(where, field, strict, f"{found}; keys {sorted(record)[:8]}")

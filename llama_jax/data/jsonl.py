@@ -12,6 +12,19 @@ from etils import epath
 from llama_jax.errors import DataError
 
 
+def check_text(text: str, where: str) -> str:
+    """`text` itself, once it is known to be text: JSON can escape an unpaired UTF-16
+    surrogate (\\ud800-\\udfff), which decodes to a string no encoder or tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: the text holds an unpaired surrogate escape ({text[e.start]!r} at "
+            f"character {e.start}), which is not Unicode text; remove or replace it"
+        ) from None
+    return text
+
+
 def records(path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of `path`."""
     path = epath.Path(path)
@@ -40,5 +53,5 @@ def strings(path, field: str) -> list[tuple[int, str]]:
                 f"{path}:{line_no}: expected a JSON object with a string {field!r}; got keys "
                 f"{sorted(record)}"
             )
-        out.append((line_no, text))
+        out.append((line_no, check_text(text, f"{path}:{line_no}")))
     return out

@@ -25,7 +25,9 @@ appears only once its upload is complete, in place); manifest.json is written la
 that of the shard it would write and writes the others. The spill is kept until the store is
 complete (under out_dir; for a gs:// out_dir in the local temp directory), so a rerun after the
 first pass only packs again. A store that is already complete with the same
-settings is checked and left alone; other settings need `overwrite`.
+settings is checked and left alone; other settings need `overwrite`, and the store being
+replaced stays readable until every input has been read and tokenized (a bad input leaves it
+as it was).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ def prepare_store(
             shutil.rmtree(out_path, ignore_errors=True)
         raise
 
+    _retire(out_path)
     writer = _ShardWriter(out_path, rdtype, rows_per_shard)
     pack_started = last = time.perf_counter()
     packer = packing.packer(pack, seq_len, dtype, open_rows)
@@ -249,7 +252,8 @@ def _is_ours(name: str) -> bool:
 
 def _existing_store(out: epath.Path, settings: dict, overwrite: bool) -> dict | None:
     """The manifest of a complete, intact store with these settings in `out` (nothing to do),
-    else None once `out` is ready to be (re)written."""
+    else None once `out` may be (re)written. A store that is to be replaced keeps its
+    manifest, and so stays readable, until every input has been read (`_retire`)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -273,7 +277,6 @@ def _existing_store(out: epath.Path, settings: dict, overwrite: bool) -> dict | 
                 f"out_dir {out} holds a token store made from other inputs or settings; pass "
                 "--overwrite to replace it"
             )
-        manifest_path.unlink()
         return None
     intact = all(
         (out / s["name"]).exists() and store.file_sha256(out / s["name"]) == s["sha256"]
@@ -282,8 +285,16 @@ def _existing_store(out: epath.Path, settings: dict, overwrite: bool) -> dict | 
     if intact:
         return raw
     # Some shards are damaged or gone: the store is rebuilt, keeping the intact shards.
-    manifest_path.unlink()
     return None
+
+
+def _retire(out: epath.Path) -> None:
+    """Removes the manifest of the store being replaced, just before its shards are written:
+    from then on `out` is an interrupted store (no manifest) until the new manifest lands,
+    never a manifest that describes other shards."""
+    manifest_path = out / store.MANIFEST
+    if manifest_path.exists():
+        manifest_path.unlink()
 
 
 def _spill_dir(out: str) -> str:
