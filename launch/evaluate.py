@@ -153,6 +153,18 @@ def main(argv):
             task.spec.num_fewshot if _NUM_FEWSHOT.value is None else _NUM_FEWSHOT.value
         )
     model_dirs = [formats.ModelDir.open(path) for path in _MODEL_DIR.value]
+    if split == "store":
+        # A store scored with another tokenizer's model means nothing: refuse it before loading.
+        token_store = data.TokenStore(_DATA.value)
+        for model_dir in model_dirs:
+            if not _TOKENIZER.value and model_dir.tokenizer_path is None:
+                continue
+            tokenizer = formats.load_tokenizer(_TOKENIZER.value or model_dir)
+            token_store.check(
+                seq_len=store_seq_len,
+                vocab_size=model_dir.config.vocab_size,
+                tokenizer_path=tokenizer.path,
+            )
     seq_len = (
         store_seq_len
         or _SEQ_LEN.value

@@ -668,9 +668,20 @@ def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
     assert result["split"] == "store" and result["tokens"] == got["tokens"]
     assert result["perplexity"] == pytest.approx(got["perplexity"], rel=1e-4)
 
+    # A tokenizer file other than the store's is refused, by the library and the command.
+    other = tmp_path / "other"
+    other.mkdir()
+    raw = json.loads(open(os.path.join(TOKENIZER_DIR, "tokenizer.json")).read())
+    (other / "tokenizer.json").write_text(json.dumps(raw, indent=3))
+    with pytest.raises(DataError, match="was made with another tokenizer"):
+        evals.store_perplexity(model, Tokenizer.from_dir(other), str(first), batch_size=8)
+    err = _evaluate_cli([*argv, f"--tokenizer={other}"], code=2)
+    assert "was made with another tokenizer" in err and "Traceback" not in err
 
-def _evaluate_cli(argv):
-    """launch.evaluate's main in this process through the error boundary; its JSON line."""
+
+def _evaluate_cli(argv, code=0):
+    """launch.evaluate's main in this process through the error boundary: its JSON line, or
+    with `code` != 0 its one-line error."""
     import contextlib
     import io
 
@@ -680,14 +691,20 @@ def _evaluate_cli(argv):
     from launch import evaluate as cli
 
     flags.FLAGS.unparse_flags()
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         mp.setattr(common, "init_distributed", lambda: None)
         mp.setattr(common, "quiet_logs", lambda: None)
         mp.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as exit_info:
             common.run(cli.main)
-    assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
+    assert (exit_info.value.code or 0) == code, err.getvalue()[-2000:]
+    if code:
+        return err.getvalue()
     (line,) = [x for x in out.getvalue().splitlines() if x.startswith("{")]
     return json.loads(line)
 

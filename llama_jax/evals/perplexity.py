@@ -288,11 +288,11 @@ def store_perplexity(
     "rows", "seq_len", "documents"} (the store's counts)."""
     store = data.TokenStore(path)
     seq_len, num_rows = store.manifest.seq_len, store.num_rows
-    if store.manifest.vocab_size > model.config.vocab_size:
-        raise DataError(
-            f"{path} was tokenized with a vocabulary of {store.manifest.vocab_size}, more than "
-            f"the model's {model.config.vocab_size}"
-        )
+    store.check(
+        seq_len=seq_len,
+        vocab_size=model.config.vocab_size,
+        tokenizer_path=None if tokenizer is None else tokenizer.path,
+    )
     mesh = setup_mesh(model, tokenizer, seq_len, batch_size, mesh, rules)
     counted = []
 
