@@ -441,7 +441,10 @@ def test_sources_are_parsed_and_checked():
     )
     assert mixture.parse_sources("") == ()
     for spec, match in [
-        ("a:-1,b:1", r"weight -1.0; expected a number >= 0"),
+        ("a:-1,b:1", r"weight -1.0; expected a finite number >= 0"),
+        ("a:inf,b:1", r"weight inf; expected a finite number >= 0"),
+        ("a:nan,b:1", r"weight nan; expected a finite number >= 0"),
+        ("a:1e308,b:1e308", r"the weights' sum overflows"),
         ("a:0,b:0", r"every weight is 0"),
         ("gs://bucket/store", r"expected PATH:WEIGHT"),
         ("a:x", r"weight 'x' is not a number"),

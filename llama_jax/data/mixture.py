@@ -16,6 +16,7 @@ One store with weight 1 is the plain case: batch k holds positions [k*B, (k+1)*B
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 from collections.abc import Mapping, Sequence
@@ -56,11 +57,19 @@ def parse_sources(spec) -> tuple[tuple[str, float], ...]:
             raise DataError(
                 f"data source {item!r}; expected 'PATH:WEIGHT', {{'path', 'weight'}} or a pair"
             )
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value >= 0:
-            raise DataError(f"data source {path!r} has weight {value!r}; expected a number >= 0")
+        if (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not 0 <= value < math.inf
+        ):
+            raise DataError(
+                f"data source {path!r} has weight {value!r}; expected a finite number >= 0"
+            )
         out.append((str(path), float(value)))
     if not any(w > 0 for _, w in out):
         raise DataError(f"data sources {out}: every weight is 0; give at least one a weight > 0")
+    if not math.isfinite(sum(w for _, w in out)):
+        raise DataError(f"data sources {out}: the weights' sum overflows; scale them down")
     return tuple(out)
 
 
