@@ -153,6 +153,24 @@ def test_a_store_directory_is_detected_and_checked(built, tok, tmp_path):
         DataIterator(config(tmp_path / "empty"), None, single())
 
 
+def test_a_directory_without_a_manifest_is_named_for_what_it_is(built, tmp_path):
+    """An unfinished store (shards, no manifest: prepare_data was stopped) and a plain
+    directory, given as training or evaluation data, are refused as such."""
+    from llama_jax import evals
+
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(built[0] / "shard-00000.npy", half)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for directory, match in ((half, "is an unfinished token store"), (plain, "is a directory")):
+        for fmt in ("text", "tokens"):
+            with pytest.raises(DataError, match=match):
+                DataIterator(config(directory, format=fmt), None, single(), vocab_size=300)
+        with pytest.raises(DataError, match=match):
+            evals.read_documents(str(directory), format="text")
+
+
 def test_newer_manifest_is_refused(built, tmp_path):
     out, _ = built
     copy = tmp_path / "store"

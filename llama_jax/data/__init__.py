@@ -16,11 +16,12 @@ from llama_jax.data.pipeline import (
 )
 from llama_jax.data.prefetch import Prefetcher
 from llama_jax.data.prepare import prepare_store
-from llama_jax.data.store import TokenStore, is_store, tokenizer_fingerprint
+from llama_jax.data.store import TokenStore, check_not_unfinished, is_store, tokenizer_fingerprint
 from llama_jax.data.tokenizer import Tokenizer
 
 __all__ = [
     "CORPUS_FORMATS",
+    "check_not_unfinished",
     "DataConfig",
     "DataIterator",
     "FIELDS",

@@ -170,6 +170,7 @@ class DataIterator:
             self._mixture = _open_stores(config, tokenizer, vocab_size)
         else:
             path = epath.Path(config.path)
+            store.check_not_unfinished(path)
             if not path.is_file():
                 raise DataError(
                     f"data file {config.path!r} does not exist (format {config.format!r})"

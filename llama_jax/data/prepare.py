@@ -59,7 +59,7 @@ BUCKET_BYTES = 256 << 20
 MAX_BUCKETS = 16384
 # About this many bytes per shard.
 SHARD_BYTES = 128 << 20
-SPILL_DIR = ".spill"
+SPILL_DIR = store.SPILL_DIR
 _SPILL_DONE = "spill.json"
 # A chunk of documents sent to a worker: at most this many documents or bytes of text.
 _CHUNK_DOCS = 512

@@ -52,6 +52,8 @@ FORMAT = "llama_jax.token_store"
 VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "shard-"
+# Where prepare_data keeps tokenized documents between its two passes.
+SPILL_DIR = ".spill"
 # One range read is at most this long; longer runs of adjacent rows are split so that a
 # batch's reads spread over the pool.
 _MAX_RANGE_BYTES = 32 << 20
@@ -238,6 +240,24 @@ class Manifest:
         except (ValueError, UnicodeDecodeError) as e:
             raise DataError(f"{path} is not valid JSON: {e}") from e
         return cls.from_json(raw, str(path))
+
+
+def check_not_unfinished(path: str | os.PathLike) -> None:
+    """Refuses a directory given as data that is not a token store: an unfinished store (shards
+    or prepare_data's spill, no manifest) is named as such."""
+    directory = epath.Path(path)
+    if not directory.is_dir() or (directory / MANIFEST).exists():
+        return
+    names = [child.name for child in directory.iterdir()]
+    if any(n.startswith(SHARD_PREFIX) or n == SPILL_DIR for n in names):
+        raise DataError(
+            f"{path} is an unfinished token store: it has shards but no {MANIFEST} "
+            "(launch.prepare_data was interrupted, failed or is still running); rerun it with "
+            "the same flags to finish the store"
+        )
+    raise DataError(
+        f"{path} is a directory, not a data file or a token store (a store holds a {MANIFEST})"
+    )
 
 
 def is_store(path: str | os.PathLike) -> bool:

@@ -87,6 +87,7 @@ def read_documents(
         )
     if format == "jsonl" and not field:
         raise DataError("field is empty; expected the JSONL key that holds each document")
+    data.check_not_unfinished(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if format == "jsonl":

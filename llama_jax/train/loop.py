@@ -65,6 +65,8 @@ def setup(cfg, model_config: LlamaConfig) -> Setup:
     p = plan(cfg, model_config)
     if cfg.data.path and not epath.Path(cfg.data.path).exists():
         raise ConfigError(f"data.path={cfg.data.path} does not exist")
+    if cfg.data.path:
+        data.check_not_unfinished(cfg.data.path)
     tokenized = cfg.data.sources or cfg.data.format in ("tokens", "store")
     tokenized = tokenized or data.is_store(cfg.data.path)
     tokenizer = None
