@@ -182,6 +182,16 @@ def test_newer_manifest_is_refused(built, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest | {"format": "something"}))
     with pytest.raises(DataError, match=r"is not a token store manifest \(format 'something'\)"):
         DataIterator(config(copy), None, single())
+    # Hand-edited entries of the wrong type are named, not met later as a traceback.
+    bad_rows = [dict(manifest["shards"][0], rows=str(manifest["shards"][0]["rows"]))]
+    for change, match in (
+        ({"shards": bad_rows + manifest["shards"][1:]}, r"shards\[0\].rows is '\d+'; expected"),
+        ({"seq_len": T + 0.5}, r"seq_len is 32.5; expected a non-negative int"),
+        ({"vocab_size": True}, r"vocab_size is True; expected a non-negative int"),
+    ):
+        (copy / "manifest.json").write_text(json.dumps(manifest | change))
+        with pytest.raises(DataError, match=r"malformed entry: " + match):
+            DataIterator(config(copy), None, single())
 
 
 def test_damaged_shard_fails_its_checksum_when_read(built, tmp_path):

@@ -198,17 +198,22 @@ class Manifest:
         try:
             dtype = np.dtype(raw["token_dtype"])
             shards = tuple(Shard(**s) for s in raw["shards"])
+            for key in ("seq_len", "vocab_size", "rows_per_shard"):
+                _check_type(raw[key], int, f"{key}")
+            for i, shard in enumerate(shards):
+                for field in dataclasses.fields(Shard):
+                    _check_type(getattr(shard, field.name), field.type, f"shards[{i}].{field.name}")
             manifest = cls(
-                seq_len=int(raw["seq_len"]),
-                vocab_size=int(raw["vocab_size"]),
+                seq_len=raw["seq_len"],
+                vocab_size=raw["vocab_size"],
                 token_dtype=dtype,
-                rows_per_shard=int(raw["rows_per_shard"]),
+                rows_per_shard=raw["rows_per_shard"],
                 shards=shards,
                 tokenizer_sha256=str(raw["tokenizer"]["sha256"]),
                 raw=raw,
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{where} is missing or has a malformed entry: {e!r}") from e
+            raise DataError(f"{where} is missing or has a malformed entry: {e}") from e
         if dtype not in (np.dtype("<u2"), np.dtype("<u4")):
             raise DataError(f"{where}: token_dtype {dtype}; expected uint16 or uint32")
         if raw.get("row_bytes") != manifest.row_dtype.itemsize:
@@ -258,6 +263,14 @@ def check_not_unfinished(path: str | os.PathLike) -> None:
     raise DataError(
         f"{path} is a directory, not a data file or a token store (a store holds a {MANIFEST})"
     )
+
+
+def _check_type(value: Any, kind: Any, name: str) -> None:
+    want = {"int": int, "str": str}.get(kind, kind)
+    if not isinstance(value, want) or isinstance(value, bool) or (want is int and value < 0):
+        raise TypeError(
+            f"{name} is {value!r}; expected a {'non-negative ' * (want is int)}{want.__name__}"
+        )
 
 
 def is_store(path: str | os.PathLike) -> bool:
