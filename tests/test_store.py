@@ -663,6 +663,21 @@ def test_training_from_a_store_or_a_mixture_resumes_bit_for_bit(built, second, t
         assert last[f"tokens/{second}"] == steps * 2 * T
 
 
+def test_a_store_rebuilt_under_a_resumed_run_is_refused(tok, tmp_path):
+    """A checkpoint records each store's digest: the same path rebuilt with other rows (here
+    another shuffle seed) is refused at resume, before anything is loaded."""
+    from llama_jax import distill
+    from llama_jax.errors import ConfigError
+
+    docs = make_docs(200, seed=4)
+    path = make_store(tmp_path / "data", tok, docs)
+    distill.run(_train_config(2, path=str(path)), str(tmp_path / "run"))
+    make_store(tmp_path / "data", tok, docs, seed=1, overwrite=True)
+    with pytest.raises(ConfigError, match=r"holds other rows than when the checkpoint was"):
+        distill.run(_train_config(4, path=str(path)), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints" / "4").exists()
+
+
 def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
     """evals.store_perplexity scores each row's tokens against the next one of their own
     document: the same sum as the training loss over all rows at once; launch.evaluate

@@ -216,6 +216,13 @@ class DataIterator:
         t = self.config.seq_len
         return {s.directory: int(n) * t for s, n in zip(self._mixture.stores, rows, strict=True)}
 
+    def store_digests(self) -> dict[str, str]:
+        """Each store source's digest (`Manifest.digest`, the same exactly when its rows are)
+        by its path; {} for other sources."""
+        if self._mixture is None:
+            return {}
+        return {s.directory: s.manifest.digest for s in self._mixture.stores}
+
     def close(self) -> None:
         """Stops a store's background reads (also done when the iterator is garbage
         collected)."""

@@ -336,6 +336,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     if ckpt.latest_step() is not None:
         saved = formats.latest_meta(workdir)
         recipe.check_resumable(saved.get("config", {}))
+        check_same_stores(saved.get("data_stores"), prepared.iterator.store_digests())
     frozen = recipe.load(prepared, saved)
     if saved is not None:
         state = resume(ckpt, prepared.iterator, step)
@@ -355,6 +356,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     def meta() -> dict[str, Any]:
         return {
             "data": prepared.iterator.state(),
+            "data_stores": prepared.iterator.store_digests(),
             "config": cfg.raw,
             "model": recipe.model_config.to_dict(),
             **recipe.meta(),
@@ -524,6 +526,20 @@ def resume(ckpt, iterator, step: Step) -> TrainState:
     iterator.restore(meta["data"])
     log_info("resumed from step %d", restored_step)
     return state
+
+
+def check_same_stores(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> None:
+    """Raises when a token store the checkpoint read was rebuilt since (same path, other
+    rows): its batches would not be the ones the run would have seen. Checkpoints written
+    before stores were recorded (`saved` None) are not checked."""
+    for path in sorted(set(saved or {}) & set(now)):
+        if saved[path] != now[path]:
+            raise ConfigError(
+                f"the token store {path} holds other rows than when the checkpoint was written "
+                f"(digest {saved[path][:12]}... -> {now[path][:12]}...): it was rebuilt, so "
+                "resuming would not see the batches the run would have. Use a new workdir or "
+                "the store the run started with."
+            )
 
 
 def check_resumable(saved: Mapping[str, Any], cfg: RunConfig) -> None:
