@@ -678,6 +678,47 @@ def test_a_store_rebuilt_under_a_resumed_run_is_refused(tok, tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "4").exists()
 
 
+def test_distillation_checks_a_store_against_the_teachers_tokenizer(built, tmp_path):
+    """Without data.tokenizer, a store made with another tokenizer file than the teacher's is
+    refused before anything is loaded; naming the store's tokenizer in data.tokenizer runs."""
+    from flax import nnx
+
+    from configs import distill_tiny
+    from llama_jax import distill, formats, nn
+    from llama_jax.config import get_preset
+
+    other = tmp_path / "other_tokenizer.json"
+    raw = json.loads(open(os.path.join(TOKENIZER_DIR, "tokenizer.json")).read())
+    other.write_text(json.dumps(raw, indent=3))
+    teacher = tmp_path / "teacher"
+    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3))
+    formats.write_model_dir(
+        teacher,
+        model.config,
+        formats.handed_out(nnx.to_pure_dict(nnx.state(model))),
+        metadata={},
+        files={"tokenizer.json": str(other)},
+    )
+
+    def cfg(tokenizer):
+        c = distill_tiny.get_config(str(teacher))
+        c.data.update(path=str(built[0]), seq_len=T, global_batch=8, tokenizer=tokenizer)
+        c.train.update(steps=1, log_every=1)
+        c.checkpoint.update(save_every=1, async_save=False)
+        return c
+
+    with pytest.raises(DataError, match=r"made with another tokenizer .*\(the teacher's"):
+        distill.run(cfg(""), str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    from llama_jax.distill import cache_writer
+
+    with pytest.raises(DataError, match=r"made with another tokenizer .*\(the teacher's"):
+        cache_writer.write_teacher_logits(cfg(""), tmp_path / "logits", top_k=4)
+    assert not (tmp_path / "logits").exists()
+    result = distill.run(cfg(os.path.join(TOKENIZER_DIR, "tokenizer.json")), str(tmp_path / "ok"))
+    assert np.isfinite(result["loss"])
+
+
 def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
     """evals.store_perplexity scores each row's tokens against the next one of their own
     document: the same sum as the training loss over all rows at once; launch.evaluate

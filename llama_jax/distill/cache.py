@@ -381,6 +381,9 @@ class CachedBatches:
     def restore(self, state: Mapping[str, int]) -> None:
         self.iterator.restore(state)
 
+    def store_digests(self) -> dict[str, str]:
+        return self.iterator.store_digests()
+
     def close(self) -> None:
         self._finalizer()
         self.iterator.close()

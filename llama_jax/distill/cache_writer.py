@@ -280,6 +280,7 @@ def write_teacher_logits(
         saved = logit_cache.read_metadata(out_dir)
 
     setup = train.setup(cfg, teacher_config)
+    recipe.check_store_tokenizer(cfg, teacher, setup.iterator)
     b, t = cfg.data.global_batch, cfg.data.seq_len
     out_sh = logit_cache.records_sharding(setup.batch_sh, whole_rows=True)
     parts = logit_cache.row_parts(out_sh, (b, t, layout.record_bytes))

@@ -27,7 +27,7 @@ from llama_jax.distill import cache as logit_cache
 from llama_jax.distill import on_policy
 from llama_jax.distill.spec import DistillConfig, typed_config
 from llama_jax.distill.step import PROJECTION, feature_match, linear_schedule, make_distill_step
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, DataError
 from llama_jax.nn import make_eval_step
 
 
@@ -268,6 +268,7 @@ class Distillation(train.Recipe):
                 f"lora.rank={cfg.lora.rank} needs model.model_dir: the frozen student base "
                 "the adapters are trained on"
             )
+        check_store_tokenizer(self.cfg, self.teacher, setup.iterator)
         if self.cache is not None:
             setup.iterator = logit_cache.CachedBatches(setup.iterator, self.cache, cfg.train.steps)
         self.prompt_file = None
@@ -504,6 +505,24 @@ def open_cache(cfg: DistillConfig, student_config: LlamaConfig, teacher_config: 
             "cache for this one (python -m launch.teacher_logits) or match its settings"
         )
     return cache
+
+
+def check_store_tokenizer(cfg, teacher: formats.ModelDir | None, iterator) -> None:
+    """Token stores read without data.tokenizer are checked against the teacher's own
+    tokenizer: a store made with another one would distil the teacher's predictions for other
+    text."""
+    stores = iterator.store_digests()
+    if cfg.tokenizer or not stores or teacher is None or teacher.tokenizer_path is None:
+        return
+    tokenizer = formats.load_tokenizer(teacher)
+    for path in stores:
+        try:
+            data.TokenStore(path).check(seq_len=cfg.data.seq_len, tokenizer_path=tokenizer.path)
+        except DataError as e:
+            raise DataError(
+                f"{e} (the teacher's tokenizer). If the store was made with an equivalent "
+                "tokenizer file, set data.tokenizer to that file"
+            ) from None
 
 
 def recipe_for(cfg) -> train.Recipe:
