@@ -188,6 +188,8 @@ def test_where_the_time_goes_is_logged_and_a_profile_is_written(tmp_path, capsys
     assert steps[0]["compile_s"] > 0 and "compile_s" not in steps[1]
     (summary,) = [r for r in records if "run/goodput" in r]
     assert summary["step"] == 4 and 0 < summary["run/goodput"] <= 1
+    assert summary["run/startup_s"] > 0 and steps[0]["startup_s"] == summary["run/startup_s"]
+    assert all(r["step_time_s"] > 0 for r in steps[1:])
     fractions = [summary[f"run/{k}_frac"] for k in train_metrics.LOST_TIME]
     assert sum(fractions) + summary["run/goodput"] == pytest.approx(1.0)
     assert summary["run/wall_s"] == pytest.approx(
@@ -195,9 +197,18 @@ def test_where_the_time_goes_is_logged_and_a_profile_is_written(tmp_path, capsys
     )
     assert last["run/goodput"] == summary["run/goodput"]
     out = capsys.readouterr().out
-    assert "data wait" in out and "training steps (goodput)" in out
+    assert "data wait" in out and "training steps (goodput)" in out and "ms/step" in out
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+def test_a_resumed_run_profiles_the_rest_of_its_range(tmp_path, capsys):
+    _run_here(tmp_path, train__steps=2, checkpoint__save_every=2)
+    assert not (tmp_path / "profile").exists()
+    _run_here(tmp_path, train__steps=4, checkpoint__save_every=2, train__profile_steps="2:3")
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    _run_here(tmp_path, train__steps=5, train__profile_steps="1:2")
+    assert "train.profile_steps=1:2 lies before the resumed step 5" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("spec", ["3", "0:2", "3:2", "2:99"])

@@ -324,6 +324,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     data, a resumed checkpoint's settings) is checked before anything is compiled or
     initialised.
     """
+    account = metrics.TimeAccount()
     cfg = RunConfig.of(cfg)
     recipe = recipe or recipe_for(cfg)
     prepared = setup(cfg, recipe.model_config)
@@ -346,7 +347,6 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
         write_json(workdir / "config.json", cfg.raw)
 
     next_step = [int(state.step)]
-    account = metrics.TimeAccount()
 
     def step_fn(state, batch):
         batch = account.timed("generation", recipe.prepare, next_step[0], state, batch)
@@ -362,6 +362,7 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
             **recipe.meta(),
         }
 
+    account.add("startup", time.perf_counter() - account.started)
     with sharding.activation_sharding(prepared.mesh, prepared.rules):
         return loop(
             cfg,
@@ -405,7 +406,7 @@ def loop(
     total = cfg.train.steps
     last: dict[str, float] = {}
     account = account or metrics.TimeAccount()
-    profile = Profile(workdir, cfg.train.profile_range())
+    profile = Profile(workdir, cfg.train.profile_range(), start)
     # Leaving the block (also by an error) waits for an asynchronous save in flight, so
     # the last good checkpoint is complete on disk.
     with (
@@ -416,54 +417,56 @@ def loop(
         throughput = None
         pending: list[tuple[int, dict]] = []
         step = logged = start
-        while step < total:
-            batch = account.timed("data_wait", next, iterator)
-            profile.before(step + 1)
-            if throughput is None:
-                # The first step compiles; time the rest from its end.
-                started, generation = time.perf_counter(), account.total["generation"]
-                state, m = step_fn(state, batch)
-                jax.block_until_ready(m)
-                generated = account.total["generation"] - generation
-                account.add("compile", time.perf_counter() - started - generated)
-                throughput = metrics.Throughput(
-                    flops_per_token, total_steps=total, start_step=step + 1
-                )
-                logged = step + 1
-            else:
-                state, m = step_fn(state, batch)
-            step += 1
-            profile.after(step, m)
-            pending.append((step, m))
-            stop = preemption.should_stop(step)
-            boundary = step % cfg.train.log_every == 0 or step == total or stop
-            saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
-            if boundary or saving:
-                # Every step's finiteness is checked before anything is saved or logged.
-                fetched = jax.device_get([pm for _, pm in pending])
-                for (s, _), pm in zip(pending, fetched, strict=True):
-                    check_finite(s, pm)
-                last = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
-                pending.clear()
-            if boundary:
-                if step > logged:
-                    rates = throughput.update(step, tokens_per_step * (step - logged))
-                    logged = step
-                    last |= {k: v for k, v in rates.items() if v is not None}
-                if on_log is not None:
-                    last |= account.timed("eval", on_log, step, state)
-                last |= account.interval()
-                last |= {f"tokens/{name}": n for name, n in source_tokens(iterator).items()}
-                writer.write(step, last)
-                log_info("%s", metrics.progress_line(step, total, last))
-            if saving:
-                account.timed(
-                    "checkpoint", ckpt.save, step, state, meta(), force=step == total or stop
-                )
-            if stop:
-                log_info("preemption notice: saved step %d, stopping", step)
-                break
-        profile.close()
+        try:
+            while step < total:
+                batch = account.timed("data_wait", next, iterator)
+                profile.before(step + 1)
+                if throughput is None:
+                    # The first step compiles; time the rest from its end.
+                    started, generation = time.perf_counter(), account.total["generation"]
+                    state, m = step_fn(state, batch)
+                    jax.block_until_ready(m)
+                    generated = account.total["generation"] - generation
+                    account.add("compile", time.perf_counter() - started - generated)
+                    throughput = metrics.Throughput(
+                        flops_per_token, total_steps=total, start_step=step + 1
+                    )
+                    logged = step + 1
+                else:
+                    state, m = step_fn(state, batch)
+                step += 1
+                profile.after(step, m)
+                pending.append((step, m))
+                stop = preemption.should_stop(step)
+                boundary = step % cfg.train.log_every == 0 or step == total or stop
+                saving = step % cfg.checkpoint.save_every == 0 or step == total or stop
+                if boundary or saving:
+                    # Every step's finiteness is checked before anything is saved or logged.
+                    fetched = jax.device_get([pm for _, pm in pending])
+                    for (s, _), pm in zip(pending, fetched, strict=True):
+                        check_finite(s, pm)
+                    last = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
+                    pending.clear()
+                if boundary:
+                    if step > logged:
+                        rates = throughput.update(step, tokens_per_step * (step - logged))
+                        logged = step
+                        last |= {k: v for k, v in rates.items() if v is not None}
+                    if on_log is not None:
+                        last |= account.timed("eval", on_log, step, state)
+                    last |= account.interval()
+                    last |= {f"tokens/{name}": n for name, n in source_tokens(iterator).items()}
+                    writer.write(step, last)
+                    log_info("%s", metrics.progress_line(step, total, last))
+                if saving:
+                    account.timed(
+                        "checkpoint", ckpt.save, step, state, meta(), force=step == total or stop
+                    )
+                if stop:
+                    log_info("preemption notice: saved step %d, stopping", step)
+                    break
+        finally:
+            profile.close()
         summary = account.summary()
         writer.write(step, {f"run/{k}": v for k, v in summary.items()})
         log_info("%s", metrics.summary_line(summary))
@@ -480,14 +483,23 @@ def source_tokens(iterator) -> dict[str, int]:
 
 class Profile:
     """A jax.profiler trace of steps [first, last] (1-based) into <workdir>/profile, for
-    TensorBoard's profile plugin or XProf; nothing when `steps` is None."""
+    TensorBoard's profile plugin or XProf; nothing when `steps` is None. A run resumed
+    inside the range traces from its first step; one resumed past it says so and traces
+    nothing."""
 
-    def __init__(self, workdir, steps: tuple[int, int] | None):
+    def __init__(self, workdir, steps: tuple[int, int] | None, start: int = 0):
         self.directory = epath.Path(workdir) / "profile"
         self.steps, self.active = steps, False
+        if steps is not None and start >= steps[1]:
+            log_info(
+                "train.profile_steps=%d:%d lies before the resumed step %d: no trace is written",
+                *steps,
+                start + 1,
+            )
+            self.steps = None
 
     def before(self, step: int) -> None:
-        if self.steps is not None and step == self.steps[0] and not self.active:
+        if self.steps is not None and self.steps[0] <= step <= self.steps[1] and not self.active:
             jax.profiler.start_trace(str(self.directory))
             self.active = True
 
@@ -501,6 +513,7 @@ class Profile:
             jax.profiler.stop_trace()
             self.active = False
             log_info("profile of steps %d-%d written to %s", *self.steps, self.directory)
+            self.steps = None
 
 
 def open_run(cfg: RunConfig, workdir, inputs=()) -> tuple[epath.Path, Any]:

@@ -133,9 +133,10 @@ def _hms(seconds: float) -> str:
 
 def progress_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
     """One line such as `step 120/1000 | loss 2.3456 | lr 3.00e-04 | grad_norm 1.234 |
-    12,345 tok/s | MFU 41.2% | ETA 0:12:34`. Entries missing from `metrics` (or None)
-    are left out; the keys are those of `Throughput.update` plus loss, lr, grad_norm and,
-    when distilling, kd, ce and the held-out perplexities, and when pruning, sparsity."""
+    12,345 tok/s | 412.3 ms/step | data wait 0.1% | MFU 41.2% | ETA 0:12:34`. Entries
+    missing from `metrics` (or None) are left out; the keys are those of `Throughput.update`
+    plus loss, lr, grad_norm, data_wait_frac and, when distilling, kd, ce and the held-out
+    perplexities, and when pruning, sparsity."""
     formats = (
         ("loss", lambda v: f"loss {v:.4f}"),
         ("kd", lambda v: f"kd {v:.4f}"),
@@ -146,6 +147,7 @@ def progress_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> st
         ("lr", lambda v: f"lr {v:.2e}"),
         ("grad_norm", lambda v: f"grad_norm {v:.3f}"),
         ("tokens_per_s", lambda v: f"{v:,.0f} tok/s"),
+        ("step_time_s", lambda v: f"{1e3 * v:,.1f} ms/step"),
         ("data_wait_frac", lambda v: f"data wait {100 * v:.1f}%"),
         ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
         ("eta_s", lambda v: f"ETA {_hms(v)}"),
@@ -223,12 +225,13 @@ class MetricsWriter:
 
 
 # Where a run's wall time goes besides its training steps (the `train_s` rest).
-LOST_TIME = ("compile", "data_wait", "checkpoint", "eval", "generation")
+LOST_TIME = ("startup", "compile", "data_wait", "checkpoint", "eval", "generation")
 
 
 class TimeAccount:
-    """Where a run's wall time goes: seconds of each kind in LOST_TIME (the first step,
-    which compiles; waiting for a batch; blocking on a checkpoint save; evaluation;
+    """Where a run's wall time goes: seconds of each kind in LOST_TIME (start-up: checks,
+    opening the data, loading models and restoring the checkpoint; the first step, which
+    compiles; waiting for a batch; blocking on a checkpoint save; evaluation;
     on-policy generation) and the rest, training steps. Kept per logged interval
     (`interval`) and over the run (`summary`)."""
 
