@@ -31,10 +31,11 @@ def _inside(inner: str, outer: str) -> bool:
     return inner.startswith(outer.rstrip("/") + "/")
 
 
-def check_apart(output, inputs, *, flag: str) -> None:
+def check_apart(output, inputs, *, flag: str, may_contain: bool = False) -> None:
     """Refuses an output that is one of `inputs` (paths; empty ones are skipped), lies
     inside one, or contains one, after resolving symlinks: writing it would destroy or
-    change what the command reads. flag: the output's name in the message."""
+    change what the command reads. flag: the output's name in the message. may_contain: an
+    output directory that only adds its own files may hold an input."""
     out = _compared(output)
     for given in inputs:
         if not given:
@@ -44,7 +45,7 @@ def check_apart(output, inputs, *, flag: str) -> None:
             why = "is the input"
         elif _inside(out, source):
             why = "is inside the input"
-        elif _inside(source, out):
+        elif _inside(source, out) and not may_contain:
             why = "contains the input"
         else:
             continue

@@ -663,6 +663,22 @@ def test_training_from_a_store_or_a_mixture_resumes_bit_for_bit(built, second, t
         assert last[f"tokens/{second}"] == steps * 2 * T
 
 
+def test_a_workdir_in_the_data_is_refused(built, second, tmp_path):
+    from llama_jax import distill
+    from llama_jax.errors import ConfigError
+
+    first, _ = built
+    mix = {"path": "", "sources": f"{first}:0.5,{second}:0.5"}
+    for data, workdir, why in (
+        ({"path": str(first)}, first, "is the input"),
+        ({"path": str(first)}, first / "run", "is inside the input"),
+        (mix, second / "run", "is inside the input"),
+    ):
+        with pytest.raises(ConfigError, match=f"--workdir={workdir} {why}"):
+            distill.run(_train_config(2, **data), str(workdir))
+    assert not (first / "run").exists() and not (second / "run").exists()
+
+
 def test_a_store_rebuilt_under_a_resumed_run_is_refused(tok, tmp_path):
     """A checkpoint records each store's digest: the same path rebuilt with other rows (here
     another shuffle seed) is refused at resume, before anything is loaded."""

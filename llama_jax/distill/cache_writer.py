@@ -261,6 +261,7 @@ def write_teacher_logits(
     steps = cfg.train.steps if steps is None else steps
     _check_args(cfg, steps=steps, steps_per_shard=steps_per_shard, chunk=chunk, log_every=log_every)
     inputs = [cfg.teacher.model_dir, cfg.data.path, cfg.tokenizer]
+    inputs += [path for path, _ in cfg.data.sources]
     paths.check_apart(out_dir, inputs, flag="--out_dir")
     out_dir = epath.Path(logit_cache.norm_path(str(out_dir)))
     paths.check_output_dir(out_dir, flag="--out_dir")

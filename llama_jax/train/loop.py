@@ -331,6 +331,9 @@ def run(cfg, workdir, recipe: Recipe | None = None) -> dict[str, float]:
     step = recipe.build(prepared)
     recipe.check(prepared)
 
+    # The workdir is neither the data nor inside it (it may hold a data file of its own).
+    data_paths = [cfg.data.path, *(path for path, _ in cfg.data.sources)]
+    paths.check_apart(workdir, data_paths, flag="--workdir", may_contain=True)
     workdir, ckpt = open_run(cfg, workdir, inputs=recipe.inputs())
     prepared.workdir = workdir
     saved = None
