@@ -3,7 +3,7 @@ and tensors memory-mapped or read a block of rows at a time, and directories of 
 (one file, or shards with an index, as transformers writes them) written streamed.
 
 Files are read from local disk or any file system etils.epath reads (gs://...): there a
-tensor is read by byte range instead of memory-mapped.
+tensor is read by byte range, one request a block, instead of memory-mapped.
 
 Nothing here knows which model the tensors belong to. Only safetensors are read:
 pickled weights (.bin, .pth, ...) can execute code when loaded and are refused.
@@ -21,6 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from etils import epath
+from etils.epath import backend as epath_backend
 
 from llama_jax.errors import CheckpointError
 
@@ -150,9 +151,9 @@ class SafetensorsFile:
         view = memoryview(buffer)[:nbytes]
         start = self._data_start + begin + lo * row
         if self._remote:
-            with epath.Path(self.path).open("rb") as f:
-                f.seek(start)
-                data = f.read(nbytes)
+            # One ranged request (opening the object would ask for its metadata first).
+            fs = epath_backend.fsspec_backend.fs(self.path)
+            data = fs.cat_file(self.path, start=start, end=start + nbytes)
             got = len(data)
             view[:got] = data
         else:
