@@ -81,6 +81,21 @@ def config(path, **kw):
     return DataConfig(path=os.fspath(path), **kw)
 
 
+def write_tiny_model_dir(directory, model, tokenizer_file=None):
+    """`model` as a converted model directory with a tokenizer.json (the bundled one)."""
+    from flax import nnx
+
+    from llama_jax import formats
+
+    formats.write_model_dir(
+        directory,
+        model.config,
+        formats.handed_out(nnx.to_pure_dict(nnx.state(model))),
+        metadata={},
+        files={"tokenizer.json": tokenizer_file or os.path.join(TOKENIZER_DIR, "tokenizer.json")},
+    )
+
+
 def rows_of(batches, count):
     """The first `count` rows of consecutive batches: each a tuple of its fields' bytes."""
     out = []
@@ -700,21 +715,14 @@ def test_distillation_checks_a_store_against_the_teachers_tokenizer(built, tmp_p
     from flax import nnx
 
     from configs import distill_tiny
-    from llama_jax import distill, formats, nn
+    from llama_jax import distill, nn
     from llama_jax.config import get_preset
 
     other = tmp_path / "other_tokenizer.json"
     raw = json.loads(open(os.path.join(TOKENIZER_DIR, "tokenizer.json")).read())
     other.write_text(json.dumps(raw, indent=3))
     teacher = tmp_path / "teacher"
-    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3))
-    formats.write_model_dir(
-        teacher,
-        model.config,
-        formats.handed_out(nnx.to_pure_dict(nnx.state(model))),
-        metadata={},
-        files={"tokenizer.json": str(other)},
-    )
+    write_tiny_model_dir(teacher, nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3)), str(other))
 
     def cfg(tokenizer):
         c = distill_tiny.get_config(str(teacher))
@@ -743,7 +751,7 @@ def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
 
     from flax import nnx
 
-    from llama_jax import evals, formats, nn
+    from llama_jax import evals, nn
     from llama_jax.config import get_preset
 
     first, _ = built
@@ -758,14 +766,7 @@ def test_perplexity_over_a_store_scores_every_row_once(built, tok, tmp_path):
 
     # The command: a converted model directory and the store, one JSON line.
     model_dir = tmp_path / "model"
-    state = nnx.to_pure_dict(nnx.state(model))
-    formats.write_model_dir(
-        model_dir,
-        model.config,
-        formats.handed_out(state),
-        metadata={},
-        files={"tokenizer.json": os.path.join(TOKENIZER_DIR, "tokenizer.json")},
-    )
+    write_tiny_model_dir(model_dir, model)
     argv = ["evaluate", f"--model_dir={model_dir}", f"--data={first}", "--dtype=float32"]
     result = _evaluate_cli(argv)
     assert result["split"] == "store" and result["tokens"] == got["tokens"]
@@ -839,7 +840,7 @@ def test_distillation_and_evaluation_read_models_and_stores_on_gcs(
     from hf_models import make_hf_model
 
     from configs import distill_tiny
-    from llama_jax import distill, formats, nn
+    from llama_jax import distill, nn
     from llama_jax.config import get_preset
     from llama_jax.distill import cache as logit_cache
     from llama_jax.distill import cache_writer
@@ -883,14 +884,7 @@ def test_distillation_and_evaluation_read_models_and_stores_on_gcs(
     assert mixed == ["data.path", "data.sources", "data.stores"]
 
     model_dir = tmp_path / "model"
-    model = nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3))
-    formats.write_model_dir(
-        model_dir,
-        model.config,
-        formats.handed_out(nnx.to_pure_dict(nnx.state(model))),
-        metadata={},
-        files={"tokenizer.json": os.path.join(TOKENIZER_DIR, "tokenizer.json")},
-    )
+    write_tiny_model_dir(model_dir, nn.Llama(get_preset("tiny"), rngs=nnx.Rngs(3)))
     gcs.upload(str(model_dir), "bucket/model")
     results = []
     for where, data_path in (("gs://bucket/model", "gs://bucket/store"), (model_dir, built[0])):
